@@ -1,0 +1,23 @@
+"""snce_fast: fused kernels for Single Neuron-based Concept Erasure in diffusion pipelines."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import reference
+from .detect import Detection, detect
+from .formats import SAEFormatError
+from .patching import PatchHandle, is_patched, patch, patched, unpatch
+from .sae import SAE
+
+__all__ = [
+    "SAE",
+    "SAEFormatError",
+    "Detection",
+    "PatchHandle",
+    "detect",
+    "is_patched",
+    "patch",
+    "patched",
+    "reference",
+    "unpatch",
+]

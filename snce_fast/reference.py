@@ -1,0 +1,125 @@
+"""Eager PyTorch ground truth for every SNCE operation (SPEC sections 1 and 2).
+
+Everything here is written for clarity, computes in float32 whatever the input dtype,
+and is what the Triton kernels and the C++ extension are tested against. Each function
+takes the SAE explicitly so it can also be called on bare weight holders.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from ._validate import Neurons, as_neuron_list, check_activations, check_edit_args, positive_int
+
+
+class SAEWeights(Protocol):
+    W_enc: torch.Tensor  # [d, n]
+    b_enc: torch.Tensor  # [n]
+    W_dec: torch.Tensor  # [n, d]
+    b_dec: torch.Tensor  # [d]
+    k: int
+
+
+def pre_activations(x: torch.Tensor, sae: SAEWeights) -> torch.Tensor:
+    """`(x - b_dec) @ W_enc + b_enc` in float32, shape [..., n]."""
+    x32 = x.float() - sae.b_dec.float()
+    return x32 @ sae.W_enc.float() + sae.b_enc.float()
+
+
+def encode(x: torch.Tensor, sae: SAEWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK encode: the k largest pre-activations per token, then ReLU.
+
+    Returns `(values, indices)`, each [..., k]; values in x's dtype, indices int32.
+    An entry <= 0 inside the top k comes out as value 0 (it does not fire).
+    """
+    check_activations(x, sae.W_enc.shape[0])
+    top = pre_activations(x, sae).topk(sae.k, dim=-1, sorted=True)
+    return top.values.relu().to(x.dtype), top.indices.to(torch.int32)
+
+
+def decode(values: torch.Tensor, indices: torch.Tensor, sae: SAEWeights) -> torch.Tensor:
+    """Sparse decode `z @ W_dec + b_dec` as a weighted gather of k rows of W_dec."""
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    rows = sae.W_dec.float()[indices.long()]  # [..., k, d]
+    out = (values.float().unsqueeze(-1) * rows).sum(-2) + sae.b_dec.float()
+    return out.to(values.dtype)
+
+
+def target_activations(
+    values: torch.Tensor, indices: torch.Tensor, neurons: list[int]
+) -> torch.Tensor:
+    """z_j for each target latent j, float32 [..., |T|] (0 where j is not in the top k)."""
+    tgt = torch.tensor(neurons, device=indices.device, dtype=indices.dtype)
+    hit = indices.unsqueeze(-1) == tgt  # [..., k, T]
+    return (values.float().unsqueeze(-1) * hit).sum(-2)
+
+
+def gate_mask(
+    z_t: torch.Tensor,
+    count_mask: Optional[torch.Tensor],
+    min_tokens: int,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Per-prompt gate decision from target activations z_t [..., L, T]: bool [...]."""
+    fired = (z_t > threshold).any(-1)  # [..., L]
+    if count_mask is not None:
+        fired = fired & count_mask
+    return fired.sum(-1) >= min_tokens
+
+
+def edit(
+    x: torch.Tensor,
+    sae: SAEWeights,
+    neurons: Neurons,
+    scale: float = 0.0,
+    clamp: Optional[float] = None,
+    mode: str = "residual",
+    gate: bool = False,
+    min_tokens: int = 1,
+    edit_mask: Optional[torch.Tensor] = None,
+    count_mask: Optional[torch.Tensor] = None,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Suppress the target latents in x [..., d] (SPEC section 2).
+
+    - scale s: z_j <- s * z_j; clamp c: z_j <- min(z_j, c) (give one of them).
+    - residual: x + sum_{j in T, z_j > 0} (z'_j - z_j) W_dec[j]; tokens on which no
+      target fires are returned bit-identical.
+    - reconstruct: the SAE output z' @ W_dec + b_dec replaces x.
+    - edit_mask [...] bool: tokens allowed to change (the patch passes False for BOS).
+    - gate: x is [..., L, d] (prompts of L tokens); a prompt is edited only if a target
+      fires (value > threshold) on at least `min_tokens` tokens of `count_mask`
+      (default: all tokens of edit_mask).
+    """
+    n = sae.W_enc.shape[1]
+    targets = as_neuron_list(neurons, n)
+    check_edit_args(mode, scale, clamp)
+    positive_int(min_tokens, "min_tokens")
+    if gate and x.dim() < 2:
+        raise ValueError(f"gate=True needs x shaped [..., L, d] (prompts of tokens), got {tuple(x.shape)}")
+    values, indices = encode(x, sae)
+    values32 = pre_activations(x, sae).gather(-1, indices.long()).relu()  # unrounded z
+    z_t = target_activations(values32, indices, targets)  # [..., T]
+    z_new = z_t.clamp(max=clamp) if clamp is not None else z_t * scale
+
+    allowed = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    if edit_mask is not None:
+        allowed = allowed & edit_mask.to(torch.bool)
+    if gate:
+        counted = allowed if count_mask is None else count_mask.to(torch.bool)
+        allowed = allowed & gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)
+
+    if mode == "residual":
+        fires = (z_t > 0).any(-1) & allowed
+        w_t = sae.W_dec.float()[targets]  # [T, d]
+        delta = (z_new - z_t) @ w_t
+        edited = (x.float() + delta).to(x.dtype)
+        return torch.where(fires.unsqueeze(-1), edited, x)
+
+    tgt = torch.tensor(targets, device=indices.device, dtype=indices.dtype)
+    hit = (indices.unsqueeze(-1) == tgt)  # [..., k, T]
+    new_vals = torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values32)
+    recon = decode(new_vals, indices, sae).to(x.dtype)  # new_vals is float32: decode accumulates in float32
+    return torch.where(allowed.unsqueeze(-1), recon, x)

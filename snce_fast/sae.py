@@ -64,11 +64,13 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm (and the encoder columns inversely, keeping z @ W_dec fixed)."""
-        norms = self.W_dec.float().norm(dim=1).clamp_min(1e-12)
-        self.W_dec.copy_((self.W_dec.float() / norms[:, None]).to(self.W_dec.dtype))
-        self.W_enc.copy_((self.W_enc.float() * norms[None, :]).to(self.W_enc.dtype))
-        self.b_enc.copy_((self.b_enc.float() * norms).to(self.b_enc.dtype))
+        """Rescale decoder rows to unit norm (the TopK training constraint).
+
+        Unlike a ReLU SAE, a TopK SAE cannot move the scale into the encoder without
+        changing which latents win the top k, so this only touches W_dec.
+        """
+        norms = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_((self.W_dec.float() / norms).to(self.W_dec.dtype))
 
     def config(self) -> dict[str, Any]:
         from .formats import FORMAT_VERSION

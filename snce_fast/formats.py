@@ -156,7 +156,7 @@ def load_saelens(path: str | os.PathLike, device: Optional[torch.device | str] =
     act = str(cfg.get("activation_fn", cfg.get("activation_fn_str", ""))).lower()
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if arch == "topk" or (arch == "standard" and act == "topk"):
-        k = cfg.get("k", kwargs.get("k"))
+        k = cfg.get("k") or kwargs.get("k")
     else:
         raise SAEFormatError(
             f"{file}: architecture {arch!r} (activation {act or 'relu'!r}) is not supported: snce_fast imports TopK SAEs only"
@@ -235,7 +235,7 @@ def load_openai(path: str | os.PathLike, device: Optional[torch.device | str] = 
     act = str(sd.get("activation", "TopK"))
     if act != "TopK":
         raise SAEFormatError(f"{str(sd_file)!r}: activation {act!r} is not supported (expected TopK)")
-    k = cfg.get("k", (sd.get("activation_state_dict") or {}).get("k"))
+    k = cfg.get("k") or (sd.get("activation_state_dict") or {}).get("k")
     if k is None:
         raise SAEFormatError(f"no 'k' in {str(cfg_file)!r} or the state dict's activation_state_dict")
     enc_w, dec_w, pre_bias, latent_bias = _tensors(sd, ("encoder.weight", "decoder.weight", "pre_bias", "latent_bias"), str(sd_file))

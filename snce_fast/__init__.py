@@ -8,10 +8,13 @@ from .detect import Detection, detect
 from .formats import SAEFormatError
 from .patching import PatchHandle, is_patched, patch, patched, unpatch
 from .sae import SAE
+from .train import TrainConfig, TrainReport, train_sae
 
 __all__ = [
     "SAE",
     "SAEFormatError",
+    "TrainConfig",
+    "TrainReport",
     "Detection",
     "PatchHandle",
     "detect",
@@ -19,5 +22,6 @@ __all__ = [
     "patch",
     "patched",
     "reference",
+    "train_sae",
     "unpatch",
 ]

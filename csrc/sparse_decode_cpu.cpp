@@ -1,5 +1,6 @@
 // Sparse decode on the CPU: out[m] = b_dec + sum_i values[m, i] * W_dec[indices[m, i]],
-// accumulated in float32, one row per OpenMP iteration.
+// accumulated in at::opmath_type (float32 for half/bf16/float), one row per OpenMP iteration.
+#include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <vector>
 
@@ -10,17 +11,18 @@ namespace {
 template <typename scalar_t>
 void decode_rows(const scalar_t* values, const int32_t* indices, const scalar_t* w_dec,
                  const scalar_t* b_dec, scalar_t* out, int64_t M, int64_t K, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel
   {
-    std::vector<float> acc(D);
+    std::vector<acc_t> acc(D);
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t c = 0; c < D; ++c) acc[c] = static_cast<float>(b_dec[c]);
+      for (int64_t c = 0; c < D; ++c) acc[c] = static_cast<acc_t>(b_dec[c]);
       for (int64_t i = 0; i < K; ++i) {
-        const float v = static_cast<float>(values[m * K + i]);
-        if (v == 0.f) continue;
+        const acc_t v = static_cast<acc_t>(values[m * K + i]);
+        if (v == acc_t(0)) continue;
         const scalar_t* row = w_dec + static_cast<int64_t>(indices[m * K + i]) * D;
-        for (int64_t c = 0; c < D; ++c) acc[c] += v * static_cast<float>(row[c]);
+        for (int64_t c = 0; c < D; ++c) acc[c] += v * static_cast<acc_t>(row[c]);
       }
       for (int64_t c = 0; c < D; ++c) out[m * D + c] = static_cast<scalar_t>(acc[c]);
     }

@@ -1,7 +1,8 @@
 // Sparse decode on the GPU: one block per token row, threads stride over d,
-// float32 accumulation. Used when the Triton kernels are not available.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+// opmath (float32 or double) accumulation. Used when the Triton kernels are not available.
+#include <ATen/OpMathType.h>
+#include "cuda_compat.h"
+
 #include <torch/extension.h>
 
 #include "checks.h"
@@ -14,12 +15,13 @@ __global__ void sparse_decode_kernel(const scalar_t* __restrict__ values,
                                      const scalar_t* __restrict__ w_dec,
                                      const scalar_t* __restrict__ b_dec, scalar_t* __restrict__ out,
                                      int64_t K, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = blockIdx.x;
   for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
-    float acc = static_cast<float>(b_dec[c]);
+    acc_t acc = static_cast<acc_t>(b_dec[c]);
     for (int64_t i = 0; i < K; ++i) {
-      const float v = static_cast<float>(values[m * K + i]);
-      if (v != 0.f) acc += v * static_cast<float>(w_dec[static_cast<int64_t>(indices[m * K + i]) * D + c]);
+      const acc_t v = static_cast<acc_t>(values[m * K + i]);
+      if (v != acc_t(0)) acc += v * static_cast<acc_t>(w_dec[static_cast<int64_t>(indices[m * K + i]) * D + c]);
     }
     out[m * D + c] = static_cast<scalar_t>(acc);
   }
@@ -32,7 +34,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
   SNCE_CHECK_SAME_DEVICE(values, W_dec);
   TORCH_CHECK(values.sizes() == indices.sizes(), "values and indices must have one shape");
   TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
-  const at::cuda::CUDAGuard guard(values.device());
+  const c10::cuda::CUDAGuard guard(values.device());
   const auto dtype = values.scalar_type();
   auto v = values.contiguous();
   auto idx = indices.contiguous();
@@ -43,7 +45,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indice
   if (M == 0) return out;
   const int threads = D >= 256 ? 256 : 128;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sparse_decode_cuda", [&] {
-    sparse_decode_kernel<scalar_t><<<M, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    sparse_decode_kernel<scalar_t><<<M, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         v.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), K, D);
   });

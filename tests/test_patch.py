@@ -1,0 +1,329 @@
+"""patch / unpatch on tiny random SD1.x and SDXL pipelines and bare encoders (SPEC sections 2, 3, 10)."""
+import warnings
+
+import pytest
+import torch
+
+import snce_fast
+from snce_fast import reference
+from snce_fast.hook_points import run_to_hook
+from tiny_models import bert_model, random_sae, sd_pipeline, sdxl_pipeline, write_bert_tokenizer
+
+pytest.importorskip("diffusers")
+
+PROMPT = "a photo of a cat"
+NEG = ""
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return sdxl_pipeline(tmp_path_factory.mktemp("sdxl"))
+
+
+def embeds(pipe, prompt=PROMPT, **kw):
+    with torch.no_grad():
+        out = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False, **kw)
+    return out[0] if len(out) == 2 else out  # SD returns (embeds, neg); SDXL returns 4 tensors
+
+
+def images(pipe, prompt=PROMPT, **kw):
+    gen = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, output_type="np", generator=gen, height=16, width=16, **kw).images
+
+
+def hidden_at_output(encoder, tokenizer, prompt, penultimate=False):
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        if penultimate:
+            return encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return encoder(ids).last_hidden_state
+
+
+def fired_latents(sae, hidden, stop=None):
+    """Latents firing at positions 1..stop-1 (BOS is never edited)."""
+    v, i = reference.encode(hidden[:, 1:stop], sae)
+    return set(i[v > 0].tolist())
+
+
+def pick(sae, hiddens, stop=None):
+    """(the latent firing most often on hiddens[0][:, 1:stop], a latent firing nowhere on any of them)."""
+    silent = set(range(sae.n_latents)) - set().union(*(fired_latents(sae, h) for h in hiddens))
+    v, i = reference.encode(hiddens[0][:, 1:stop], sae)
+    fired = i[v > 0]
+    assert fired.numel() and silent, "test setup: need both a firing and a silent latent"
+    return int(fired.bincount().argmax()), min(silent)
+
+
+# -- SD 1.x ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd_sae(sd):
+    return random_sae(32, n=256, k=3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def sd_latents(sd, sd_sae):
+    h = [hidden_at_output(sd.text_encoder, sd.tokenizer, p) for p in (PROMPT, NEG)]
+    return pick(sd_sae, h)
+
+
+def test_silent_latent_gives_bit_identical_embeddings_and_images(sd, sd_sae, sd_latents):
+    _, silent = sd_latents
+    base_embeds, base_images = embeds(sd), images(sd)
+    with snce_fast.patched(sd, sd_sae, silent):
+        assert snce_fast.is_patched(sd)
+        assert torch.equal(embeds(sd), base_embeds)
+        assert (images(sd) == base_images).all()
+    assert not snce_fast.is_patched(sd)
+
+
+def test_firing_latent_changes_only_along_its_decoder_row(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
+    base = embeds(sd)
+    assert torch.equal(base, hidden)
+    with snce_fast.patched(sd, sd_sae, j):
+        edited = embeds(sd)
+    mask = torch.arange(hidden.shape[1]) >= 1
+    assert torch.equal(edited, reference.edit(hidden, sd_sae, j, edit_mask=mask.expand(1, -1)))
+    assert torch.equal(edited[:, 0], base[:, 0]), "BOS must never be edited"
+    delta = (edited - base)[0]
+    changed = delta.abs().sum(-1) > 0
+    assert changed.any()
+    v, i = reference.encode(hidden, sd_sae)
+    z_j = (v.float() * (i == j)).sum(-1)[0]
+    torch.testing.assert_close(delta[changed], -z_j[changed, None] * sd_sae.W_dec[j].detach(), rtol=1e-4, atol=1e-5)
+    assert not (images(sd) == 0).all()
+
+
+def test_scale_and_clamp_rules(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
+    mask = (torch.arange(hidden.shape[1]) >= 1).expand(1, -1)
+    for kw in (dict(scale=-8.0), dict(clamp=0.05)):
+        with snce_fast.patched(sd, sd_sae, [j], **kw):
+            assert torch.equal(embeds(sd), reference.edit(hidden, sd_sae, j, edit_mask=mask, **kw))
+
+
+def test_reconstruct_mode_matches_reference(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
+    mask = (torch.arange(hidden.shape[1]) >= 1).expand(1, -1)
+    with snce_fast.patched(sd, sd_sae, j, mode="reconstruct"):
+        out = embeds(sd)
+    torch.testing.assert_close(out, reference.edit(hidden, sd_sae, j, mode="reconstruct", edit_mask=mask))
+    assert torch.equal(out[:, 0], hidden[:, 0])
+
+
+def test_unpatch_restores_bit_identical_outputs(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    base_embeds, base_images = embeds(sd), images(sd)
+    handle = snce_fast.patch(sd, sd_sae, j)
+    assert not torch.equal(embeds(sd), base_embeds)
+    assert not (images(sd) == base_images).all()
+    handle.remove()
+    assert torch.equal(embeds(sd), base_embeds) and (images(sd) == base_images).all()
+    snce_fast.patch(sd, sd_sae, j)
+    snce_fast.unpatch(sd)
+    assert torch.equal(embeds(sd), base_embeds)
+    assert "encode_prompt" not in vars(sd)
+    snce_fast.unpatch(sd)  # unpatching an unpatched pipeline is a no-op
+
+
+def test_patching_twice_does_not_double_apply(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    with snce_fast.patched(sd, sd_sae, j, scale=0.5):
+        once = embeds(sd)
+    snce_fast.patch(sd, sd_sae, j, scale=0.5)
+    snce_fast.patch(sd, sd_sae, j, scale=0.5)
+    try:
+        assert torch.equal(embeds(sd), once)
+        assert len(sd.text_encoder._forward_hooks) == 1  # only the id-clearing hook on the root
+    finally:
+        snce_fast.unpatch(sd)
+    assert len(sd.text_encoder._forward_hooks) == 0 and len(sd.text_encoder._forward_pre_hooks) == 0
+
+
+def test_state_lives_on_the_encoder_and_is_not_saved(sd, sd_sae, sd_latents):
+    keys = set(sd.text_encoder.state_dict())
+    with snce_fast.patched(sd, sd_sae, sd_latents[0]):
+        state = sd.text_encoder._snce_fast
+        assert torch.equal(state.W_dec, sd_sae.W_dec)
+        assert set(sd.text_encoder.state_dict()) == keys
+        sd.text_encoder.to(torch.float64)
+        assert state.W_enc.dtype == torch.float64
+        sd.text_encoder.to(torch.float32)
+    assert not hasattr(sd.text_encoder, "_snce_fast")
+
+
+def test_gate_edits_only_prompts_that_fire_enough(sd, sd_sae, sd_latents):
+    j, _ = sd_latents
+    hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
+    ids = sd.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    eos = int((ids[0] == sd.tokenizer.eos_token_id).int().argmax())
+    v, i = reference.encode(hidden[:, 1 : eos + 1], sd_sae)
+    n_counted = int(((i == j) & (v > 0)).any(-1).sum())
+    base = embeds(sd)
+    with snce_fast.patched(sd, sd_sae, j, gate=True, min_tokens=n_counted + 1):
+        assert torch.equal(embeds(sd), base)
+    if n_counted:
+        with snce_fast.patched(sd, sd_sae, j, gate=True, min_tokens=n_counted):
+            assert not torch.equal(embeds(sd), base)
+
+
+def clip_skip_embeds(pipe, clip_skip=1):
+    """What SD pipelines do for clip_skip: final_layer_norm on an earlier hidden state,
+    called outside the encoder's forward. (diffusers 0.42 reaches the norm through
+    `text_encoder.text_model`, which transformers 5 no longer has, so we call it by role.)"""
+    enc = pipe.text_encoder
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hs = enc(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        norm = getattr(getattr(enc, "text_model", enc), "final_layer_norm")
+        return norm(hs), hs
+
+
+def test_clip_skip_output_hook_edits_the_skipped_layer_norm(sd, sd_sae):
+    """The "output" hook sits on final_layer_norm, so clip_skip's extra call is edited too (documented)."""
+    base, hs = clip_skip_embeds(sd)
+    j, _ = pick(sd_sae, [base])
+    with snce_fast.patched(sd, sd_sae, j):
+        edited, hs_patched = clip_skip_embeds(sd)
+    assert torch.equal(hs_patched, hs)
+    mask = (torch.arange(77) >= 1).expand(1, -1)
+    assert torch.equal(edited, reference.edit(base, sd_sae, j, edit_mask=mask))
+    assert not torch.equal(edited, base)
+
+
+def test_prompt_embeds_bypass_warns(sd, sd_sae, sd_latents):
+    pe = embeds(sd)
+    with snce_fast.patched(sd, sd_sae, sd_latents[0]):
+        with pytest.warns(UserWarning, match="prompt_embeds were passed directly"):
+            sd(prompt_embeds=pe, num_inference_steps=1, output_type="np", height=16, width=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sd(prompt_embeds=pe, num_inference_steps=1, output_type="np", height=16, width=16)
+
+
+def test_bad_inputs(sd, sd_sae):
+    with pytest.raises(ValueError, match="d_in=16 but that encoder's hidden size is 32"):
+        snce_fast.patch(sd, random_sae(16, 32, 2), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        snce_fast.patch(sd, sd_sae, 10_000)
+    with pytest.raises(ValueError, match="does not match the hook"):
+        snce_fast.patch(sd, sd_sae, 1, hook="layer:1")
+    with pytest.raises(ValueError, match="mode="):
+        snce_fast.patch(sd, sd_sae, 1, mode="zero")
+    assert not snce_fast.is_patched(sd)
+
+
+def test_unsupported_pipeline_type_error(sd, sd_sae):
+    class FluxPipeline:
+        components = {}
+
+    with pytest.raises(TypeError, match="FluxPipeline is not supported.*StableDiffusionXLPipeline"):
+        snce_fast.patch(FluxPipeline(), sd_sae, 0)
+    with pytest.raises(TypeError, match="text encoder"):
+        snce_fast.patch(torch.nn.Linear(3, 3), sd_sae, 0)
+
+
+# -- SDXL ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def xl_saes():
+    return {"text_encoder": random_sae(32, n=256, k=3, seed=11), "text_encoder_2": random_sae(32, n=256, k=3, seed=12)}
+
+
+def xl_latents(sdxl, xl_saes):
+    out = {}
+    for name, tok in (("text_encoder", sdxl.tokenizer), ("text_encoder_2", sdxl.tokenizer_2)):
+        enc = getattr(sdxl, name)
+        h = [hidden_at_output(enc, tok, p, penultimate=True) for p in (PROMPT, NEG)]
+        out[name] = pick(xl_saes[name], h, stop=len(tok(PROMPT).input_ids))  # fire before EOS: reaches pooled
+    return out
+
+
+def test_sdxl_silent_latents_are_bit_identical(sdxl, xl_saes):
+    lat = xl_latents(sdxl, xl_saes)
+    base_e, base_i = embeds(sdxl), images(sdxl)
+    with snce_fast.patched(sdxl, xl_saes, {k: v[1] for k, v in lat.items()}):
+        for a, b in zip(embeds(sdxl), base_e):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert (images(sdxl) == base_i).all()
+
+
+def test_sdxl_edits_penultimate_hidden_state_and_pooled_output(sdxl, xl_saes):
+    lat = xl_latents(sdxl, xl_saes)
+    base_e = embeds(sdxl)
+    h1 = hidden_at_output(sdxl.text_encoder, sdxl.tokenizer, PROMPT, penultimate=True)
+    h2 = hidden_at_output(sdxl.text_encoder_2, sdxl.tokenizer_2, PROMPT, penultimate=True)
+    mask = (torch.arange(77) >= 1).expand(1, -1)
+    with snce_fast.patched(sdxl, xl_saes, {k: v[0] for k, v in lat.items()}):
+        edited = embeds(sdxl)
+    expected = torch.cat(
+        [reference.edit(h1, xl_saes["text_encoder"], lat["text_encoder"][0], edit_mask=mask),
+         reference.edit(h2, xl_saes["text_encoder_2"], lat["text_encoder_2"][0], edit_mask=mask)], dim=-1)
+    torch.testing.assert_close(edited[0], expected)
+    assert not torch.equal(edited[2], base_e[2]), "SDXL's pooled output should follow the edit"
+
+
+def test_sdxl_one_encoder_only_and_single_sae_error(sdxl, xl_saes):
+    lat = xl_latents(sdxl, xl_saes)
+    h = snce_fast.patch(sdxl, {"text_encoder_2": xl_saes["text_encoder_2"]}, lat["text_encoder_2"][0])
+    assert list(h.encoders) == ["text_encoder_2"] and not hasattr(sdxl.text_encoder, "_snce_fast")
+    h.remove()
+    with pytest.raises(ValueError, match="one SAE per encoder"):
+        snce_fast.patch(sdxl, xl_saes["text_encoder"], 0)
+    with pytest.raises(ValueError, match="names encoder"):
+        snce_fast.patch(sdxl, {"text_encoder_3": xl_saes["text_encoder"]}, 0)
+
+
+# -- bare encoders ---------------------------------------------------------------------------------
+def test_bare_clip_encoder_layer_hook(sd):
+    enc, tok = sd.text_encoder, sd.tokenizer
+    sae = random_sae(32, n=128, k=3, seed=5, hook="layer:1")
+    ids = tok([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = enc(ids).last_hidden_state
+        layer1 = enc(ids, output_hidden_states=True).hidden_states[2]
+    assert torch.equal(run_to_hook(enc, "layer:1", lambda: enc(ids)), layer1)
+    j, _ = pick(sae, [layer1])
+    with snce_fast.patched(enc, sae, j) as handle:
+        with torch.no_grad():
+            out = enc(ids, output_hidden_states=True)
+        mask = (torch.arange(77) >= 1).expand(1, -1)
+        assert torch.equal(out.hidden_states[2], reference.edit(layer1, sae, j, edit_mask=mask))
+        assert not torch.equal(out.last_hidden_state, base)
+        assert handle.active
+    with torch.no_grad():
+        assert torch.equal(enc(ids).last_hidden_state, base)
+
+
+def test_bare_bert_encoder(tmp_path):
+    tok = write_bert_tokenizer(tmp_path)
+    enc = bert_model(tok)
+    sae = random_sae(32, n=128, k=3, seed=6)
+    batch = tok([PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        base = enc(**batch).last_hidden_state
+    j, silent = pick(sae, [base])
+    with snce_fast.patched(enc, sae, silent):
+        with torch.no_grad():
+            assert torch.equal(enc(**batch).last_hidden_state, base)
+    with snce_fast.patched(enc, sae, j):
+        with torch.no_grad():
+            out = enc(**batch).last_hidden_state
+    mask = (torch.arange(base.shape[1]) >= 1).expand(1, -1)
+    assert torch.equal(out, reference.edit(base, sae, j, edit_mask=mask))
+
+
+def test_self_check_refuses_a_hook_that_misses_hidden_states(sdxl, xl_saes, monkeypatch):
+    import snce_fast.patching as patching
+
+    monkeypatch.setattr(patching, "hidden_states_index", lambda *a, **k: 1)  # pretend SDXL reads layer 0
+    with pytest.raises(RuntimeError, match="self-check failed"):
+        snce_fast.patch(sdxl, xl_saes, 0)
+    assert not snce_fast.is_patched(sdxl)

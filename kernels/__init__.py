@@ -1,14 +1,145 @@
 """Triton kernels for SNCE, installed as `snce_fast.kernels` (never a top-level module).
 
-`available()` says whether they can run; the backend calls `encode`, `decode` and `edit`
-with the semantics of `snce_fast.reference`.
+`available()` says whether they can run; `encode`, `decode` and `edit` have the
+signatures, validation and semantics of `snce_fast.reference` and are what the backend
+calls for CUDA tensors (or any tensors with `SNCE_FAST_BACKEND=triton`, which on the
+CPU needs `TRITON_INTERPRET=1`). The ops underneath are registered as
+`snce_fast::encode_topk`, `snce_fast::triton_sparse_decode` and
+`snce_fast::triton_edit_residual` (`torch.library.triton_op`). See docs/kernels.md.
 """
 from __future__ import annotations
 
+import os
+from typing import Any, Optional
+
 
 def available() -> tuple[bool, str]:
+    """(True, "") when triton imports and either CUDA or TRITON_INTERPRET=1 is there."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return False, f"triton is not installed ({e})"
-    return False, "the fused Triton kernels are not implemented yet"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, ""
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+
+
+try:
+    import torch
+
+    from .encode_topk import encode_topk, folded_bias, tune  # noqa: F401
+    from .snce_edit import edit_residual  # noqa: F401
+    from .sparse_decode import sparse_decode  # noqa: F401
+    _IMPORT_ERROR: Optional[Exception] = None
+except ImportError as _e:  # triton missing: available() reports it, the functions raise
+    _IMPORT_ERROR = _e
+
+
+def _need() -> None:
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"the Triton kernels cannot run: {_IMPORT_ERROR}")
+
+
+def _check_k(sae: Any) -> int:
+    k, n = sae.k, sae.W_enc.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r} is invalid: expected an int with 1 <= k <= n_latents={n}")
+    return k
+
+
+def _rows(x: "torch.Tensor") -> "torch.Tensor":
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _encode32(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(fp32 ReLU'd values, int32 indices), each [M, k], for x [..., d]."""
+    k = _check_k(sae)
+    return encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), k)
+
+
+def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Fused TopK encode: x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
+    from snce_fast._validate import check_activations
+
+    _need()
+    check_activations(x, sae.W_enc.shape[0])
+    values, indices = _encode32(x, sae)
+    lead = x.shape[:-1]
+    k = values.shape[-1]
+    return values.to(x.dtype).reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def decode(values: "torch.Tensor", indices: "torch.Tensor", sae: Any) -> "torch.Tensor":
+    """Sparse decode `z @ W_dec + b_dec` (gather of k rows), output in values' dtype."""
+    _need()
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    lead, k = values.shape[:-1], values.shape[-1]
+    v2 = values.reshape(-1, k)
+    i2 = indices.reshape(-1, k)
+    out = sparse_decode(v2 if v2.stride(-1) == 1 else v2.contiguous(), i2.contiguous(),
+                        sae.W_dec.detach(), sae.b_dec.detach())
+    return out.reshape(*lead, out.shape[-1])
+
+
+def edit(
+    x: "torch.Tensor",
+    sae: Any,
+    neurons: Any,
+    scale: float = 0.0,
+    clamp: Optional[float] = None,
+    mode: str = "residual",
+    gate: bool = False,
+    min_tokens: int = 1,
+    edit_mask: Optional["torch.Tensor"] = None,
+    count_mask: Optional["torch.Tensor"] = None,
+    threshold: float = 0.0,
+) -> "torch.Tensor":
+    """Suppress the target latents in x [..., d]; same options and results as `snce_fast.reference.edit`."""
+    from snce_fast import reference
+    from snce_fast._validate import as_neuron_list, check_activations, check_edit_args, positive_int
+
+    _need()
+    d, n = sae.W_enc.shape
+    targets = as_neuron_list(neurons, n)
+    check_edit_args(mode, scale, clamp)
+    positive_int(min_tokens, "min_tokens")
+    if gate and x.dim() < 2:
+        raise ValueError(f"gate=True needs x shaped [..., L, d] (prompts of tokens), got {tuple(x.shape)}")
+    check_activations(x, d)
+    lead = x.shape[:-1]
+    values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32
+
+    allowed = torch.ones(lead, dtype=torch.bool, device=x.device)
+    if edit_mask is not None:
+        allowed = allowed & edit_mask.to(torch.bool)
+    z_t = None
+    if gate or mode == "reconstruct":
+        z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), targets)
+    if gate:
+        counted = allowed if count_mask is None else count_mask.to(torch.bool)
+        allowed = allowed & reference.gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)
+    allowed = torch.broadcast_to(allowed, lead).reshape(-1)
+
+    tgt = torch.tensor(targets, dtype=torch.int32, device=x.device)
+    if mode == "residual":
+        w_t = sae.W_dec.detach()[tgt.long()].float().contiguous()
+        out = edit_residual(_rows(x), values, indices, tgt, w_t, allowed.to(torch.int8),
+                            float(scale), clamp is not None, float(clamp) if clamp is not None else 0.0)
+        return out.reshape(x.shape)
+
+    z_new = z_t.clamp(max=clamp) if clamp is not None else z_t * scale
+    z_new = z_new.reshape(-1, len(targets))
+    hit = indices.unsqueeze(-1) == tgt  # [M, k, T]
+    new_vals = torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values)
+    recon = sparse_decode(new_vals, indices, sae.W_dec.detach(), sae.b_dec.detach()).to(x.dtype)
+    x2 = x.reshape(-1, d)
+    return torch.where(allowed.unsqueeze(-1), recon, x2).reshape(x.shape)
+
+
+__all__ = ["available", "encode", "decode", "edit", "tune"]

@@ -1,0 +1,180 @@
+"""Launch configurations per GPU class, and an opt-in tuner that caches by device name.
+
+Kernels are plain `@triton.jit` functions with constexpr block sizes; the config is
+chosen here in Python (deterministic, so `torch.compile` can trace it). `tune_encode`
+times the candidate configs on the current GPU and stores the winner under the
+device name (in memory and in `$SNCE_FAST_TUNE_CACHE`, default
+`~/.cache/snce_fast/tuning.json`); later launches on a GPU of that name use it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    BM: int  # rows per program
+    BN: int  # latents per tile (>= KP)
+    BK: int  # reduction block over d
+    FEW: int  # insert one by one when at most FEW rows' candidates, else bitonic merge
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(index: int) -> tuple[str, int]:
+    """(name, streaming multiprocessor count) of CUDA device `index`."""
+    p = torch.cuda.get_device_properties(index)
+    return p.name, p.multi_processor_count
+
+
+def gpu_class(name: str) -> str:
+    n = name.upper()
+    if any(t in n for t in ("H100", "H200", "H800", "H20", "GH200")):
+        return "hopper"
+    if any(t in n for t in ("B200", "B100", "GB200", "B300")):
+        return "blackwell"
+    if any(t in n for t in ("A100", "A800", "A30")):
+        return "ampere-dc"
+    return "default"
+
+
+def _device_key(device: torch.device) -> tuple[str, int]:
+    if device.type != "cuda" or interpreting():
+        return "cpu-interpreter", 4
+    return device_info(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# --- persistent tuned cache --------------------------------------------------------
+_TUNED: dict[str, dict] = {}
+_LOADED = False
+
+
+def _cache_path() -> str:
+    return os.environ.get("SNCE_FAST_TUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snce_fast", "tuning.json"))
+
+
+def _load_cache() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    try:
+        with open(_cache_path()) as f:
+            _TUNED.update(json.load(f))
+    except (OSError, ValueError):
+        pass
+
+
+def _save_cache() -> None:
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(_TUNED, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _m_bucket(M: int) -> int:
+    return min(next_pow2(max(M, 1)), 1 << 15)
+
+
+def _encode_key(dev_name: str, M: int, n: int, d: int, KP: int, dtype: torch.dtype) -> str:
+    return f"encode|{dev_name}|M{_m_bucket(M)}|n{n}|d{d}|kp{KP}|{str(dtype).removeprefix('torch.')}"
+
+
+# --- default tables ----------------------------------------------------------------
+def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeConfig]:
+    """Configs worth trying for one shape on one GPU class (first = default)."""
+    if cls == "cpu-interpreter":  # few, large tiles: the interpreter pays per op, not per element
+        return [EncodeConfig(BM=min(64, max(16, next_pow2(M))), BN=max(64, KP), BK=64, FEW=4, num_warps=1, num_stages=1)]
+    BN = max(128, KP)
+    big_bm = 128 if M > 64 else max(16, next_pow2(M))
+    bk = 64 if itemsize <= 2 else 32
+    stages = 3 if cls == "default" else 4
+    warps = 8 if big_bm * BN >= 128 * 128 else 4
+    out = [EncodeConfig(BM=big_bm, BN=BN, BK=bk, FEW=8, num_warps=warps, num_stages=stages)]
+    for bm in (64, 128):
+        for bn in sorted({BN, max(256, KP)}):
+            for w in (4, 8):
+                c = EncodeConfig(BM=bm, BN=bn, BK=bk, FEW=8, num_warps=w, num_stages=stages)
+                if c not in out and (bm * bn <= 128 * 256):
+                    out.append(c)
+    return out
+
+
+def encode_config(M: int, n: int, d: int, KP: int, dtype: torch.dtype, device: torch.device) -> EncodeConfig:
+    """The config a launch uses: a tuned one for this device name if cached, else the table's first."""
+    name, _ = _device_key(device)
+    cls = "cpu-interpreter" if name == "cpu-interpreter" else gpu_class(name)
+    if cls != "cpu-interpreter":
+        _load_cache()
+        hit = _TUNED.get(_encode_key(name, M, n, d, KP, dtype))
+        if hit is not None:
+            return EncodeConfig(**hit)
+    return encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size())[0]
+
+
+def encode_splits(M: int, n: int, KP: int, cfg: EncodeConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): split the n latents across programs so that small M still fills the GPU.
+
+    Each split is a multiple of BN wide and at least 4 tiles (so its first, expensive
+    bitonic merge is amortised); enough splits to give ~2 programs per SM.
+    """
+    _, sms = _device_key(device)
+    row_blocks = max(1, -(-M // cfg.BM))
+    tiles = -(-n // cfg.BN)
+    want = -(-2 * sms // row_blocks)
+    min_tiles = 1 if interpreting() else 4
+    splits = max(1, min(want, tiles // min_tiles if tiles >= min_tiles else 1))
+    chunk_tiles = -(-tiles // splits)
+    splits = -(-tiles // chunk_tiles)
+    return splits, chunk_tiles * cfg.BN
+
+
+def tune_encode(
+    run: Callable[[EncodeConfig], None], M: int, n: int, d: int, KP: int, dtype: torch.dtype, device: torch.device,
+    reps: int = 20,
+) -> Optional[EncodeConfig]:
+    """Time `run(cfg)` for each candidate on this GPU; cache and return the fastest (None off-GPU)."""
+    if device.type != "cuda" or interpreting():
+        return None
+    name, _ = _device_key(device)
+    best, best_t = None, float("inf")
+    for cfg in encode_candidates(M, KP, gpu_class(name), torch.empty((), dtype=dtype).element_size()):
+        try:
+            run(cfg)
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run(cfg)
+            end.record()
+            torch.cuda.synchronize(device)
+            t = start.elapsed_time(end) / reps
+        except Exception:  # a config that does not compile (e.g. out of shared memory) is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is not None:
+        _load_cache()
+        _TUNED[_encode_key(name, M, n, d, KP, dtype)] = asdict(best)
+        _save_cache()
+    return best

@@ -1,0 +1,229 @@
+"""Fused TopK encode: x [M, d] -> (values [M, k], indices [M, k] int32), never writing M x n.
+
+Grid (row blocks, latent splits). Each program computes `pre = x @ W_enc + bias` one
+[BM, BN] tile at a time (fp32 accumulate; `bias = b_enc - b_dec @ W_enc` is folded once
+in fp32) and keeps a running top-KP (KP = next power of two >= k) per row as int64
+keys `(order-preserving fp32 bits << 32) | latent index`: one max/topk over keys gives
+value and index together, and keys are unique. Per tile only entries above the row's
+current threshold (the KP-th best so far) are candidates; when few are, they are
+inserted one at a time (replace the minimum), otherwise the tile is merged with a
+bitonic `tl.topk`. The [M, splits * KP] keys are merged with `torch.topk`.
+See docs/kernels.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from triton.language.standard import _elementwise_max as _MAX
+from triton.language.standard import _elementwise_min as _MIN
+from triton.language.standard import _log2
+from triton.language.standard import _sum_combine as _SUM
+
+from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode
+
+_KEY_MIN = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _pack(v, cols):
+    """int64 key ordering like the fp32 value v, ties broken by the column index."""
+    b = v.to(tl.int32, bitcast=True)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return (b.to(tl.int64) << 32) | cols.to(tl.int64)
+
+
+@triton.jit
+def _key_value(key):
+    """fp32 value of a key; -inf for the (unique) initial sentinels below 2**-62 keys."""
+    b = (key >> 32).to(tl.int32)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    v = b.to(tl.float32, bitcast=True)
+    return tl.where(key < -(2**62), float("-inf"), v)
+
+
+@triton.jit
+def _topk_last(x, K: tl.constexpr):
+    """The K (power of two) largest entries of each row of 2-D x, sorted descending.
+
+    Bitonic top-k on the [2] * log2(numel) hypercube (the scheme of triton's
+    `tl.topk`), with each compare-and-swap done as min/max over a size-2 axis rather
+    than an xor_sum partner exchange: the same size-2 reduce on the GPU, but vectorised
+    in the interpreter. Everything is inlined (static loops, `tl.reduce` with the
+    standard combine functions) because each nested jit call re-patches the language
+    in the interpreter.
+    """
+    log_n: tl.constexpr = _log2(x.shape[1])
+    log_k: tl.constexpr = _log2(K)
+    if log_k == 0:
+        out = tl.reduce(x, 1, _MAX, keep_dims=True)
+    else:
+        h = tl.reshape(x, [2] * _log2(x.numel))
+        for stage in tl.static_range(1, log_n + 1):
+            if stage > log_k:  # halve: keep the larger of each pair of sorted K-runs
+                h = tl.reduce(h, _log2(h.numel) - 1 - log_k, _MAX)
+            nd: tl.constexpr = _log2(h.numel)
+            st: tl.constexpr = stage if stage <= log_k else log_k
+            if stage < log_n:  # alternate directions so that pairs of runs form bitonic sequences
+                flip = tl.reshape(tl.arange(0, 2), [1] * (nd - st - 1) + [2] + [1] * st)
+            else:  # last stage: descending everywhere
+                flip = tl.full([1] * nd, 1, tl.int32)
+            for r in tl.static_range(st):
+                i: tl.constexpr = st - 1 - r
+                lo = tl.reduce(h, nd - 1 - i, _MIN, keep_dims=True)
+                hi = tl.reduce(h, nd - 1 - i, _MAX, keep_dims=True)
+                right = tl.reshape(tl.arange(0, 2), [1] * (nd - i - 1) + [2] + [1] * i)
+                h = tl.where((flip ^ right).to(tl.int1), hi, lo)
+        out = tl.reshape(h, (x.shape[0], K))
+    return out
+
+
+@triton.jit
+def _encode_topk_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    M, N, D, CHUNK,
+    stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, FEW: tl.constexpr,
+    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    slots = tl.arange(0, KP)
+    # unique sentinels far below every real key (the smallest real key is ~ -2**63 + 2**55)
+    top = tl.zeros((BM, KP), dtype=tl.int64) + (slots.to(tl.int64)[None, :] + _KEY_MIN)
+    thr_key = tl.reduce(top, 1, _MIN)
+    thr_v = tl.full((BM,), float("-inf"), tl.float32)
+    n_start = pid_s * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+    for n0 in range(n_start, n_end, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < n_end
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < D
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
+            wt = tl.load(w_ptr + ks[:, None] * stride_wd + cols[None, :] * stride_wn,
+                         mask=kmask[:, None] & cmask[None, :], other=0.0).to(COMPUTE)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+        pre = acc + bias[None, :]
+        cand = (pre > thr_v[:, None]) & cmask[None, :] & rmask[:, None]
+        n_cand = tl.reduce(tl.reduce(cand.to(tl.int32), 1, _SUM), 0, _MAX)
+        if n_cand > 0:
+            keys = tl.where(cand, _pack(pre, cols), _KEY_MIN)
+            if n_cand > FEW:
+                tile_top = _topk_last(keys, KP)
+                both = tl.reshape(tl.join(top, tile_top), (BM, 2 * KP))
+                top = _topk_last(both, KP)
+            else:
+                best = tl.reduce(keys, 1, _MAX)
+                while tl.reduce((best > thr_key).to(tl.int32), 0, _MAX) > 0:
+                    upd = best > thr_key
+                    top = tl.where((top == thr_key[:, None]) & upd[:, None], best[:, None], top)
+                    keys = tl.where(keys == best[:, None], _KEY_MIN, keys)
+                    thr_key = tl.reduce(top, 1, _MIN)
+                    best = tl.reduce(keys, 1, _MAX)
+            thr_key = tl.reduce(top, 1, _MIN)
+            thr_v = _key_value(thr_key)
+    out_cols = pid_s * KP + slots
+    tl.store(out_ptr + rows[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> tuple[Any, str]:
+    """Tensor-core dtype when x and W_enc share a 16-bit dtype, else exact fp32 (ieee)."""
+    if x.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[x.dtype], "tf32"
+    return tl.float32, "ieee"
+
+
+def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,
+            cfg: EncodeConfig, KP: int, splits: int, chunk: int) -> None:
+    M, d = x.shape
+    n = W_enc.shape[1]
+    compute, precision = _compute_dtype(x, W_enc)
+    wrap_triton(_encode_topk_kernel)[(triton.cdiv(M, cfg.BM), splits)](
+        x, W_enc, bias, keys,
+        M, n, d, chunk,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW,
+        COMPUTE=compute, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys -> (fp32 values, int32 indices)."""
+    b = (keys >> 32).to(torch.int32)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return b.view(torch.float32), (keys & 0xFFFFFFFF).to(torch.int32)
+
+
+@triton_op("snce_fast::encode_topk", mutates_args=())
+def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, d], W_enc [d, n], folded fp32 bias [n] -> (ReLU'd top-k values fp32 [M, k] sorted
+    descending, indices int32 [M, k])."""
+    M, d = x.shape
+    n = W_enc.shape[1]
+    KP = next_pow2(k)
+    if M == 0:
+        return x.new_empty((0, k), dtype=torch.float32), x.new_empty((0, k), dtype=torch.int32)
+    cfg = encode_config(M, n, d, KP, x.dtype, x.device)
+    splits, chunk = encode_splits(M, n, KP, cfg, x.device)
+    keys = x.new_empty((M, splits * KP), dtype=torch.int64)
+    _launch(x, W_enc, bias, keys, cfg, KP, splits, chunk)
+    top = keys.topk(k, dim=1, sorted=True).values if splits * KP > k else keys
+    values, indices = unpack_keys(top)
+    return values.relu(), indices
+
+
+def folded_bias(sae: Any) -> torch.Tensor:
+    """`b_enc - b_dec @ W_enc` in fp32, cached per weight version (recomputed while compiling)."""
+    W, b_enc, b_dec = sae.W_enc, sae.b_enc, sae.b_dec
+    if torch.compiler.is_compiling():
+        return _fold(W, b_enc, b_dec)
+    key = (W.data_ptr(), W._version, b_enc.data_ptr(), b_enc._version, b_dec.data_ptr(), b_dec._version,
+           tuple(W.shape), W.dtype, W.device)
+    hit = _BIAS_CACHE.get(key)
+    if hit is None:
+        if len(_BIAS_CACHE) >= 8:
+            _BIAS_CACHE.pop(next(iter(_BIAS_CACHE)))
+        hit = _BIAS_CACHE[key] = _fold(W, b_enc, b_dec)
+    return hit
+
+
+_BIAS_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _fold(W: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    W, b_enc, b_dec = W.detach(), b_enc.detach(), b_dec.detach()
+    if W.dtype == torch.float32:
+        return b_enc.float() - b_dec.float() @ W
+    step = 1 << 16  # bound the fp32 copy of W_enc to d x 65536
+    parts = [b_dec.float() @ W[:, i:i + step].float() for i in range(0, W.shape[1], step)]
+    return b_enc.float() - torch.cat(parts)
+
+
+def tune(x: torch.Tensor, sae: Any) -> None:
+    """Time the candidate configs for x's shape on this GPU and cache the fastest by device name."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    M, d = x2.shape
+    n, KP = sae.W_enc.shape[1], next_pow2(sae.k)
+    bias = folded_bias(sae)
+
+    def run(cfg: EncodeConfig) -> None:
+        splits, chunk = encode_splits(M, n, KP, cfg, x2.device)
+        keys = x2.new_empty((M, splits * KP), dtype=torch.int64)
+        _launch(x2, sae.W_enc, bias, keys, cfg, KP, splits, chunk)
+
+    tune_encode(run, M, n, d, KP, x2.dtype, x2.device)

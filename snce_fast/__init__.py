@@ -8,11 +8,16 @@ from .detect import Detection, detect
 from .formats import SAEFormatError
 from .patching import PatchHandle, is_patched, patch, patched, unpatch
 from .sae import SAE
+from .scan import scan
+from .scan_stats import ScanStats
+from .score import Scores, score
 from .train import TrainConfig, TrainReport, train_sae
 
 __all__ = [
     "SAE",
     "SAEFormatError",
+    "ScanStats",
+    "Scores",
     "TrainConfig",
     "TrainReport",
     "Detection",
@@ -22,6 +27,8 @@ __all__ = [
     "patch",
     "patched",
     "reference",
+    "scan",
+    "score",
     "train_sae",
     "unpatch",
 ]

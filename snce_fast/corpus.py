@@ -1,0 +1,221 @@
+"""Streaming prompt corpora (SPEC section 6): `.txt`, `.csv`, `.jsonl`, `.parquet`.
+
+Files are read row by row, never whole. Every row carries the offset to resume from after
+it (a byte offset for text formats, a row number for parquet), so a scan can stop and
+resume exactly. Blank, undecodable and malformed rows are skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+FORMATS = {".txt": "txt", ".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+SKIP_REASONS = ("blank", "undecodable", "malformed")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One corpus row: `prompt`, or `skip` (a reason from SKIP_REASONS) when it was skipped;
+    `next_offset` is where reading resumes after this row."""
+
+    prompt: Optional[str]
+    skip: Optional[str]
+    next_offset: int
+
+
+def _undecodable(text: str) -> bool:
+    """Whether text holds bytes that were not UTF-8 (kept as lone surrogates by surrogateescape)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _check(text: Optional[str], next_offset: int) -> Row:
+    if text is None or not text.strip():
+        return Row(None, "blank", next_offset)
+    if _undecodable(text):
+        return Row(None, "undecodable", next_offset)
+    return Row(text.strip(), None, next_offset)
+
+
+class PromptFile:
+    """A prompt file; `rows(start)` streams it from offset `start` (0 = the beginning)."""
+
+    def __init__(self, path: Union[str, os.PathLike], column: str = "prompt"):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FORMATS:
+            raise ValueError(f"{self.path}: unsupported prompt file type {suffix!r}: expected one of {sorted(FORMATS)}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"prompt file {self.path} does not exist")
+        self.format = FORMATS[suffix]
+        self.column = column
+        self.name = str(self.path)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "file", "path": str(self.path.resolve()), "size": self.path.stat().st_size}
+
+    def rows(self, start: int = 0) -> Iterator[Row]:
+        return getattr(self, f"_rows_{self.format}")(start)
+
+    # -- text formats -----------------------------------------------------------------
+    def _lines(self, start: int) -> Iterator[tuple[str, int]]:
+        """(decoded line, byte offset after it); bad bytes survive as lone surrogates."""
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            pos = start
+            for raw in f:
+                pos += len(raw)
+                yield raw.decode("utf-8", errors="surrogateescape"), pos
+
+    def _rows_txt(self, start: int) -> Iterator[Row]:
+        for line, pos in self._lines(start):
+            yield _check(line.rstrip("\r\n"), pos)
+
+    def _rows_jsonl(self, start: int) -> Iterator[Row]:
+        for line, pos in self._lines(start):
+            if not line.strip():
+                yield Row(None, "blank", pos)
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                yield Row(None, "undecodable" if _undecodable(line) else "malformed", pos)
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get(self.column, ""), (str, type(None))):
+                yield Row(None, "malformed", pos)
+                continue
+            yield _check(obj.get(self.column), pos)
+
+    def _csv_header(self) -> tuple[list[str], int]:
+        pos = [0]
+
+        def lines() -> Iterator[str]:
+            for line, after in self._lines(0):
+                pos[0] = after
+                yield line
+
+        try:
+            header = next(csv.reader(lines()))
+        except StopIteration:
+            raise ValueError(f"{self.path}: empty CSV file: expected a header with a {self.column!r} column") from None
+        header = [h.lstrip("\ufeff").strip() for h in header]
+        if self.column not in header:
+            raise ValueError(f"{self.path}: no {self.column!r} column in the CSV header; columns found: {header}")
+        return header, pos[0]
+
+    def _rows_csv(self, start: int) -> Iterator[Row]:
+        header, body = self._csv_header()
+        col = header.index(self.column)
+        pos = [max(start, body)]
+
+        def lines() -> Iterator[str]:
+            for line, after in self._lines(pos[0]):
+                pos[0] = after
+                yield line
+
+        reader = csv.reader(lines())
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                yield Row(None, "malformed", pos[0])
+                continue
+            if not record:  # an empty line
+                yield Row(None, "blank", pos[0])
+            elif len(record) <= col:
+                yield Row(None, "malformed", pos[0])
+            else:
+                yield _check(record[col], pos[0])
+
+    # -- parquet ----------------------------------------------------------------------
+    def _rows_parquet(self, start: int) -> Iterator[Row]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {self.path} needs pyarrow: pip install 'snce_fast[parquet]' ({e})") from None
+        pf = pq.ParquetFile(self.path)
+        names = pf.schema_arrow.names
+        if self.column not in names:
+            raise ValueError(f"{self.path}: no {self.column!r} column in the parquet file; columns found: {names}")
+        first = 0
+        for rg in range(pf.num_row_groups):
+            count = pf.metadata.row_group(rg).num_rows
+            if first + count > start:
+                values = pf.read_row_group(rg, columns=[self.column]).column(0).to_pylist()
+                for i in range(max(0, start - first), count):
+                    v = values[i]
+                    if isinstance(v, bytes):
+                        v = v.decode("utf-8", errors="surrogateescape")
+                    if v is not None and not isinstance(v, str):
+                        yield Row(None, "malformed", first + i + 1)
+                    else:
+                        yield _check(v, first + i + 1)
+            first += count
+
+
+class PromptList:
+    """Prompts given inline; offsets are list positions."""
+
+    def __init__(self, prompts: Sequence[str], name: str = "<prompts>"):
+        self.prompts = list(prompts)
+        self.name = name
+
+    def identity(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for p in self.prompts:
+            h.update(str(p).encode("utf-8", errors="surrogatepass") + b"\0")
+        return {"kind": "list", "count": len(self.prompts), "sha256": h.hexdigest()}
+
+    def rows(self, start: int = 0) -> Iterator[Row]:
+        for i in range(start, len(self.prompts)):
+            p = self.prompts[i]
+            yield _check(p, i + 1) if isinstance(p, (str, type(None))) else Row(None, "malformed", i + 1)
+
+
+Source = Union[PromptFile, PromptList]
+
+
+def is_prompt_file(item: Any) -> bool:
+    """A Path, or a str naming an existing file with a known suffix."""
+    if isinstance(item, Path):
+        return True
+    return isinstance(item, str) and Path(item).suffix.lower() in FORMATS and os.path.isfile(item)
+
+
+def sources(items: Union[str, os.PathLike, Iterable[Any]], name: str = "<prompts>", column: str = "prompt") -> list[Source]:
+    """Files and inline prompts of one group, in order; runs of inline prompts form one PromptList."""
+    if isinstance(items, (str, os.PathLike)):
+        items = [items]
+    out: list[Source] = []
+    run: list[str] = []
+    for item in items:
+        if is_prompt_file(item):
+            if run:
+                out.append(PromptList(run, f"{name}[{len(out)}]"))
+                run = []
+            out.append(PromptFile(item, column))
+        else:
+            run.append(item)
+    if run:
+        out.append(PromptList(run, f"{name}[{len(out)}]"))
+    return out
+
+
+def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: Optional[int] = None) -> list[str]:
+    """The prompts of a file (skipping bad rows), at most `limit` of them."""
+    out: list[str] = []
+    for row in PromptFile(path, column).rows():
+        if row.prompt is not None:
+            out.append(row.prompt)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+__all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "read_prompts", "is_prompt_file", "SKIP_REASONS"]

@@ -1,0 +1,27 @@
+"""Register a Triton-launching function as a `snce_fast::` PyTorch op.
+
+On a GPU: `torch.library.triton_op` (Inductor sees the kernels through `wrap_triton`
+and can trace into them). Under `TRITON_INTERPRET=1`, `triton.jit` returns an
+InterpretedFunction that `wrap_triton` cannot trace, so the same function is registered
+as an opaque `torch.library.custom_op` with the given fake instead; `opcheck` and
+`torch.compile(fullgraph=True)` then work on CPU tensors too (the op stays one node).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.library import triton_op
+
+from ._tuning import interpreting
+
+
+def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        if interpreting():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return triton_op(name, mutates_args=())(fn)
+
+    return deco

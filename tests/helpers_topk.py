@@ -1,0 +1,51 @@
+"""Tie-aware comparison of a TopK encode against the eager reference (SPEC section 1)."""
+from __future__ import annotations
+
+import torch
+
+from snce_fast import reference
+
+
+def assert_topk_matches(x: torch.Tensor, sae, values: torch.Tensor, indices: torch.Tensor,
+                        rtol: float = 1e-4, atol: float = 1e-4) -> None:
+    """Check (values, indices) is a valid top-k of `reference.pre_activations(x, sae)`.
+
+    The chosen set may differ from torch.topk's only by swaps among entries within
+    `atol + rtol * |kth|` of the k-th value; values must equal ReLU(pre) at the chosen
+    indices (to the dtype's rounding) and come sorted descending; indices are int32,
+    unique and in range.
+    """
+    k, n = sae.k, sae.W_enc.shape[1]
+    assert indices.dtype == torch.int32, indices.dtype
+    assert values.dtype == x.dtype, (values.dtype, x.dtype)
+    assert values.shape == indices.shape == (*x.shape[:-1], k), (values.shape, indices.shape, x.shape)
+    if x.numel() == 0:
+        return
+    pre = reference.pre_activations(x, sae).reshape(-1, n)
+    idx = indices.reshape(-1, k).long()
+    vals = values.reshape(-1, k).float()
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
+    assert (idx.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate indices in a row"
+    kth = pre.topk(k, dim=-1).values[:, -1:]
+    tol = atol + rtol * kth.abs()
+    chosen = pre.gather(-1, idx)
+    assert (chosen >= kth - tol).all(), f"a chosen latent is below the k-th value: {(kth - chosen).max()}"
+    others = pre.scatter(-1, idx, float("-inf"))
+    assert (others <= kth + tol).all(), f"a dropped latent is above the k-th value: {(others - kth).max()}"
+    eps = torch.finfo(x.dtype).eps
+    expect = chosen.relu().to(x.dtype).float()
+    torch.testing.assert_close(vals, expect, rtol=max(rtol, 2 * eps), atol=atol)
+    assert (vals[:, :-1] >= vals[:, 1:]).all(), "values are not sorted descending"
+
+
+def make_sae(d: int, n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
+    """A random SAE with non-zero biases (so the b_dec fold is exercised)."""
+    import snce_fast
+
+    g = torch.Generator().manual_seed(seed)
+    sae = snce_fast.SAE(d, n, k, init=False)
+    with torch.no_grad():
+        sae.reset_parameters(generator=g)
+        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.05)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+    return sae.to(device=device, dtype=dtype).requires_grad_(False)

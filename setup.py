@@ -46,14 +46,14 @@ def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern)))
     cpp_sources = rel("*.cpp")
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    cxx_flags = ["-O3", "-std=c++20"] + openmp
     if _want_cuda():
         return [
             CUDAExtension(
                 "snce_fast._C",
                 cpp_sources + rel("*.cu"),
                 define_macros=[("SNCE_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
                 extra_link_args=openmp,
             )
         ]

@@ -1,4 +1,7 @@
-"""Tiny random-weight text encoders, tokenizer and SD / SDXL pipelines for tests (no downloads)."""
+"""Tiny random-weight text encoders, tokenizers and SD / SDXL pipelines (no downloads).
+
+Used by the tests, the quick-start and the benchmarks; diffusers is only imported by the
+pipeline builders."""
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Optional
 
 _ERROR = ""
@@ -11,15 +12,15 @@ _ERROR = ""
 def load():
     """The `snce_fast._C` module, or None if it was not built (see `load_error()`)."""
     global _ERROR
-    try:
-        from . import _C  # noqa: F401  (importing registers the torch.ops.snce_fast ops)
+    try:  # importing registers the torch.ops.snce_fast ops
+        module = importlib.import_module(f"{__package__}._C")
     except ImportError as e:
         _ERROR = (
             f"the C++ extension snce_fast._C is not available ({e}); the eager reference is used instead. "
             "Build it with `pip install --no-build-isolation -e .` from a source checkout."
         )
         return None
-    return _C
+    return module
 
 
 def load_error() -> str:

@@ -95,3 +95,20 @@ def test_cpp_sparse_decode_gradients_match_reference():
 class _W:
     def __init__(self, W_dec, b_dec):
         self.W_dec, self.b_dec = W_dec, b_dec
+
+
+def test_missing_extension_falls_back_with_a_clear_message(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "snce_fast._C", None)  # makes `from . import _C` raise ImportError
+    _ext.load.cache_clear()
+    try:
+        assert _ext.load() is None
+        assert "pip install --no-build-isolation -e ." in _ext.load_error()
+        monkeypatch.delenv("SNCE_FAST_BACKEND", raising=False)
+        assert backend.implementation("decode", torch.device("cpu"))[0] == "reference"
+        monkeypatch.setenv("SNCE_FAST_BACKEND", "cpp")
+        with pytest.raises(RuntimeError, match="C\\+\\+ extension is unavailable"):
+            backend.implementation("decode", torch.device("cpu"))
+    finally:
+        _ext.load.cache_clear()

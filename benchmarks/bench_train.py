@@ -118,7 +118,8 @@ def main() -> None:
     lr = 2e-4 / (n / 2**14) ** 0.5
     results = {}
     variants = {
-        "snce_fast": lambda: SAETrainer(clone(), TrainConfig(n_latents=n, k=k, warmup_steps=1, dead_tokens=10**12)).step,
+        "snce_fast": lambda: SAETrainer(
+            clone(), TrainConfig(n_latents=n, k=k, warmup_steps=1, dead_tokens=10**12)).step,
         "snce_fast_dense_enc": lambda: SAETrainer(
             clone(), TrainConfig(n_latents=n, k=k, warmup_steps=1, dead_tokens=10**12, encoder_backward="dense")).step,
         "saelens_eager": lambda: EagerStep(clone(), lr, dense_decode=True, amp=cuda).step,

@@ -1,0 +1,178 @@
+"""Shared helpers for the kernel benchmarks: timing, peaks, metadata, JSON and plots.
+
+On CUDA: CUDA-event timing, median of warm runs, bf16. Without CUDA the scripts run in a
+clearly labelled CPU mode (tiny shapes, fp32, Triton interpreter for the fused kernels);
+those numbers are CPU numbers and say nothing about GPU speed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused kernels can only run interpreted here
+
+# dense bf16 peak FLOP/s and HBM bandwidth (SPEC section 7)
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else "CPU (no CUDA; Triton interpreter for fused kernels)"
+
+
+def peaks() -> tuple[Optional[float], Optional[float]]:
+    if not ON_GPU:
+        return None, None
+    name = device_name().upper()
+    for key, val in PEAKS.items():
+        if key in name:
+            return val
+    return None, None
+
+
+def mode() -> str:
+    return "gpu" if ON_GPU else "cpu"
+
+
+def bench(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
+    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if ON_GPU:
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def metadata() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "mode": mode(),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "note": None if ON_GPU else "CPU mode: tiny shapes, fp32, fused kernels run in the Triton interpreter; "
+        "these are NOT GPU numbers and the fused timings are not performance figures",
+    }
+
+
+def make_sae(d: int, n: int, k: int, dtype: torch.dtype, device: str):
+    import snce_fast
+
+    sae = snce_fast.SAE(d, n, k, init=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        w = torch.randn(n, d, device=device, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(w.to(dtype))
+        sae.W_enc.copy_(w.t().to(dtype))
+        sae.b_enc.normal_(0, 0.05)
+        sae.b_dec.normal_(0, 0.1)
+    del w
+    return sae.requires_grad_(False)
+
+
+def dense_fits(M: int, n: int, itemsize: int, limit: float = 8e9) -> bool:
+    return M * n * itemsize <= limit
+
+
+def write(op: str, rows: list[dict], extra: Optional[dict] = None) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{op}_{mode()}.json")
+    with open(path, "w") as f:
+        json.dump({"op": op, **metadata(), **(extra or {}), "results": rows}, f, indent=1)
+    print(f"wrote {path}")
+    return path
+
+
+def plot(op: str, rows: list[dict], x_key: str = "prompts") -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    impls = sorted({r["impl"] for r in rows})
+    groups = sorted({r.get("group", "") for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for impl in impls:
+            pts = sorted((r[x_key], r["ms"]) for r in rows if r["impl"] == impl and r.get("group", "") == g and r["ms"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{op} {g}\n{device_name()[:60]}", fontsize=8)
+        ax.legend(fontsize=7)
+    if not ON_GPU:
+        fig.suptitle("CPU MODE - not GPU numbers", color="red")
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"{op}_{mode()}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def print_rows(rows: list[dict]) -> None:
+    label = "" if ON_GPU else " [CPU]"
+    for r in rows:
+        bits = [f"{r.get('group', '')}", f"prompts={r['prompts']}", f"{r['impl']:<22}"]
+        bits.append(f"{r['ms']:.3f} ms{label}" if r["ms"] else f"skipped ({r.get('skip')})")
+        for key in ("tflops", "pct_peak", "x_hbm_floor", "fused_speedup_over_this"):
+            if r.get(key) is not None:
+                bits.append(f"{key}={r[key]:.3g}")
+        print("  ".join(bits))
+
+
+def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "bytes") -> None:
+    """Add TFLOP/s, % of dense bf16 peak, time / HBM floor and speedups of 'fused' over each impl."""
+    peak, bw = peaks()
+    fused = {(r.get("group"), r["prompts"]): r["ms"] for r in rows if r["impl"] == "fused" and r["ms"]}
+    for r in rows:
+        if not r["ms"]:
+            continue
+        s = r["ms"] / 1e3
+        r["tflops"] = r[flops_key] / s / 1e12 if r.get(flops_key) else None
+        r["pct_peak"] = 100 * r[flops_key] / s / peak if (peak and r.get(flops_key)) else None
+        r["x_hbm_floor"] = s / (r[bytes_key] / bw) if (bw and r.get(bytes_key)) else None
+        f = fused.get((r.get("group"), r["prompts"]))
+        r["fused_speedup_over_this"] = r["ms"] / f if f else None

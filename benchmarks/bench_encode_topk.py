@@ -1,0 +1,89 @@
+"""Benchmark: fused encode + TopK vs eager reference, EleutherAI-style, SAELens-style, compiled reference.
+
+`python benchmarks/bench_encode_topk.py [--quick]`; results in benchmarks/results/encode_topk_<gpu|cpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (sets TRITON_INTERPRET on CPU before triton is imported)
+
+import torch  # noqa: E402
+
+from snce_fast import kernels, reference  # noqa: E402
+
+
+def eleuther_encode(x, sae):
+    """matmul -> ReLU -> torch.topk (sparsify's order)."""
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    return pre.topk(sae.k, dim=-1)
+
+
+def saelens_encode(x, sae):
+    """matmul -> topk -> ReLU -> scatter into a dense [M, n] activation matrix."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(sae.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="few shapes / reps (always tiny on CPU)")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    dev = "cuda" if C.ON_GPU else "cpu"
+    dtype = torch.bfloat16 if C.ON_GPU else torch.float32
+    if C.ON_GPU:
+        shapes = [(768, 32768, 64)] + ([] if args.quick else [(768, 524288, 64)])
+        prompts = [1, 16, 64, 256] if not args.quick else [1, 64]
+        reps = 10 if args.quick else 30
+    else:
+        shapes, prompts, reps = [(64, 1024, 8)], [1, 2], 3
+    rows = []
+    for d, n, k in shapes:
+        sae = C.make_sae(d, n, k, dtype, dev)
+        group = f"d{d}_n{n}_k{k}"
+        compiled = None
+        if C.ON_GPU and not args.no_compile:
+            compiled = torch.compile(reference.encode)
+        for p in prompts:
+            M = p * 77
+            x = torch.randn(p, 77, d, device=dev, dtype=dtype)
+            if C.ON_GPU:
+                kernels.tune(x, sae)  # per-device-name cached choice of tile config
+            impls = {
+                "fused": lambda: kernels.encode(x, sae),
+                "reference": lambda: reference.encode(x, sae),
+                "eleuther_eager": lambda: eleuther_encode(x, sae),
+                "saelens_dense": (lambda: saelens_encode(x, sae)) if C.dense_fits(M, n, x.element_size()) else None,
+                "compiled_reference": (lambda: compiled(x, sae)) if compiled else None,
+            }
+            item = x.element_size()
+            for name, fn in impls.items():
+                row = {"group": group, "d": d, "n": n, "k": k, "prompts": p, "M": M, "impl": name,
+                       "dtype": str(dtype), "flops": 2 * M * d * n,
+                       "bytes": d * n * item + M * d * item + M * k * 8, "ms": None}
+                if fn is None:
+                    row["skip"] = "dense [M, n] too large" if name == "saelens_dense" else (
+                        "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
+                        else "--no-compile")
+                else:
+                    try:
+                        row["ms"] = 1e3 * C.bench(fn, warmup=2 if C.ON_GPU else 1, reps=reps)
+                    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+                        row["skip"] = f"OOM: {e}"[:200]
+                        torch.cuda.empty_cache()
+                rows.append(row)
+        del sae
+    C.finish_rows(rows)
+    C.print_rows(rows)
+    C.write("encode_topk", rows)
+    C.plot("encode_topk", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -85,7 +85,7 @@ class PromptFile:
             except ValueError:
                 yield Row(None, "undecodable" if _undecodable(line) else "malformed", pos)
                 continue
-            if not isinstance(obj, dict) or not isinstance(obj.get(self.column, ""), (str, type(None))):
+            if not isinstance(obj, dict) or self.column not in obj or not isinstance(obj[self.column], (str, type(None))):
                 yield Row(None, "malformed", pos)
                 continue
             yield _check(obj.get(self.column), pos)

@@ -139,7 +139,8 @@ def recount_numpy(
 ) -> dict[str, np.ndarray]:
     """A plain NumPy recount from scratch, prompt by prompt (for the exactness tests)."""
     as_np = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
-    idx, val = as_np(indices).astype(np.int64), as_np(values).astype(np.float64)
+    to_np64 = lambda t: t.double() if isinstance(t, torch.Tensor) else t  # noqa: E731  (numpy has no bf16)
+    idx, val = as_np(indices).astype(np.int64), as_np(to_np64(values)).astype(np.float64)
     mask, pot, gop = as_np(token_mask).astype(bool), as_np(prompt_of_token).astype(np.int64), as_np(group_of_prompt)
     out = {
         "prompts_fired": np.zeros((n_groups, n_latents), np.int64),

@@ -43,7 +43,7 @@ def _edit_residual_kernel(
         z_new = tl.minimum(z, clamp)
     else:
         z_new = z * scale
-    coef = tl.where(tmask, z_new - z, 0.0)
+    coef = tl.where(tmask & (z > 0.0), z_new - z, 0.0)  # only targets that fire move (SPEC section 2)
     fires = tl.reduce(((z > 0.0) & tmask).to(tl.int32), 0, _MAX)
     fires = (fires * tl.load(a_ptr + m).to(tl.int32)) > 0
     for d0 in range(0, D, BD):

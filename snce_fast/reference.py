@@ -114,7 +114,8 @@ def edit(
     if mode == "residual":
         fires = (z_t > 0).any(-1) & allowed
         w_t = sae.W_dec.float()[targets]  # [T, d]
-        delta = (z_new - z_t) @ w_t
+        # only targets with z_j > 0 move (a negative clamp must not touch silent targets)
+        delta = torch.where(z_t > 0, z_new - z_t, torch.zeros_like(z_t)) @ w_t
         edited = (x.float() + delta).to(x.dtype)
         return torch.where(fires.unsqueeze(-1), edited, x)
 

@@ -53,7 +53,7 @@ def test_residual_scale_zero(shape, d, n, k, dtype):
 
 @cpu_only
 @pytest.mark.parametrize("kw", [dict(scale=-8.0), dict(clamp=0.05), dict(scale=0.5), dict(mode="reconstruct"),
-                                dict(mode="reconstruct", clamp=0.0)])
+                                dict(mode="reconstruct", clamp=0.0), dict(clamp=-0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rules_and_modes_multi_neuron(kw, dtype):
     sae = make_sae(40, 260, 5, seed=1)

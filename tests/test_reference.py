@@ -207,3 +207,13 @@ def test_normalize_decoder_makes_rows_unit_norm(sae):
     sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents))
     assert torch.equal(sae.W_enc, enc)
+
+
+def test_negative_clamp_moves_only_firing_targets(sae):
+    x = torch.randn(40, 24)
+    v, i = reference.encode(x, sae)
+    z = dense_z(v, i, sae.n_latents)
+    a, b = z.gt(0).sum(0).topk(2).indices.tolist()
+    out = reference.edit(x, sae, [a, b], clamp=-0.5)
+    coef = torch.where(z[:, [a, b]] > 0, z[:, [a, b]].clamp(max=-0.5) - z[:, [a, b]], torch.zeros(()))
+    torch.testing.assert_close(out, x + coef @ sae.W_dec[[a, b]])

@@ -1,0 +1,66 @@
+"""The snce-fast CLI: erase on a tiny saved pipeline, and its bad-input paths."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from snce_fast.cli import main
+from tiny_models import random_sae, sd_pipeline
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    sd_pipeline(root / "build").save_pretrained(root / "pipe")
+    random_sae(32, n=64, k=3, seed=2).save(root / "sae")
+    return root
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "C++ extension" in capsys.readouterr().out
+
+
+def test_erase_writes_images_record_and_comparison(saved, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["erase", "--model", str(saved / "pipe"), "--sae", str(saved / "sae"), "--neurons", "3,5",
+               "--prompt", "a photo of a cat", "--seed", "1", "--seed", "2", "--steps", "2",
+               "--height", "16", "--compare", "--out", str(out), "--quiet"])
+    assert rc == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["neurons"] == [3, 5] and record["seeds"] == [1, 2] and len(record["images"]) == 2
+    for entry in record["images"]:
+        erased = Image.open(out / entry["erased"])
+        compare = Image.open(out / entry["compare"])
+        assert erased.size == (16, 16) and compare.size == (36, 16)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp files left behind"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--model": "/nonexistent/pipe"}, "no such local directory"),
+        ({"--sae": "/nonexistent/sae"}, "is not a directory"),
+        ({"--neurons": "3,x"}, "comma-separated"),
+        ({"--neurons": "64"}, "out of range"),
+        ({"--prompt": None}, "no prompts"),
+    ],
+)
+def test_erase_bad_inputs(saved, tmp_path, capsys, change, message):
+    args = {"--model": str(saved / "pipe"), "--sae": str(saved / "sae"), "--neurons": "3",
+            "--prompt": "a cat", "--out": str(tmp_path / "o"), "--steps": "1"}
+    args.update(change)
+    argv = ["erase"] + [x for k, v in args.items() if v is not None for x in (k, v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_erase_sae_width_mismatch(saved, tmp_path, capsys):
+    random_sae(16, n=64, k=3).save(tmp_path / "narrow")
+    rc = main(["erase", "--model", str(saved / "pipe"), "--sae", str(tmp_path / "narrow"), "--neurons", "1",
+               "--prompt", "a cat", "--out", str(tmp_path / "o"), "--steps", "1"])
+    assert rc == 2 and "hidden size is 32" in capsys.readouterr().err

@@ -220,12 +220,15 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.sparse:
             if ctx.needs_input_grad[1]:
                 rows = torch.arange(M, device=x_c.device).repeat_interleave(idx.shape[1])
-                S_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (n, M), check_invariants=False)
+                S_t = torch.sparse_coo_tensor(
+                    torch.stack([idx.flatten(), rows]), g.flatten(), (n, M), check_invariants=False
+                )
                 grad_W = torch.sparse.mm(S_t, x_c.float()).t()
             if ctx.needs_input_grad[0]:
                 grad_x = F.embedding_bag(idx, W_enc.t().float().contiguous(), per_sample_weights=g, mode="sum")
         else:
-            G = torch.zeros(M, n, device=x_c.device, dtype=torch.float32).scatter_add_(1, idx, g)  # main and aux may share a latent
+            # scatter_add: a latent may be in both the main and the aux top-k
+            G = torch.zeros(M, n, device=x_c.device, dtype=torch.float32).scatter_add_(1, idx, g)
             amp = ctx.amp_dtype is not None
             with torch.autocast(device_type=x_c.device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=amp):
                 if ctx.needs_input_grad[1]:

@@ -312,7 +312,8 @@ class SAETrainer:
             stats[2] = x.double().pow(2).sum()
             stats[3:] = x.double().sum(0)
         _all_reduce(stats)
-        if int(stats[0].item()) < world:
+        have, n_tok = (int(v) for v in stats[:2].tolist())  # one host sync
+        if have < world:
             return None
         count = stats[1]
         total_var = (stats[2] - stats[3:].pow(2).sum() / count).clamp_min(1e-12)
@@ -371,18 +372,21 @@ class SAETrainer:
             self.opt.step()
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
             fired_all = post[3:] > 0
-            self.since_fired += int(count.item())
+            self.since_fired += n_tok
             self.since_fired[fired_all] = 0
             self.ever_fired |= fired_all
         self.step_num += 1
-        self.tokens += int(count.item())
+        self.tokens += n_tok
+        fvu, aux_v, l0, dead_frac = torch.stack([  # one host sync for the metrics
+            post[1] / total_var, aux_report[0], post[2] / count, self._dead_mask().double().mean()
+        ]).tolist()
         return {
             "step": self.step_num,
-            "loss": float(post[1] / total_var) + cfg.aux_coef * float(aux_report),
-            "fvu": float(post[1] / total_var),
-            "aux_loss": float(aux_report),
-            "l0": float(post[2] / count),
-            "dead_fraction": float(self._dead_mask().float().mean()),
+            "loss": fvu + cfg.aux_coef * aux_v,
+            "fvu": fvu,
+            "aux_loss": aux_v,
+            "l0": l0,
+            "dead_fraction": dead_frac,
             "lr": self.lr_at(self.step_num - 1),
             "tokens": self.tokens,
         }

@@ -92,8 +92,10 @@ def test_fvu_decreases_and_decoder_rows_unit_norm():
     cfg = small_cfg()
     tr = SAETrainer(new_sae(32, cfg), cfg)
     tr.init_b_dec(x[:512])
-    fvus = [tr.step(x[i * 64 : (i + 1) * 64])["fvu"] for i in range(64)]
+    ms = [tr.step(x[i * 64 : (i + 1) * 64]) for i in range(64)]
+    fvus = [m["fvu"] for m in ms]
     assert sum(fvus[-8:]) / 8 < 0.5 * sum(fvus[:4]) / 4, fvus
+    assert ms[0]["aux_loss"] == 0 and any(m["aux_loss"] > 0 for m in ms)  # AuxK starts once latents die
     norms = tr.sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     m = tr.step(x[:64])
@@ -143,6 +145,35 @@ def test_sparse_gradients_equal_dense_autograd(sparse):
     active = torch.zeros(n, dtype=torch.bool)
     active[torch.cat([idx[vals > 0], ai[av > 0]])] = True
     assert g[2][~active].abs().max() == 0
+
+
+def test_no_dense_matmul_in_the_autograd_graph():
+    """The training graph is the sparse encoder Function + embedding-bag decodes: no mm/addmm node."""
+    cfg = small_cfg(dead_tokens=1)
+    tr = SAETrainer(new_sae(32, cfg), cfg)
+    tr.step(synthetic(64))  # makes latents dead so AuxK runs too
+    seen: set[str] = set()
+    orig = torch.Tensor.backward
+
+    def spy(loss, *a, **kw):
+        stack, visited = [loss.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in visited:
+                continue
+            visited.add(id(fn))
+            seen.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+        return orig(loss, *a, **kw)
+
+    torch.Tensor.backward = spy
+    try:
+        m = tr.step(synthetic(64, seed=1))
+    finally:
+        torch.Tensor.backward = orig
+    assert m["aux_loss"] > 0
+    assert "EmbeddingBagBackward0" in seen and "_TopKEncodeBackward" in seen, seen
+    assert not {"MmBackward0", "AddmmBackward0", "BmmBackward0"} & seen, seen
 
 
 def test_geometric_median_robust_to_outliers():

@@ -1,5 +1,19 @@
+import os
+
+# Triton decides at decoration time whether a @triton.jit function is interpreted, and
+# triton's own standard-library helpers are decorated when triton is first imported (which
+# diffusers/transformers may do early). Without a GPU, turn the interpreter on before
+# anything can import triton so every kernel in the session runs interpreted.
+try:
+    import torch
+
+    _cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
-import torch
 
 
 def pytest_collection_modifyitems(config, items):

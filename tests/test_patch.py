@@ -327,3 +327,26 @@ def test_self_check_refuses_a_hook_that_misses_hidden_states(sdxl, xl_saes, monk
     with pytest.raises(RuntimeError, match="self-check failed"):
         snce_fast.patch(sdxl, xl_saes, 0)
     assert not snce_fast.is_patched(sdxl)
+
+
+def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents, monkeypatch):
+    """The fused path `patch` takes on CUDA, exercised on the CPU through the Triton interpreter."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from snce_fast import backend
+
+    j, silent = sd_latents
+    base = embeds(sd)
+    outputs = {}
+    for name in ("reference", "triton"):
+        monkeypatch.setenv("SNCE_FAST_BACKEND", name)
+        assert backend.implementation("edit", torch.device("cpu"))[0] == name
+        with snce_fast.patched(sd, sd_sae, [j, silent], gate=True, min_tokens=1):
+            outputs[name] = embeds(sd)
+        with snce_fast.patched(sd, sd_sae, silent):
+            assert torch.equal(embeds(sd), base)
+    assert not torch.equal(outputs["triton"], base)
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
+    unchanged = (outputs["reference"] == base).all(-1)
+    assert torch.equal(outputs["triton"][unchanged], base[unchanged])

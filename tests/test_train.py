@@ -377,3 +377,15 @@ def test_ddp_two_gloo_ranks(tmp_path):
     assert r0["steps"] == r1["steps"] > 3 and r0["fvu1"] < r0["fvu0"]
     ck = latest_checkpoint(tmp_path / "ck")
     assert {p.name for p in ck.iterdir()} >= {"sae", "trainer.pt", "data_rank0.pt", "data_rank1.pt"}
+
+
+@pytest.mark.parametrize("encoder_backward", ["sparse", "dense"])
+def test_bf16_autocast_path_trains(encoder_backward):
+    """The CUDA configuration (bf16 encoder matmul) exercised on CPU autocast."""
+    x = synthetic(2048)
+    cfg = small_cfg(amp=True, encoder_backward=encoder_backward, dead_tokens=100)
+    tr = SAETrainer(new_sae(32, cfg), cfg)
+    tr.init_b_dec(x[:256])
+    ms = [tr.step(x[i * 64 : (i + 1) * 64]) for i in range(32)]
+    assert ms[-1]["fvu"] < 0.6 * ms[0]["fvu"] and ms[-1]["aux_loss"] > 0
+    assert all(p.dtype == torch.float32 for p in tr.sae.parameters())

@@ -4,12 +4,12 @@
 // [G, n] counters) and scans every (token, slot) entry, updating only its own latents. So there
 // are no atomics and no merge step, and every counter -- act_sum's float64 sums included -- is
 // accumulated in token order: the result does not depend on the thread count.
-// A per-prompt bitmap (one bit per latent; its words belong to the same thread as the latents)
-// counts a latent at most once per prompt in prompts_fired.
+// prompts_fired counts a latent at most once per prompt (see StampDedup / BitmapDedup).
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -20,12 +20,38 @@
 
 namespace {
 
-template <typename scalar_t>
+// Counts a latent once per prompt. Prompts laid out contiguously (the scan's [P, L] batches) use a
+// stamp per latent (the last prompt that counted it, 4 bytes a latent); any other layout uses a
+// bitmap of one bit per (prompt, latent). Either way a thread touches only its own latents' words.
+struct StampDedup {
+  std::vector<int32_t> last;
+  StampDedup(int64_t, int64_t n) : last(static_cast<size_t>(n), -1) {}
+  bool first(int64_t p, int64_t j) {
+    if (last[j] == p) return false;
+    last[j] = static_cast<int32_t>(p);
+    return true;
+  }
+};
+
+struct BitmapDedup {
+  int64_t words;
+  std::vector<uint64_t> bits;
+  BitmapDedup(int64_t P, int64_t n) : words((n + 63) / 64), bits(static_cast<size_t>(P * ((n + 63) / 64)), 0) {}
+  bool first(int64_t p, int64_t j) {
+    uint64_t& w = bits[p * words + (j >> 6)];
+    const uint64_t bit = uint64_t(1) << (j & 63);
+    if (w & bit) return false;
+    w |= bit;
+    return true;
+  }
+};
+
+template <typename scalar_t, typename Dedup>
 void update_entries(const int32_t* idx, const scalar_t* val, const bool* mask, const int64_t* prompt_of,
                     const int64_t* group_of, int64_t* prompts_fired, int64_t* tokens_fired, double* act_sum,
                     const snce::HistogramDims& d, double threshold) {
-  const int64_t words = (d.n + 63) / 64;  // bitmap words per prompt
-  std::vector<uint64_t> seen(static_cast<size_t>(d.P * words), 0);
+  const int64_t words = (d.n + 63) / 64;  // latents are split among threads in 64-latent words
+  Dedup dedup(d.P, d.n);
 #pragma omp parallel
   {
     int64_t t = 0, T = 1;
@@ -40,7 +66,6 @@ void update_entries(const int32_t* idx, const scalar_t* val, const bool* mask, c
         if (!mask[m]) continue;
         const int64_t p = prompt_of[m];
         const int64_t row = group_of[p] * d.n;
-        uint64_t* bits = seen.data() + p * words;
         for (int64_t i = 0; i < d.K; ++i) {
           const int64_t j = idx[m * d.K + i];
           if (static_cast<uint64_t>(j - j0) >= static_cast<uint64_t>(span)) continue;
@@ -48,15 +73,22 @@ void update_entries(const int32_t* idx, const scalar_t* val, const bool* mask, c
           if (!(v > threshold)) continue;
           tokens_fired[row + j] += 1;
           act_sum[row + j] += v;
-          const uint64_t bit = uint64_t(1) << (j & 63);
-          if (!(bits[j >> 6] & bit)) {
-            bits[j >> 6] |= bit;
-            prompts_fired[row + j] += 1;
-          }
+          if (dedup.first(p, j)) prompts_fired[row + j] += 1;
         }
       }
     }
   }
+}
+
+bool contiguous_prompts(const int64_t* prompt_of, int64_t M, int64_t P) {
+  // every prompt's tokens form one run: runs start where the prompt id changes; P ids -> <= P runs, all distinct
+  std::vector<bool> started(static_cast<size_t>(P), false);
+  for (int64_t m = 0; m < M; ++m) {
+    if (m > 0 && prompt_of[m] == prompt_of[m - 1]) continue;
+    if (started[prompt_of[m]]) return false;
+    started[prompt_of[m]] = true;
+  }
+  return true;
 }
 
 void check_range(const at::Tensor& t, int64_t hi, const char* name, const char* what) {
@@ -89,9 +121,17 @@ void histogram_update_cpu(const at::Tensor& indices, const at::Tensor& values, c
   for (int64_t i = 0; i < d.M; ++i) nt[group_of[prompt_of[i]]] += m[i] ? 1 : 0;
   if (d.M == 0 || d.K == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(), "histogram_update_cpu", [&] {
-    update_entries<scalar_t>(idx.data_ptr<int32_t>(), val.data_ptr<scalar_t>(), m, prompt_of, group_of,
-                             prompts_fired.data_ptr<int64_t>(), tokens_fired.data_ptr<int64_t>(),
-                             act_sum.data_ptr<double>(), d, threshold);
+    auto run = [&](auto* tag) {
+      using Dedup = std::remove_pointer_t<decltype(tag)>;
+      update_entries<scalar_t, Dedup>(idx.data_ptr<int32_t>(), val.data_ptr<scalar_t>(), m, prompt_of, group_of,
+                                      prompts_fired.data_ptr<int64_t>(), tokens_fired.data_ptr<int64_t>(),
+                                      act_sum.data_ptr<double>(), d, threshold);
+    };
+    if (contiguous_prompts(prompt_of, d.M, d.P)) {
+      run(static_cast<StampDedup*>(nullptr));
+    } else {
+      run(static_cast<BitmapDedup*>(nullptr));
+    }
   });
 }
 

@@ -30,7 +30,7 @@ from .corpus import SKIP_REASONS, Source, sources
 from .hook_points import encoder_width
 from .scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
-STAGES = ("tokenize", "encoder", "sae", "histogram")
+STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")
 
 
 @dataclass
@@ -253,11 +253,14 @@ def _process(batch: _Batch, encoder: nn.Module, sae: nn.Module, state: ScanStats
     gop = torch.tensor(batch.group_of_prompt, dtype=torch.int64).to(dev, non_blocking=True)
     pot = histogram.batch_layout(B, L, dev)
     histogram.update(idx, val, counted, pot, gop, state.histograms, threshold)
+    sync()
+    t3 = time.perf_counter()
     histogram.itd_update(idx, val, counted, B, gop, state.itd_prompts, top=itd_top)
     sync()
     timings["encoder"] += t1 - t0
     timings["sae"] += t2 - t1
-    timings["histogram"] += time.perf_counter() - t2
+    timings["histogram"] += t3 - t2
+    timings["itd"] += time.perf_counter() - t3
 
 
 def _resume(ckpt: Path, names: list[str], identity: list, settings: dict[str, Any],

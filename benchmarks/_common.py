@@ -176,3 +176,30 @@ def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "by
         r["x_hbm_floor"] = s / (r[bytes_key] / bw) if (bw and r.get(bytes_key)) else None
         f = fused.get((r.get("group"), r["prompts"]))
         r["fused_speedup_over_this"] = r["ms"] / f if f else None
+
+
+def time_impls(impls: dict[str, Optional[Callable[[], Any]]], base: dict, reps: int,
+               skip_reasons: Optional[dict[str, str]] = None) -> list[dict]:
+    """One row per implementation: `base` + impl name + median ms (or why it was skipped)."""
+    rows = []
+    for name, fn in impls.items():
+        row = {**base, "impl": name, "ms": None}
+        if fn is None:
+            row["skip"] = (skip_reasons or {}).get(name) or (
+                "torch.compile not run in CPU mode" if not ON_GPU else "skipped")
+        else:
+            try:
+                row["ms"] = 1e3 * bench(fn, warmup=2 if ON_GPU else 1, reps=reps)
+            except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+                row["skip"] = f"OOM: {e}"[:200]
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def report(op: str, rows: list[dict]) -> None:
+    """Derived metrics, a printed table, JSON and a PNG under benchmarks/results/."""
+    finish_rows(rows)
+    print_rows(rows)
+    write(op, rows)
+    plot(op, rows)

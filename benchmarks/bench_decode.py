@@ -55,19 +55,10 @@ def main(argv=None) -> list[dict]:
             "compiled_reference": (lambda: compiled(values, indices, sae)) if compiled else None,
         }
         item = values.element_size()
-        for name, fn in impls.items():
-            row = {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "impl": name, "dtype": str(dtype),
-                   "flops": 2 * M * k * d, "bytes": min(M * k, n) * d * item + M * (k * (item + 4) + d * item),
-                   "ms": None}
-            if fn is None:
-                row["skip"] = "torch.compile not run in CPU mode" if not C.ON_GPU else "skipped"
-            else:
-                row["ms"] = 1e3 * C.bench(fn, warmup=2 if C.ON_GPU else 1, reps=reps)
-            rows.append(row)
-    C.finish_rows(rows)
-    C.print_rows(rows)
-    C.write("decode", rows)
-    C.plot("decode", rows)
+        rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),
+                                     "flops": 2 * M * k * d,
+                                     "bytes": min(M * k, n) * d * item + M * (k * (item + 4) + d * item)}, reps)
+    C.report("decode", rows)
     return rows
 
 

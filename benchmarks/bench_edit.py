@@ -69,18 +69,9 @@ def main(argv=None) -> list[dict]:
             "compiled_reference": (lambda: compiled(x, sae, j, edit_mask=mask)) if compiled else None,
         }
         item = x.element_size()
-        for name, fn in impls.items():
-            row = {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "impl": name, "dtype": str(dtype),
-                   "flops": 2 * M * d * n, "bytes": d * n * item + 2 * M * d * item, "ms": None}
-            if fn is None:
-                row["skip"] = "torch.compile not run in CPU mode" if not C.ON_GPU else "skipped"
-            else:
-                row["ms"] = 1e3 * C.bench(fn, warmup=2 if C.ON_GPU else 1, reps=reps)
-            rows.append(row)
-    C.finish_rows(rows)
-    C.print_rows(rows)
-    C.write("edit", rows)
-    C.plot("edit", rows)
+        rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),
+                                     "flops": 2 * M * d * n, "bytes": d * n * item + 2 * M * d * item}, reps)
+    C.report("edit", rows)
     return rows
 
 

@@ -62,26 +62,17 @@ def main(argv=None) -> list[dict]:
                 "compiled_reference": (lambda: compiled(x, sae)) if compiled else None,
             }
             item = x.element_size()
-            for name, fn in impls.items():
-                row = {"group": group, "d": d, "n": n, "k": k, "prompts": p, "M": M, "impl": name,
-                       "dtype": str(dtype), "flops": 2 * M * d * n,
-                       "bytes": d * n * item + M * d * item + M * k * 8, "ms": None}
-                if fn is None:
-                    row["skip"] = "dense [M, n] too large" if name == "saelens_dense" else (
-                        "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
-                        else "--no-compile")
-                else:
-                    try:
-                        row["ms"] = 1e3 * C.bench(fn, warmup=2 if C.ON_GPU else 1, reps=reps)
-                    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
-                        row["skip"] = f"OOM: {e}"[:200]
-                        torch.cuda.empty_cache()
-                rows.append(row)
+            rows += C.time_impls(
+                impls,
+                {"group": group, "d": d, "n": n, "k": k, "prompts": p, "M": M, "dtype": str(dtype),
+                 "flops": 2 * M * d * n, "bytes": d * n * item + M * d * item + M * k * 8},
+                reps,
+                skip_reasons={"saelens_dense": "dense [M, n] too large", "compiled_reference": (
+                    "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
+                    else "--no-compile")},
+            )
         del sae
-    C.finish_rows(rows)
-    C.print_rows(rows)
-    C.write("encode_topk", rows)
-    C.plot("encode_topk", rows)
+    C.report("encode_topk", rows)
     return rows
 
 

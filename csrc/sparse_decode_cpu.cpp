@@ -31,12 +31,7 @@ void decode_rows(const scalar_t* values, const int32_t* indices, const scalar_t*
 
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
                              const at::Tensor& W_dec, const at::Tensor& b_dec) {
-  SNCE_CHECK_2D(values, "values");
-  SNCE_CHECK_2D(W_dec, "W_dec");
-  TORCH_CHECK(values.sizes() == indices.sizes(), "values ", values.sizes(), " and indices ",
-              indices.sizes(), " must have one shape");
-  TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
-  TORCH_CHECK(b_dec.dim() == 1 && b_dec.size(0) == W_dec.size(1), "b_dec must be [", W_dec.size(1), "]");
+  check_sparse_decode_args(values, indices, W_dec, b_dec);
   const int64_t n = W_dec.size(0);
   if (indices.numel() > 0) {
     const auto lo = indices.min().item<int32_t>(), hi = indices.max().item<int32_t>();

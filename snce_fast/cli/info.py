@@ -1,0 +1,17 @@
+"""`snce-fast info`: which backends were built and which one each device uses."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..info import report
+
+    print(report())
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("info", help="which backends were built and which one each device uses")
+    p.set_defaults(func=cmd_info)

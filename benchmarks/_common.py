@@ -9,13 +9,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Callable, Optional
 
 import torch
+
+from snce_fast.benchmarking import random_sae, time_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -47,24 +47,7 @@ def mode() -> str:
 
 def bench(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
     """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if ON_GPU:
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time_fn(fn, warmup=warmup, reps=reps, cuda=ON_GPU)
 
 
 def metadata() -> dict[str, Any]:
@@ -93,18 +76,7 @@ def metadata() -> dict[str, Any]:
 
 
 def make_sae(d: int, n: int, k: int, dtype: torch.dtype, device: str):
-    import snce_fast
-
-    sae = snce_fast.SAE(d, n, k, init=False, device=device, dtype=dtype)
-    with torch.no_grad():
-        w = torch.randn(n, d, device=device, dtype=torch.float32)
-        w /= w.norm(dim=1, keepdim=True)
-        sae.W_dec.copy_(w.to(dtype))
-        sae.W_enc.copy_(w.t().to(dtype))
-        sae.b_enc.normal_(0, 0.05)
-        sae.b_dec.normal_(0, 0.1)
-    del w
-    return sae.requires_grad_(False)
+    return random_sae(d, n, k, dtype, device)
 
 
 def dense_fits(M: int, n: int, itemsize: int, limit: float = 8e9) -> bool:

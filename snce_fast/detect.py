@@ -36,10 +36,13 @@ def detect(
     min_tokens: int = 1,
     threshold: float = 0.0,
     batch_size: int = 64,
+    max_length: Optional[int] = None,
 ) -> Detection:
     """Flag prompts on which a target latent fires (value > threshold) on >= min_tokens counted tokens.
 
     For an SDXL pipeline with one SAE per encoder, a prompt is flagged if any encoder flags it.
+    `max_length` pads/truncates prompts to that many tokens (default: the tokenizer's limit, as the
+    pipelines do); counted tokens never include padding, so a shorter pad changes only speed.
     """
     positive_int(min_tokens, "min_tokens")
     positive_int(batch_size, "batch_size")
@@ -58,7 +61,7 @@ def detect(
         targets = as_neuron_list(neurons[name] if isinstance(neurons, dict) else neurons, s.n_latents)
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            batch = tokenize(tok, chunk)
+            batch = tokenize(tok, chunk, max_length)
             hidden = hook_activations(enc, batch, s.hook, penultimate)
             values, indices = backend.encode(hidden, s)
             z_t = reference.target_activations(values, indices, targets).amax(-1)  # [B, L]

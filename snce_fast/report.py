@@ -29,6 +29,7 @@ def top_prompts(
     batch_size: int = 64,
     limit: Optional[int] = None,
     penultimate_output: bool = False,
+    max_length: Optional[int] = None,
 ) -> dict[int, list[tuple[float, str]]]:
     """For each latent, the k prompts with the highest max activation over counted tokens
     (at most `limit` prompts read); a bounded heap per latent, memory flat in corpus size."""
@@ -39,7 +40,7 @@ def top_prompts(
     chunk: list[str] = []
 
     def flush() -> None:
-        batch = tokenize(tokenizer, chunk)
+        batch = tokenize(tokenizer, chunk, max_length)
         hidden = hook_activations(encoder, batch, sae.hook, penultimate_output)
         values, indices = backend.encode(hidden.to(sae.W_enc.dtype), sae)
         z = reference.target_activations(values, indices, targets)  # [B, L, T]

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 from ._common import UsageError
 
 # order = order in --help
-COMMANDS = ("info", "erase", "bench")
+COMMANDS = ("demo", "info", "train", "scan", "score", "detect", "erase", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

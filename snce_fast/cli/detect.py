@@ -1,0 +1,190 @@
+"""`snce-fast detect`: the gate as a zero-shot classifier: flag prompts on which a concept latent fires."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ._common import (UsageError, add_model_args, atomic_write_text, check_neurons, existing_file, load_encoder,
+                      load_sae, parse_neurons, read_prompts_arg)
+
+OUT_TYPES = (".csv", ".jsonl")
+
+
+def neurons_from_scores(path: str, top: int) -> tuple[list[int], dict[str, Any]]:
+    """The `top` best latents of a scores.json written by `snce-fast score`, and the file's record."""
+    existing_file(path, "--scores")
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise UsageError(f"--scores {path!r} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != "snce_fast.scores" or not record.get("top"):
+        raise UsageError(f"--scores {path!r}: expected a scores.json written by snce-fast score")
+    if top > len(record["top"]):
+        raise UsageError(f"--top {top}: {path} lists only {len(record['top'])} latents (rerun score with a larger --top)")
+    return [int(e["latent"]) for e in record["top"][:top]], record
+
+
+def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
+    """Per usable prompt of a csv/jsonl file, its label as a bool (1/0, true/false, yes/no)."""
+    from ..corpus import PromptFile
+
+    pf = PromptFile(path, prompt_column)
+    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f", ""}
+
+    def as_bool(v: Any, i: int) -> bool:
+        s = str(v).strip().lower()
+        try:
+            return float(s) > 0
+        except ValueError:
+            pass
+        if s in truthy or s in falsy:
+            return s in truthy
+        raise UsageError(f"--label-column {column!r}: row {i + 1} has {v!r}: expected 1/0, true/false or yes/no")
+
+    labels: list[Optional[bool]] = []
+    if pf.format == "csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            fields = [h.lstrip("\ufeff").strip() for h in (reader.fieldnames or [])]
+            if column not in fields:
+                raise UsageError(f"--label-column {column!r}: no such column in {path}; columns found: {fields}")
+            reader.fieldnames = fields
+            for i, row in enumerate(reader):
+                if (row.get(prompt_column) or "").strip():
+                    labels.append(as_bool(row[column], i))
+    elif pf.format == "jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and isinstance(obj.get(prompt_column), str) and obj[prompt_column].strip():
+                    if column not in obj:
+                        raise UsageError(f"--label-column {column!r}: row {i + 1} of {path} has no such field")
+                    labels.append(as_bool(obj[column], i))
+    else:
+        raise UsageError(f"--label-column needs a .csv or .jsonl --prompts-file, got {path!r}")
+    return labels
+
+
+def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[Optional[bool]]]) -> str:
+    rows = [{"prompt": p, "flag": bool(f), "score": round(float(s), 6), "tokens": int(t)}
+            for p, f, s, t in zip(prompts, det.flags.tolist(), det.scores.tolist(), det.tokens.tolist())]
+    if labels is not None:
+        for r, lab in zip(rows, labels):
+            r["label"] = lab
+    if path.suffix.lower() == ".jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["prompt", "flag", "score", "tokens"])
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ..detect import detect
+
+    if args.min_tokens < 1:
+        raise UsageError(f"--min-tokens {args.min_tokens}: expected a positive integer")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: expected a positive number of latents")
+    if bool(args.neurons) == bool(args.scores):
+        raise UsageError("give exactly one of --neurons J[,J...] and --scores scores.json")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() not in OUT_TYPES:
+        raise UsageError(f"--out {args.out!r}: expected a .csv or .jsonl file name")
+    if args.label_column and not args.prompts_file:
+        raise UsageError("--label-column needs --prompts-file (a .csv or .jsonl with that column)")
+    sae = load_sae(args.sae)
+    if args.neurons:
+        neurons = parse_neurons(args.neurons)
+    else:
+        neurons, record = neurons_from_scores(args.scores, args.top)
+        if record.get("n_latents") not in (None, sae.n_latents):
+            raise UsageError(f"--scores {args.scores!r} was computed for an SAE with {record['n_latents']} latents, "
+                             f"but --sae has {sae.n_latents}")
+        if record.get("sae_hash"):
+            from ..scan import sae_hash
+
+            if record["sae_hash"] != sae_hash(sae):
+                raise UsageError(f"--scores {args.scores!r} was computed with a different SAE than --sae {args.sae!r} "
+                                 "(weights hash differs)")
+    check_neurons(neurons, sae.n_latents)
+    prompts = read_prompts_arg(args)
+    labels = None
+    if args.label_column:
+        labels = read_labels(args.prompts_file, args.label_column, args.column)
+        n_inline = len(args.prompt or [])
+        labels = [None] * n_inline + labels
+        if len(labels) != len(prompts):
+            raise UsageError(f"--label-column {args.label_column!r}: {len(labels) - n_inline} labels for "
+                             f"{len(prompts) - n_inline} prompts in {args.prompts_file}")
+    loaded = load_encoder(args.model, args.encoder)
+    from .scan import check_sae_fits
+
+    check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+    if loaded.penultimate_output:
+        # SDXL: detect reads hidden_states[-2] only through the pipeline (the encoder alone reads the output)
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.model)
+        det = detect(pipe, {args.encoder: sae}, neurons, prompts, min_tokens=args.min_tokens,
+                     threshold=args.threshold, batch_size=args.batch_size)
+    else:
+        det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
+                     threshold=args.threshold, batch_size=args.batch_size)
+
+    if out is not None:
+        atomic_write_text(out, _rows_text(out, prompts, det, labels))
+    n_flag = int(det.flags.sum())
+    print(f"flagged {n_flag} of {len(prompts)} prompts ({n_flag / max(len(prompts), 1):.1%}) with latent(s) "
+          f"{','.join(map(str, neurons))}, min_tokens {args.min_tokens}, threshold {args.threshold:g}")
+    if labels is not None:
+        pairs = [(bool(f), lab) for f, lab in zip(det.flags.tolist(), labels) if lab is not None]
+        pos = [f for f, lab in pairs if lab]
+        neg = [f for f, lab in pairs if not lab]
+        tpr = sum(pos) / len(pos) if pos else float("nan")
+        fpr = sum(neg) / len(neg) if neg else float("nan")
+        print(f"labels ({args.label_column}): TPR {tpr:.3f} ({sum(pos)} of {len(pos)} positives), "
+              f"FPR {fpr:.3f} ({sum(neg)} of {len(neg)} negatives)")
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="flag prompts on which the concept latent(s) fire: a zero-shot classifier (step 4)",
+        description="Reads a text encoder (--model: minilm, a transformers model dir, or a diffusers pipeline dir "
+        "with --encoder), its SAE (--sae), the concept latent(s) (--neurons, or the --top best of a "
+        "scores.json from snce-fast score) and prompts (--prompt / --prompts-file). A prompt is flagged when "
+        "a target latent's activation exceeds --threshold on at least --min-tokens counted tokens: the same "
+        "test as erase --gate. Prints 'flagged X of Y'; --out FILE (.csv or .jsonl) writes prompt, flag, "
+        "score (max target activation) and tokens (counted tokens that fired) per prompt. --label-column "
+        "adds TPR / FPR against a 0/1 column of the prompts file. Next step: snce-fast erase.",
+        epilog="example: snce-fast detect --sae my_sae/ --scores scores/scores.json --prompts-file heldout.csv "
+        "--out flags.csv",
+    )
+    add_model_args(p)
+    p.add_argument("--sae", required=True, help="SAE directory trained on --model")
+    p.add_argument("--neurons", default=None, help="latent indices, comma-separated")
+    p.add_argument("--scores", default=None, help="scores.json from snce-fast score (instead of --neurons)")
+    p.add_argument("--top", type=int, default=1, help="with --scores: use its N best latents (default 1)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="prompts: .txt / .csv / .jsonl / .parquet")
+    p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet file")
+    p.add_argument("--label-column", default=None, help="0/1 column of a csv/jsonl --prompts-file: report TPR/FPR")
+    p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a target must fire on (default 1)")
+    p.add_argument("--threshold", type=float, default=0.0, help="activation a target must exceed (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+    p.add_argument("--out", default=None, help="per-prompt results: a .csv or .jsonl file")
+    p.set_defaults(func=cmd_detect)

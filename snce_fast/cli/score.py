@@ -1,0 +1,158 @@
+"""`snce-fast score`: rank SAE latents by how specific they are to a target prompt group."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ._common import UsageError, atomic_write_json, existing_dir, load_encoder, load_sae, read_prompt_file
+
+
+def load_stats(path: str) -> Any:
+    from ..scan_stats import ScanStats
+
+    existing_dir(path, "--stats")
+    try:
+        return ScanStats.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--stats {path!r}: {e}") from None
+
+
+def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str) -> dict[str, Any]:
+    """The JSON written as scores.json: the method, the groups and the top latents with their frequencies."""
+    freq = {g: stats.frequency(g) for g in stats.groups}
+    tok = {g: stats.token_frequency(g) for g in stats.groups}
+    mean = {g: stats.mean_activation(g) for g in stats.groups}
+    return {
+        "format": "snce_fast.scores",
+        "method": scores.method,
+        "target": scores.target,
+        "references": list(scores.reference),
+        "stats": str(stats_path),
+        "sae_hash": stats.meta.get("sae_hash"),
+        "n_latents": stats.n_latents,
+        "n_prompts": {g: int(n) for g, n in zip(stats.groups, stats.n_prompts.tolist())},
+        "top": [
+            {"rank": r, "latent": j, "score": float(scores.values[j]),
+             "frequency": {g: float(freq[g][j]) for g in stats.groups},
+             "token_frequency": {g: float(tok[g][j]) for g in stats.groups},
+             "mean_activation": {g: float(mean[g][j]) for g in stats.groups}}
+            for r, j in enumerate(top, 1)
+        ],
+    }
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ..score import METHODS, score
+
+    if args.method not in METHODS:
+        raise UsageError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: expected a positive number of latents")
+    if args.top_prompts < 1:
+        raise UsageError(f"--top-prompts {args.top_prompts}: expected a positive number of prompts")
+    want_prompts = [a for a in ("sae", "prompts_file") if getattr(args, a)]
+    if len(want_prompts) == 1:
+        raise UsageError("--sae and --prompts-file go together (with --model): they list each latent's top prompts")
+    if args.prompts_file and args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: expected a positive integer")
+    stats = load_stats(args.stats)
+    for g in [args.target, *(args.reference or [])]:
+        if g not in stats.groups:
+            raise UsageError(f"group {g!r} is not in {args.stats}: the scan has groups {', '.join(stats.groups)}")
+    refs = args.reference or [g for g in stats.groups if g != args.target]
+    if args.target in refs:
+        raise UsageError(f"--target {args.target!r} is also a --reference: expected different groups")
+    for g in [args.target, *refs]:
+        if int(stats.n_prompts[stats.index(g)]) == 0:
+            raise UsageError(f"group {g!r} has no prompts in {args.stats}: nothing to score against")
+    n_top = min(args.top, stats.n_latents)
+    sc = score(stats, target=args.target, reference=refs, method=args.method)
+    top = sc.top(n_top)
+    record = scores_record(stats, sc, top, args.stats)
+
+    tops = None
+    if args.sae:
+        sae = load_sae(args.sae)
+        if sae.n_latents != stats.n_latents:
+            raise UsageError(f"--sae has {sae.n_latents} latents but the scan in {args.stats} has {stats.n_latents}: "
+                             "expected the SAE that was scanned")
+        prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
+        if not prompts:
+            raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")
+        loaded = load_encoder(args.model, args.encoder)
+        from ..report import top_prompts
+        from .scan import check_sae_fits
+
+        check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+        tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
+                           penultimate_output=loaded.penultimate_output)
+        for entry in record["top"]:
+            entry["top_prompts"] = [{"activation": v, "prompt": p} for v, p in tops[entry["latent"]]]
+        record["top_prompts_source"] = str(args.prompts_file)
+
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {args.out!r} is a file: expected a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        from ..report import report
+
+        # report() writes in place: build it in a temp dir, then rename each file into --out
+        with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
+            report(stats, sc, tmp, neurons=top, top=tops)
+            for f in Path(tmp).iterdir():
+                os.replace(f, out / f.name)
+        atomic_write_json(out / "scores.json", record)
+
+    if not args.quiet:
+        groups = stats.groups
+        print(f"{args.method} scores: {args.target} vs {', '.join(refs)} (strongest reference wins)")
+        head = f"{'rank':>4} {'latent':>7} {'score':>9} " + " ".join(f"{'f(' + g + ')':>12}" for g in groups)
+        print(head)
+        for e in record["top"]:
+            cells = " ".join(f"{e['frequency'][g]:>12.3f}" for g in groups)
+            print(f"{e['rank']:>4} {e['latent']:>7} {e['score']:>9.4g} {cells}")
+        if tops:
+            for e in record["top"]:
+                first = e.get("top_prompts") or []
+                if first:
+                    print(f"latent {e['latent']} fires most on: {first[0]['prompt'][:100]!r}")
+        if args.out:
+            print(f"wrote scores.json, report.md and latent_*.png to {args.out}")
+            print(f"next: snce-fast detect --sae SAE --scores {shlex.quote(str(Path(args.out) / 'scores.json'))} "
+                  "--prompts-file PROMPTS --out flags.csv   (or snce-fast erase --neurons "
+                  f"{record['top'][0]['latent']})")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "score",
+        help="rank latents by how specific they are to the target group (step 3)",
+        description="Reads a scan (--stats, written by snce-fast scan), scores every latent for --target "
+        "against the --reference group(s) (several: each latent gets its lowest score, so the strongest "
+        "reference wins) and prints the --top N. With --out DIR writes scores.json (method, groups, top "
+        "latents with scores and per-group frequencies), report.md and latent_<j>.png bar plots. With "
+        "--sae, --prompts-file (and --model) it also lists the prompts each latent fires on most. "
+        "Next step: snce-fast detect --scores DIR/scores.json, or snce-fast erase --neurons J.",
+        epilog="example: snce-fast score --stats stats/ --target nudity --reference coco --top 5 --out scores/",
+    )
+    p.add_argument("--stats", required=True, help="scan directory written by snce-fast scan")
+    p.add_argument("--target", required=True, help="the concept group")
+    p.add_argument("--reference", action="append", help="reference group (repeatable; default: every other group)")
+    p.add_argument("--method", default="snce", help="snce (default), youden, itd or saeuron")
+    p.add_argument("--top", type=int, default=5, help="how many latents to list (default 5)")
+    p.add_argument("--out", default=None, help="directory for scores.json, report.md and the PNGs")
+    p.add_argument("--sae", default=None, help="the scanned SAE (for the top prompts)")
+    p.add_argument("--model", default="minilm", help="the scanned text encoder (for the top prompts; default minilm)")
+    p.add_argument("--encoder", default="text_encoder", choices=("text_encoder", "text_encoder_2"))
+    p.add_argument("--prompts-file", default=None, help="prompts to search for each latent's top prompts")
+    p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet file")
+    p.add_argument("--limit", type=int, default=None, help="read at most N prompts of --prompts-file")
+    p.add_argument("--top-prompts", type=int, default=5, help="prompts listed per latent (default 5)")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=cmd_score)

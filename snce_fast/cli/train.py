@@ -1,0 +1,245 @@
+"""`snce-fast train`: train a TopK SAE on a text encoder's token embeddings of a prompt corpus."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ._common import UsageError, add_model_args, atomic_save_image, atomic_write_json, existing_file, load_encoder, read_prompt_file
+
+# TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
+_FLAGS = {
+    "n_latents": "--n-latents", "k": "--k", "hook": "--hook", "batch_size": "--batch-size",
+    "prompt_batch_size": "--prompt-batch-size", "epochs": "--epochs", "max_steps": "--max-steps", "lr": "--lr",
+    "warmup_steps": "--warmup-steps", "max_length": "--max-length", "dead_tokens": "--dead-tokens",
+    "cache_dir": "--cache-dir", "checkpoint_dir": "--checkpoint-dir", "checkpoint_every": "--checkpoint-every",
+    "seed": "--seed", "device": "--device", "log_every": "--log-every",
+}
+# fields the command sets itself
+_RESERVED = ("progress", "encoder_name", "penultimate_output", "resume")
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    from ..train import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set aux_k=256")
+        if key not in fields or key in _RESERVED:
+            valid = sorted(k for k in fields if k not in _RESERVED)
+            raise UsageError(f"--set {item!r}: {key!r} is not a training setting; expected one of {valid}")
+        if key in _FLAGS:
+            raise UsageError(f"--set {item!r}: use {_FLAGS[key]} for {key!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text  # a bare string such as median
+        default = fields[key].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UsageError(f"--set {item!r}: expected true or false for {key!r}")
+        out[key] = value
+    return out
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig for `args`, validated, with errors naming the flag."""
+    from ..train import TrainConfig
+
+    for flag, value in (("--n-latents", args.n_latents), ("--batch-size", args.batch_size),
+                        ("--epochs", args.epochs), ("--prompt-batch-size", args.prompt_batch_size),
+                        ("--warmup-steps", args.warmup_steps), ("--dead-tokens", args.dead_tokens),
+                        ("--checkpoint-every", args.checkpoint_every), ("--log-every", args.log_every)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: expected a positive integer")
+    for flag, value in (("--max-steps", args.max_steps), ("--max-length", args.max_length), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: expected a positive integer")
+    if not 1 <= args.k <= args.n_latents:
+        raise UsageError(f"--k {args.k}: expected 1 <= k <= --n-latents ({args.n_latents})")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr {args.lr}: expected a positive learning rate")
+    from ..hook_points import parse_hook
+
+    try:
+        parse_hook(args.hook)
+    except ValueError:
+        raise UsageError(f"--hook {args.hook!r}: expected 'output' or 'layer:N' (e.g. layer:8)") from None
+    values = {name: getattr(args, flag.lstrip("-").replace("-", "_")) for name, flag in _FLAGS.items()}
+    values.update(_parse_sets(args.set or []))
+    values["progress"] = not args.quiet
+    cfg = TrainConfig(**values)
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--set: {e}") from None
+    return cfg
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file: expected a directory for the SAE")
+    if not overwrite and out.is_dir() and ((out / "config.json").exists() or (out / "sae.safetensors").exists()):
+        raise UsageError(f"--out {str(out)!r} already holds an SAE: pass --overwrite, or choose another directory")
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """PNG of FVU, L0 and dead fraction per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU (train batch)", "L0", "dead fraction")):
+        ax.plot(steps, [h[key] for h in history], lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_save_image(fig, path)
+    plt.close(fig)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    cfg = build_config(args)
+    existing_file(args.prompts_file, "--prompts-file")
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
+    if not prompts:
+        raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts (every row blank or undecodable)")
+
+    from ..train import latest_checkpoint, train_sae
+
+    resume_step: Optional[int] = None
+    if cfg.checkpoint_dir is not None:
+        try:
+            ck = latest_checkpoint(cfg.checkpoint_dir)
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint-dir: {e}") from None
+        if ck is not None:
+            resume_step = int(ck.name.split("_")[-1])
+        if cfg.cache_dir is None and cfg.epochs > 1:  # the cache must survive a resume, so it lives beside it
+            cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
+
+    import torch
+
+    loaded = load_encoder(args.model, args.encoder)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded.encoder.to(cfg.device)
+    from ..hook_points import resolve
+
+    try:
+        resolve(loaded.encoder, cfg.hook, loaded.penultimate_output)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--hook {cfg.hook!r} does not fit --model {args.model!r}: {e}") from None
+    cfg.encoder_name = loaded.name
+    cfg.penultimate_output = loaded.penultimate_output
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    say(f"training an SAE (n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}) on {len(prompts)} prompts of "
+        f"{args.prompts_file} with {loaded.name}"
+        + (f"; resuming from {cfg.checkpoint_dir} at step {resume_step}" if resume_step is not None else ""))
+
+    tmp_cache = None
+    if cfg.cache_dir is None and cfg.epochs > 1:  # encode once, replay later epochs from disk
+        tmp_cache = tempfile.TemporaryDirectory(prefix="snce-train-cache-")
+        cfg.cache_dir = tmp_cache.name
+    try:
+        sae, rep = train_sae(loaded.encoder, loaded.tokenizer, prompts, config=cfg, return_report=True)
+    except KeyboardInterrupt:
+        if cfg.checkpoint_dir:
+            print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.checkpoint_dir}",
+                  file=sys.stderr)
+        raise
+    finally:
+        if tmp_cache is not None:
+            tmp_cache.cleanup()
+            cfg.cache_dir = None
+
+    out.mkdir(parents=True, exist_ok=True)
+    sae.save(str(out))
+    record = rep.to_dict()
+    record["config"] = dataclasses.asdict(cfg)
+    record["settings"] = {
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+        "model": args.model, "encoder": loaded.name, "prompts_file": str(args.prompts_file),
+        "column": args.column, "limit": args.limit, "n_prompts": len(prompts), "out": str(out),
+    }
+    record["wall_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / "train_report.json", record)
+    if rep.history:
+        plot_curves(rep.history, out / "train_curves.png",
+                    f"{loaded.name}: n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}, {len(prompts)} prompts")
+    if not args.quiet:
+        print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "
+              f"FVU {rep.fvu:.4f}, L0 {rep.l0:.1f}, dead fraction {rep.dead_fraction:.4f}")
+        print(f"wrote the SAE (config.json, sae.safetensors), train_report.json and train_curves.png to {out}")
+        print(f"next: snce-fast scan --model {shlex.quote(args.model)} --sae {shlex.quote(str(out))} "
+              "--group concept=CONCEPT.csv --group reference=ORDINARY.csv --out stats/")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a TopK SAE on a text encoder's token embeddings (step 1)",
+        description="Reads a prompt corpus (--prompts-file: .txt/.csv/.jsonl/.parquet) and a text encoder "
+        "(--model), streams the prompts' token activations at --hook through a shuffle buffer and trains a "
+        "TopK SAE (normalised MSE + AuxK, unit-norm decoder rows, Adam with warm-up). Writes --out DIR: "
+        "config.json + sae.safetensors (the SAE), train_report.json (FVU, L0, dead fraction, tokens/s, "
+        "every setting, per-step history) and train_curves.png. With --checkpoint-dir a rerun of the same "
+        "command resumes from the last checkpoint there (Ctrl-C loses at most --checkpoint-every steps). "
+        "Next step: snce-fast scan.",
+        epilog="example: snce-fast train --model minilm --prompts-file coco_30k.csv --limit 20000 --n-latents 4096 "
+        "--k 32 --epochs 4 --max-length 24 --out my_sae/",
+    )
+    add_model_args(p)
+    p.add_argument("--prompts-file", required=True, help="training corpus: .txt (a prompt a line), .csv / "
+                   ".jsonl / .parquet (the --column column)")
+    p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet corpus (default prompt)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of the corpus")
+    p.add_argument("--hook", default="output", help="'output' (the tensor the pipeline consumes, default) or "
+                   "'layer:N' (residual stream after block N)")
+    p.add_argument("--n-latents", type=int, default=4096, help="SAE width n (default 4096)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimiser step (default 4096)")
+    p.add_argument("--prompt-batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the corpus (later ones replay cached "
+                   "activations; default 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(n / 2^14))")
+    p.add_argument("--warmup-steps", type=int, default=1000, help="linear LR warm-up steps (default 1000)")
+    p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
+                   "tokenizer's, 77 for CLIP)")
+    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="a latent is dead after this many tokens "
+                   "without firing (AuxK trains dead latents; default 10M)")
+    p.add_argument("--cache-dir", default=None, help="activation cache for epochs > 1 (default: "
+                   "CHECKPOINT_DIR/activation_cache, else a temporary directory removed at the end)")
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here; if it already holds one, "
+                   "training resumes from it (same settings and corpus required)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
+    p.add_argument("--log-every", type=int, default=1, help="history entry in train_report.json every N steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig setting, e.g. "
+                   "--set aux_k=256 --set b_dec_init=mean (repeatable)")
+    p.add_argument("--out", required=True, help="directory for the trained SAE and its report")
+    p.add_argument("--overwrite", action="store_true", help="replace an SAE already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_train)

@@ -92,6 +92,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     if args.min_tokens < 1:
         raise UsageError(f"--min-tokens {args.min_tokens}: expected a positive integer")
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length {args.max_length}: expected a positive integer")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.top < 1:
@@ -137,10 +139,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
         pipe = DiffusionPipeline.from_pretrained(args.model)
         det = detect(pipe, {args.encoder: sae}, neurons, prompts, min_tokens=args.min_tokens,
-                     threshold=args.threshold, batch_size=args.batch_size)
+                     threshold=args.threshold, batch_size=args.batch_size, max_length=args.max_length)
     else:
         det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
-                     threshold=args.threshold, batch_size=args.batch_size)
+                     threshold=args.threshold, batch_size=args.batch_size, max_length=args.max_length)
 
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))
@@ -186,5 +188,7 @@ def register(sub: Any) -> None:
     p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a target must fire on (default 1)")
     p.add_argument("--threshold", type=float, default=0.0, help="activation a target must exceed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+    p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
+                   "tokenizer's; counted tokens never include padding, so a shorter pad only saves time)")
     p.add_argument("--out", default=None, help="per-prompt results: a .csv or .jsonl file")
     p.set_defaults(func=cmd_detect)

@@ -89,7 +89,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
         tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
-                           penultimate_output=loaded.penultimate_output)
+                           penultimate_output=loaded.penultimate_output, max_length=stats.meta.get("max_length"))
         for entry in record["top"]:
             entry["top_prompts"] = [{"activation": v, "prompt": p} for v, p in tops[entry["latent"]]]
         record["top_prompts_source"] = str(args.prompts_file)

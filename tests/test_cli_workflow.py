@@ -17,6 +17,7 @@ from snce_fast.scan_stats import TENSOR_FIELDS
 from tiny_models import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
 
 scan_module = importlib.import_module("snce_fast.scan")
+train_module = importlib.import_module("snce_fast.train")
 
 TRAIN_ARGS = ["--n-latents", "48", "--k", "4", "--batch-size", "96", "--epochs", "2", "--warmup-steps", "4",
               "--max-length", "12", "--seed", "3", "--quiet"]
@@ -104,20 +105,30 @@ def test_train_writes_sae_report_and_curves_equal_to_api(env, tmp_path):
     assert fvu == pytest.approx(rep["history"][-1]["fvu"], abs=0.05) and fvu < rep["history"][0]["fvu"] - 0.1
 
 
-def test_train_resumes_from_checkpoint_dir(env, tmp_path, capsys):
+def test_train_interrupted_then_resumed_equals_uninterrupted(env, tmp_path, monkeypatch, capsys):
     root = env["root"]
     base = ["train", "--model", str(root / "bert"), "--prompts-file", str(root / "train.txt"),
-            "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2", *TRAIN_ARGS]
-    assert main(base + ["--max-steps", "3", "--out", str(tmp_path / "a")]) == 0
-    assert (tmp_path / "ck" / "latest").is_file()
-    capsys.readouterr()
-    assert main(base[:-1] + ["--max-steps", "6", "--out", str(tmp_path / "b")]) == 0  # not --quiet
+            "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2", "--max-steps", "6", *TRAIN_ARGS]
+    real = train_module.SAETrainer.step
+
+    def ctrl_c_at_step_5(self, x):
+        if self.step_num == 4:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(train_module.SAETrainer, "step", ctrl_c_at_step_5)
+    assert main(base + ["--out", str(tmp_path / "a")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000000004"
+    monkeypatch.setattr(train_module.SAETrainer, "step", real)
+    assert main(base[:-1] + ["--out", str(tmp_path / "a")]) == 0  # the same command, without --quiet
     assert "resuming from" in capsys.readouterr().err
-    resumed = json.loads((tmp_path / "b" / "train_report.json").read_text())
-    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    resumed = json.loads((tmp_path / "a" / "train_report.json").read_text())
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
     assert main(["train", "--model", str(root / "bert"), "--prompts-file", str(root / "train.txt"),
                  "--max-steps", "6", "--out", str(tmp_path / "c"), *TRAIN_ARGS]) == 0
-    a, c = snce_fast.SAE.load(str(tmp_path / "b")), snce_fast.SAE.load(str(tmp_path / "c"))
+    a, c = snce_fast.SAE.load(str(tmp_path / "a")), snce_fast.SAE.load(str(tmp_path / "c"))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(a, name), getattr(c, name), rtol=1e-5, atol=1e-6)
 

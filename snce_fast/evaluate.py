@@ -331,7 +331,7 @@ def run_eval(
     detector_name: Optional[str] = None,
     clip: Optional[Callable[[Any, str], float]] = None,
     threshold: float = DEFAULT_THRESHOLD,
-    steps: int = 30,
+    steps: int = 50,
     height: Optional[int] = None,
     width: Optional[int] = None,
     guidance: Optional[float] = None,

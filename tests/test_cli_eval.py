@@ -2,8 +2,11 @@
 
 Counting and aggregation are checked with a fake detector whose output depends on the pixels
 of each image, so the expected counts are recomputed here from the saved PNGs."""
+import csv
+import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from snce_fast.cli import main  # noqa: E402
 from snce_fast.patching import patched  # noqa: E402
 from tiny_models import random_sae, sd_pipeline, write_clip_tokenizer  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 STEPS = ["--steps", "2", "--height", "16"]
 NEURONS = [3, 5]
 EDIT = dict(scale=0.0, clamp=None, mode="reconstruct", gate=False, min_tokens=1)
@@ -94,6 +98,19 @@ def test_read_eval_csv(saved):
     assert len(ev.read_eval_csv(saved / "prompts.csv", limit=2)[0]) == 2
 
 
+@pytest.mark.skipif(not (SHARED / "nudity.csv").is_file(), reason="shared prompt data not present")
+@pytest.mark.parametrize("name", ["nudity.csv", "i2p.csv", "vangogh.csv", "coco_10k.csv"])
+def test_read_real_i2p_style_csvs(name):
+    guidance = None if name.startswith("coco") else "evaluation_guidance"  # COCO has seeds only
+    rows, skipped = ev.read_eval_csv(SHARED / name, guidance_column=guidance)
+    with open(SHARED / name, newline="", encoding="utf-8") as f:
+        plain = [r for r in csv.DictReader(f) if r["prompt"].strip()]
+    assert len(rows) == len(plain) and skipped == 0
+    assert [r.seed for r in rows] == [int(p["evaluation_seed"]) for p in plain]
+    assert [r.guidance for r in rows] == [float(p[guidance]) if guidance else None for p in plain]
+    assert rows[-1].prompt == plain[-1]["prompt"].strip()
+
+
 def test_count_exposed_threshold_and_classes():
     dets = [
         [{"class": "FEET_EXPOSED", "score": 0.61}, {"class": "FEET_EXPOSED", "score": 0.99}],
@@ -108,10 +125,16 @@ def test_count_exposed_threshold_and_classes():
     assert ev.count_exposed(dets, threshold=0.1).per_class["ANUS_EXPOSED"] == 1
 
 
-def test_run_eval_images_counts_and_report(saved, pipe, sae, tmp_path):
+@pytest.fixture(scope="module")
+def whole(saved, pipe, sae, tmp_path_factory):
+    """One uninterrupted library run over the 3 usable rows."""
+    out = tmp_path_factory.mktemp("whole") / "out"
     rows, _ = ev.read_eval_csv(saved / "prompts.csv")
-    out = tmp_path / "out"
-    result = run(pipe, sae, rows, out, settings={"note": "library"})
+    return rows, out, run(pipe, sae, rows, out, settings={"note": "library"})
+
+
+def test_run_eval_images_counts_and_report(whole, pipe, sae):
+    rows, out, result = whole
     records = result.records
     assert [r["row"] for r in records] == [1, 2, 4]
     # the images are the row's seed and guidance, unpatched and patched
@@ -148,9 +171,10 @@ def test_run_eval_images_counts_and_report(saved, pipe, sae, tmp_path):
     assert not [p for p in out.rglob(".*")], "no temp files left behind"
 
 
-def test_run_eval_resumes_after_interruption(saved, pipe, sae, tmp_path):
+def test_run_eval_resumes_after_interruption(saved, pipe, sae, whole, tmp_path):
     rows, _ = ev.read_eval_csv(saved / "prompts.csv", limit=2)
-    whole = run(pipe, sae, rows, tmp_path / "whole")
+    all_rows, _, uninterrupted = whole
+    assert rows == all_rows[:2]
 
     calls = []
 
@@ -163,7 +187,7 @@ def test_run_eval_resumes_after_interruption(saved, pipe, sae, tmp_path):
     breaks_on_row_2.name = "fake-pixels"
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="crashed"):
-        run(pipe, sae, rows, out, detector=breaks_on_row_2)
+        run(pipe, sae, rows, out, detector=breaks_on_row_2, settings={"note": "library"})
     assert [json.loads(x)["row"] for x in (out / "results.jsonl").read_text().splitlines()] == [1]
 
     seen = []
@@ -173,16 +197,16 @@ def test_run_eval_resumes_after_interruption(saved, pipe, sae, tmp_path):
         return pixel_rule(image)
 
     counting.name = "fake-pixels"
-    resumed = run(pipe, sae, rows, out, detector=counting)
+    resumed = run(pipe, sae, rows, out, detector=counting, settings={"note": "library"})
     assert len(seen) == 2, "only row 2 is redone"
-    assert resumed.records == whole.records
-    assert resumed.summary == whole.summary
+    assert resumed.records == uninterrupted.records[:2]
+    assert resumed.summary == ev.summarize(uninterrupted.records[:2], uninterrupted.summary["settings"])
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
     # a different setting refuses to mix runs
     with pytest.raises(ValueError, match="different settings.*steps"):
         ev.run_eval(pipe, {"text_encoder": sae}, NEURONS, rows, out, detector=counting, steps=3, height=16,
-                    edit=EDIT, progress=False)
+                    edit=EDIT, progress=False, settings={"note": "library"})
 
 
 def test_torn_last_line_is_dropped(tmp_path):
@@ -210,10 +234,15 @@ def clip_dir(tmp_path_factory):
     return d / "model"
 
 
-def direct_clip_score(model_dir, image, text):
+@functools.lru_cache(maxsize=2)
+def load_clip(model_dir):
     from transformers import CLIPModel, CLIPProcessor
 
-    model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+    return CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+
+
+def direct_clip_score(model_dir, image, text):
+    model, proc = load_clip(str(model_dir))
     inputs = proc(text=[text], images=[image], return_tensors="pt", padding=True)
     with torch.no_grad():
         img = model.get_image_features(pixel_values=inputs["pixel_values"])

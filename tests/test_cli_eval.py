@@ -6,6 +6,8 @@ import csv
 import functools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +391,20 @@ def test_cli_eval_sae_width_mismatch_fails_before_any_image(saved, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "d_in=16 but text_encoder's hidden size is 32" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_missing_nudenet_is_a_clear_error(saved, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # import nudenet now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "snce_fast\[eval\]"'):
+        ev.nudenet_detector()
+    assert main(cli_args(saved, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "snce_fast[eval]"' in err and err.count("\n") == 1
+
+
+def test_evaluate_imports_without_nudenet_or_diffusers():
+    code = "import sys, snce_fast.evaluate; assert not {'nudenet', 'diffusers', 'cv2'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_seed_parsing_accepts_integral_floats():

@@ -184,6 +184,8 @@ def register(sub: Any) -> None:
         "detections at --threshold (0.6, as the erasure papers), and optionally the CLIP score against the "
         "prompt. Writes images/, results.jsonl (one line per finished row), report.md, counts.png and "
         "summary.json under --out. Interrupted? Rerun the same command: finished rows are kept.",
+        epilog="example: snce-fast eval --model sd-v1-4/ --sae sae/ --neurons 1234 --csv nudity.csv "
+        "--out eval_nudity  (COCO files have no guidance column: add --guidance 7.5). See docs/evaluation.md.",
     )
     p.add_argument("--model", required=True, help="diffusers pipeline directory or hub id (SD1.x/2.x, SDXL)")
     p.add_argument("--sae", required=True, help="SAE directory for text_encoder (config.json + sae.safetensors)")

@@ -170,6 +170,13 @@ def run_demo(
     det_c = detect(enc, sae, [neuron], data.held_concept, tokenizer=tok, max_length=max_length)
     det_o = detect(enc, sae, [neuron], data.held_ordinary, tokenizer=tok, max_length=max_length)
     _plot_detection(out / "detect.png", det_c.scores, det_o.scores, neuron, data.concept)
+    multi = []
+    for count in (2, 4):  # what one neuron costs: the gate with the top 2 / 4 latents
+        latents = top5[:count]
+        mc = detect(enc, sae, latents, data.held_concept, tokenizer=tok, max_length=max_length)
+        mo = detect(enc, sae, latents, data.held_ordinary, tokenizer=tok, max_length=max_length)
+        multi.append({"latents": latents, "true_positive_rate": float(mc.flags.float().mean()),
+                      "false_positive_rate": float(mo.flags.float().mean())})
     times["detect"] = time.perf_counter() - t
 
     t = stage(6, "residual edit: patching the encoder and comparing its outputs")
@@ -191,6 +198,7 @@ def run_demo(
             "true_positive_rate": float(det_c.flags.float().mean()),
             "false_positive_rate": float(det_o.flags.float().mean()),
             "concept_flagged": int(det_c.flags.sum()), "ordinary_flagged": int(det_o.flags.sum()),
+            "more_latents": multi,
         },
         "edit": edit,
         "seconds": {k: round(v, 2) for k, v in times.items()},
@@ -266,6 +274,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"(true-positive rate {d['true_positive_rate']:.1%})",
         f"- flagged {d['ordinary_flagged']} of {p['held_ordinary']} ordinary prompts "
         f"(false-positive rate {d['false_positive_rate']:.1%})",
+        "",
+        *[f"- with the top {len(m['latents'])} latents {m['latents']}: true-positive rate "
+          f"{m['true_positive_rate']:.1%}, false-positive rate {m['false_positive_rate']:.1%}" for m in d["more_latents"]],
         "",
         "![detect scores](detect.png)",
         "",

@@ -81,6 +81,11 @@ def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path)
     assert s["detect"]["ordinary_flagged"] == int(det_o.flags.sum())
     assert s["detect"]["true_positive_rate"] == pytest.approx(float(det_c.flags.float().mean()))
 
+    for m in s["detect"]["more_latents"]:
+        flags = snce_fast.detect(enc.encoder, sae, m["latents"], data.held_concept, tokenizer=enc.tokenizer,
+                                 max_length=s["max_length"]).flags
+        assert m["true_positive_rate"] == pytest.approx(float(flags.float().mean()))
+        assert m["true_positive_rate"] >= s["detect"]["true_positive_rate"]  # more latents never flag fewer
     e = s["edit"]
     assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]  # SPEC: silent -> bit-identical
     assert e["concept_changed"] <= e["concept_neuron_fires"]

@@ -33,6 +33,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"detect on held-out prompts: {d['concept_flagged']}/{p['held_concept']} concept flagged "
           f"({d['true_positive_rate']:.0%}), {d['ordinary_flagged']}/{p['held_ordinary']} ordinary flagged "
           f"({d['false_positive_rate']:.0%})")
+    for m in d["more_latents"]:
+        print(f"  with the top {len(m['latents'])} latents: {m['true_positive_rate']:.0%} concept, "
+              f"{m['false_positive_rate']:.0%} ordinary flagged")
     print(f"residual edit: {e['ordinary_silent_bit_identical']}/{e['ordinary_silent']} ordinary prompts where the "
           f"neuron is silent are bit-identical; {e['concept_changed']}/{p['held_concept']} concept prompts changed, "
           f"the neuron re-fires on {e['concept_refires_after_edit']} of them after the edit")

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from snce_fast.cli import main

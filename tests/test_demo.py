@@ -5,7 +5,6 @@ import json
 import random
 
 import pytest
-import torch
 
 import snce_fast
 from snce_fast.cli import main

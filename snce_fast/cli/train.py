@@ -104,7 +104,10 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, label in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU (train batch)", "L0", "dead fraction")):
-        ax.plot(steps, [h[key] for h in history], lw=1)
+        ys = [h[key] for h in history]
+        ax.plot(steps, ys, lw=1)
+        if key != "fvu":  # near-constant curves: a 0-based axis, not matplotlib's offset notation
+            ax.set_ylim(0, max(max(ys) * 1.1, 0.05 if key == "dead_fraction" else 1.0))
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)

@@ -4,13 +4,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import reference
-from .detect import Detection, detect
+from .detect import Calibration, Detection, calibrate, detect, prompt_activations
 from .formats import SAEFormatError
 from .patching import PatchHandle, is_patched, patch, patched, unpatch
 from .sae import SAE
 from .scan import scan
 from .scan_stats import ScanStats
-from .score import Scores, score
+from .score import Scores, score, threshold_at_fpr
 from .train import TrainConfig, TrainReport, train_sae
 
 __all__ = [
@@ -20,15 +20,19 @@ __all__ = [
     "Scores",
     "TrainConfig",
     "TrainReport",
+    "Calibration",
     "Detection",
     "PatchHandle",
+    "calibrate",
     "detect",
     "is_patched",
     "patch",
     "patched",
+    "prompt_activations",
     "reference",
     "scan",
     "score",
+    "threshold_at_fpr",
     "train_sae",
     "unpatch",
 ]

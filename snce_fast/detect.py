@@ -1,7 +1,9 @@
-"""`detect`: the gate as a zero-shot classifier over prompts (SPEC section 2)."""
+"""`detect`: the gate as a zero-shot classifier over prompts (SPEC section 2), and `calibrate`:
+pick the concept latent and its firing threshold on reference prompts (docs/identification.md)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -58,21 +60,195 @@ def detect(
             raise ValueError(f"sae names encoder {name!r}: expected one of {list(encoders)}")
         enc, penultimate = encoders[name]
         tok = tokenizer or _tokenizer_for(pipe_or_encoder, name)
-        targets = as_neuron_list(neurons[name] if isinstance(neurons, dict) else neurons, s.n_latents)
+        given = neurons[name] if isinstance(neurons, dict) else neurons
+        targets = as_neuron_list(given, s.n_latents)
+        thr = _per_target_threshold(threshold, given, targets, len(saes))
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             batch = tokenize(tok, chunk, max_length)
             hidden = hook_activations(enc, batch, s.hook, penultimate)
             values, indices = backend.encode(hidden, s)
-            z_t = reference.target_activations(values, indices, targets).amax(-1)  # [B, L]
+            z_all = reference.target_activations(values, indices, targets)  # [B, L, T]
+            z_t = z_all.amax(-1)  # [B, L]
             counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).to(z_t.device)
-            fired = ((z_t > threshold) & counted).sum(-1).cpu()
+            fired = ((z_all > thr.to(z_all.device)).any(-1) & counted).sum(-1).cpu()
             best = torch.where(counted, z_t, torch.zeros_like(z_t)).amax(-1).float().cpu()
             sl = slice(start, start + len(chunk))
             flags[sl] |= fired >= min_tokens
             scores[sl] = torch.maximum(scores[sl], best)
             tokens[sl] = torch.maximum(tokens[sl], fired)
     return Detection(flags=flags, scores=scores, tokens=tokens)
+
+
+def _per_target_threshold(threshold: Any, given: Any, targets: list[int], n_saes: int) -> torch.Tensor:
+    """`threshold` as a float32 tensor aligned with the sorted target list: [] (one for all) or [T]."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return torch.tensor(float(threshold))
+    try:
+        thr = [float(t) for t in threshold]
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
+    order = [int(j) for j in (given.flatten().tolist() if isinstance(given, torch.Tensor) else
+                               ([given] if isinstance(given, int) else given))]
+    if n_saes != 1:
+        raise ValueError("per-neuron thresholds need a single SAE: pass one float for an SDXL pipeline")
+    if len(thr) != len(order) or len(set(order)) != len(order):
+        raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")
+    by = dict(zip(order, thr))
+    return torch.tensor([by[j] for j in targets], dtype=torch.float32)
+
+
+@torch.no_grad()
+def prompt_activations(
+    pipe_or_encoder: Any,
+    sae: SAE,
+    neurons: Neurons,
+    prompts: Sequence[str],
+    tokenizer: Any = None,
+    min_tokens: int = 1,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """float32 [P, T]: per prompt and neuron (in the order given), the `min_tokens`-th largest
+    activation over counted tokens (0 where it fires on fewer). The gate with threshold t and
+    `min_tokens` flags prompt p for neuron j exactly when this value is > t."""
+    positive_int(min_tokens, "min_tokens")
+    positive_int(batch_size, "batch_size")
+    if isinstance(sae, dict):
+        raise ValueError("prompt_activations takes one SAE: call it once per text encoder")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    order = neurons.flatten().tolist() if isinstance(neurons, torch.Tensor) else (
+        [neurons] if isinstance(neurons, int) else list(neurons))
+    as_neuron_list(order, sae.n_latents)  # range / type checks
+    order = list(dict.fromkeys(int(j) for j in order))
+    encoders = text_encoders(pipe_or_encoder)
+    name = next(iter(encoders))
+    enc, penultimate = encoders[name]
+    tok = tokenizer or _tokenizer_for(pipe_or_encoder, name)
+    out = torch.zeros(len(prompts), len(order), dtype=torch.float32)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        batch = tokenize(tok, chunk)
+        hidden = hook_activations(enc, batch, sae.hook, penultimate)
+        values, indices = backend.encode(hidden, sae)
+        z = reference.target_activations(values, indices, order)  # [B, L, T]
+        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).to(z.device)
+        z = torch.where(counted.unsqueeze(-1), z, torch.zeros_like(z))
+        if min_tokens > z.shape[1]:
+            continue  # no prompt has that many tokens: all zero
+        kth = z.topk(min_tokens, dim=1).values[:, min_tokens - 1]  # [B, T]
+        out[start : start + len(chunk)] = kth.float().cpu()
+    return out
+
+
+@dataclass
+class Calibration:
+    """Candidates re-ranked by calibrated recall. `neurons` best first; `thresholds[i]` the firing
+    threshold of `neurons[i]` (flags <= `fpr` of every reference group's prompts); `recall[i]` its
+    share of target prompts flagged; `reference_rates[g][i]` its share of group g flagged."""
+
+    neurons: list[int]
+    thresholds: torch.Tensor
+    recall: torch.Tensor
+    reference_rates: dict[str, torch.Tensor]
+    fpr: float
+    min_tokens: int
+    target_activations: torch.Tensor = field(repr=False)  # [P_target, C], columns as `neurons`
+    reference_activations: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    def top(self, n: int = 1, greedy: bool = True) -> list[int]:
+        """The n best latents. `greedy` (default): add latents one at a time by the most new target
+        prompts flagged net of the largest new reference share (stops early when nothing adds);
+        otherwise the n best by individual score."""
+        positive_int(n, "n")
+        if not greedy or n == 1:
+            return self.neurons[:n]
+        thr = self.thresholds
+        T = self.target_activations > thr
+        R = [a > thr for a in self.reference_activations.values()]
+        cov_t = torch.zeros(T.shape[0], dtype=torch.bool)
+        cov_r = [torch.zeros(x.shape[0], dtype=torch.bool) for x in R]
+
+        def objective(t: torch.Tensor, rs: list[torch.Tensor]) -> torch.Tensor:
+            # union recall minus the largest union reference rate (per column when 2-D)
+            worst = torch.stack([r.float().mean(0) for r in rs]).amax(0) if rs else 0.0
+            return t.float().mean(0) - worst
+
+        chosen: list[int] = []
+        current = float(objective(cov_t, cov_r))
+        for _ in range(min(n, len(self.neurons))):
+            gain = objective(T | cov_t[:, None], [x | c[:, None] for x, c in zip(R, cov_r)])
+            gain[chosen] = -math.inf
+            i = int(torch.argmax(gain))
+            if chosen and float(gain[i]) <= current:
+                break  # no further latent adds recall net of false positives
+            chosen.append(i)
+            cov_t |= T[:, i]
+            cov_r = [c | x[:, i] for c, x in zip(cov_r, R)]
+            current = float(gain[i])
+        return [self.neurons[i] for i in chosen]
+
+    def thresholds_for(self, neurons: Neurons) -> list[float]:
+        """Calibrated thresholds of `neurons` (in that order), for `detect(threshold=...)`."""
+        order = [neurons] if isinstance(neurons, int) else [int(j) for j in neurons]
+        pos = {j: i for i, j in enumerate(self.neurons)}
+        missing = [j for j in order if j not in pos]
+        if missing:
+            raise ValueError(f"neuron {missing[0]} was not calibrated: expected one of the candidates {self.neurons}")
+        return [float(self.thresholds[pos[j]]) for j in order]
+
+    def threshold(self, neurons: Neurons) -> float:
+        """One threshold for a neuron set (the gate and `patch` take one float): the largest of
+        their calibrated thresholds, so each flags <= `fpr` of the references on its own."""
+        return max(self.thresholds_for(neurons))
+
+
+def calibrate(
+    pipe_or_encoder: Any,
+    sae: SAE,
+    candidates: Neurons,
+    target_prompts: Sequence[str],
+    reference_prompts: Union[Sequence[str], dict[str, Sequence[str]]],
+    fpr: float = 0.01,
+    min_tokens: int = 1,
+    tokenizer: Any = None,
+    batch_size: int = 64,
+) -> Calibration:
+    """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
+    group, then rank candidates by target recall minus the largest reference rate at that threshold.
+
+    `candidates`: e.g. `score(stats, ...).top(64)`; `reference_prompts`: a list or several named
+    groups (COCO-like captions and style-matched ordinary prompts: the strongest wins). Use prompts
+    not used for the scan where possible. `calibration.top(1)` and `calibration.threshold(...)`
+    then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`.
+    """
+    from .score import threshold_at_fpr
+
+    refs = {"reference": list(reference_prompts)} if not isinstance(reference_prompts, dict) else {
+        g: list(p) for g, p in reference_prompts.items()}
+    if not refs or any(len(p) == 0 for p in refs.values()):
+        raise ValueError("reference_prompts is empty: calibration needs reference prompts in every group")
+    if len(target_prompts) == 0:
+        raise ValueError("target_prompts is empty: calibration needs concept prompts to measure recall")
+    order = candidates.flatten().tolist() if isinstance(candidates, torch.Tensor) else (
+        [candidates] if isinstance(candidates, int) else list(candidates))
+    order = list(dict.fromkeys(int(j) for j in order))
+
+    def acts(ps: Sequence[str]) -> torch.Tensor:
+        return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size)
+
+    ref_acts = {g: acts(p) for g, p in refs.items()}
+    thr = torch.stack([threshold_at_fpr(a, fpr) for a in ref_acts.values()]).amax(0)
+    tgt = acts(target_prompts)
+    recall = (tgt > thr).float().mean(0)
+    rates = {g: (a > thr).float().mean(0) for g, a in ref_acts.items()}
+    score = recall - torch.stack(list(rates.values())).amax(0)
+    rank = torch.sort(score, descending=True, stable=True).indices.tolist()
+    return Calibration(
+        neurons=[order[i] for i in rank], thresholds=thr[rank], recall=recall[rank],
+        reference_rates={g: r[rank] for g, r in rates.items()}, fpr=float(fpr), min_tokens=min_tokens,
+        target_activations=tgt[:, rank], reference_activations={g: a[:, rank] for g, a in ref_acts.items()},
+    )
 
 
 def _tokenizer_for(target: Any, encoder_name: str) -> Any:

@@ -397,6 +397,35 @@ def test_detect_on_pipeline_dir(tmp_path, kind, encoder):
     assert [r["tokens"] for r in rows] == det.tokens.tolist()
 
 
+def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
+    """--model PIPE --encoder text_encoder_2: the SAE trains and scans on hidden_states[-2], as SDXL reads it."""
+    pytest.importorskip("diffusers")
+    from tiny_models import sdxl_pipeline
+
+    pipe = sdxl_pipeline(tmp_path / "build")
+    pipe.save_pretrained(tmp_path / "pipe")
+    rng = random.Random(1)
+    (tmp_path / "p.txt").write_text("\n".join(_prompts(rng, 40, 0.5)) + "\n")
+    (tmp_path / "q.txt").write_text("\n".join(_prompts(rng, 20, 0.0)) + "\n")
+    model = ["--model", str(tmp_path / "pipe"), "--encoder", "text_encoder_2"]
+    assert main(["train", *model, "--prompts-file", str(tmp_path / "p.txt"), "--n-latents", "32", "--k", "3",
+                 "--batch-size", "64", "--max-steps", "2", "--max-length", "16", "--out", str(tmp_path / "sae"),
+                 "--quiet"]) == 0
+    sae = snce_fast.SAE.load(str(tmp_path / "sae"))
+    rep = json.loads((tmp_path / "sae" / "train_report.json").read_text())
+    assert sae.d_in == 32 and rep["config"]["penultimate_output"] is True
+    assert rep["config"]["encoder_name"].endswith("text_encoder_2")
+    assert main(["scan", *model, "--sae", str(tmp_path / "sae"), "--group", f"p={tmp_path / 'p.txt'}",
+                 "--group", f"q={tmp_path / 'q.txt'}", "--out", str(tmp_path / "stats"), "--quiet"]) == 0
+    got = snce_fast.ScanStats.load(tmp_path / "stats")
+    groups = {"p": [str(tmp_path / "p.txt")], "q": [str(tmp_path / "q.txt")]}
+    want = snce_fast.scan(pipe.text_encoder_2, pipe.tokenizer_2, sae, groups, progress=False, penultimate_output=True)
+    final = snce_fast.scan(pipe.text_encoder_2, pipe.tokenizer_2, sae, groups, progress=False)
+    for f in TENSOR_FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert not torch.equal(got.act_sum, final.act_sum)  # the final-layer output would give other counts
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

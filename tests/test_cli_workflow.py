@@ -288,6 +288,18 @@ def test_score_equals_api_and_writes_report(env, tmp_path, capsys, method):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 
+def test_score_token_level_equals_api(env, tmp_path):
+    root = env["root"]
+    assert main(["score", "--stats", str(root / "stats"), "--target", "concept", "--level", "token", "--method",
+                 "youden", "--top", "4", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    rec = json.loads((tmp_path / "s" / "scores.json").read_text())
+    api = snce_fast.score(snce_fast.ScanStats.load(root / "stats"), "concept", "ordinary", "youden", level="token")
+    assert rec["level"] == "token" and [e["latent"] for e in rec["top"]] == api.top(4)
+    assert [e["score"] for e in rec["top"]] == pytest.approx([float(api.values[j]) for j in api.top(4)])
+    prompt_level = snce_fast.score(snce_fast.ScanStats.load(root / "stats"), "concept", "ordinary", "youden")
+    assert [e["score"] for e in rec["top"]] != pytest.approx([float(prompt_level.values[j]) for j in api.top(4)])
+
+
 def test_score_top_prompts_and_default_references(env, tmp_path):
     root = env["root"]
     out = tmp_path / "s"
@@ -313,6 +325,8 @@ def test_score_top_prompts_and_default_references(env, tmp_path):
         ({"--reference": "concept"}, "is also a --reference"),
         ({"--method": "bogus"}, "expected one of snce, youden, saeuron, itd"),
         ({"--top": "0"}, "--top 0"),
+        ({"--level": "word"}, "expected prompt or token"),
+        ({"--level": "token", "--method": "itd"}, "--level token needs a frequency scorer"),
         ({"--stats": "/nonexistent/stats"}, "is not a directory"),
         ({"--stats": "SAE"}, "is not a saved scan"),
         ({"--sae": "SAE"}, "--sae and --prompts-file go together"),
@@ -374,6 +388,40 @@ def test_detect_from_scores_with_labels(env, tmp_path, capsys):
     assert f"latent(s) {neurons[0]},{neurons[1]}" in printed
     assert f"({tp} of {sum(labels)} positives)" in printed
     assert f"({fp} of {len(labels) - sum(labels)} negatives)" in printed
+
+
+def test_detect_calibrated_and_per_neuron_thresholds(env, tmp_path, capsys):
+    from snce_fast.detect import prompt_activations
+    from snce_fast.score import threshold_at_fpr
+
+    root = env["root"]
+    sae = snce_fast.SAE.load(str(root / "sae"))
+    stats = snce_fast.ScanStats.load(root / "stats")
+    j1, j2 = snce_fast.score(stats, "concept", "ordinary").top(2)
+    ordinary = read_prompts(root / "ordinary.csv")
+    mixed = read_prompts(root / "mixed.csv")
+    base = ["detect", "--model", str(root / "bert"), "--sae", str(root / "sae")]
+    # calibrated on the ordinary prompts: on those same prompts, a latent that fires on most of them
+    # uncalibrated flags at most fpr of them
+    busy = int(stats.prompts_fired[stats.index("ordinary")].argmax())
+    assert int(stats.prompts_fired[stats.index("ordinary"), busy]) > 5
+    assert main(base + ["--neurons", str(busy), "--calibrate-on", str(root / "ordinary.csv"), "--fpr", "0.1",
+                        "--prompts-file", str(root / "ordinary.csv"), "--out", str(tmp_path / "o.csv")]) == 0
+    assert sum(r["flag"] for r in _rows(tmp_path / "o.csv")) <= 5
+    capsys.readouterr()
+    # two latents calibrated, applied to other prompts: equal to the API with the same thresholds
+    assert main(base + ["--neurons", f"{j1},{j2}", "--calibrate-on", str(root / "ordinary.csv"), "--fpr", "0.1",
+                        "--prompts-file", str(root / "mixed.csv"), "--out", str(tmp_path / "m.csv")]) == 0
+    printed = capsys.readouterr().out
+    thr = threshold_at_fpr(prompt_activations(env["enc"], sae, [j1, j2], ordinary, tokenizer=env["tok"]), 0.1)
+    det = snce_fast.detect(env["enc"], sae, [j1, j2], mixed, tokenizer=env["tok"], threshold=thr.tolist())
+    assert [r["flag"] for r in _rows(tmp_path / "m.csv")] == det.flags.tolist()
+    assert f"calibrated on 50 reference prompts at fpr 0.1: thresholds {j1}: {float(thr[0]):.4g}" in printed
+    # explicit per-neuron thresholds, in --neurons order
+    assert main(base + ["--neurons", f"{j2},{j1}", "--threshold", "0.05,0.3", "--prompts-file",
+                        str(root / "mixed.csv"), "--out", str(tmp_path / "t.csv")]) == 0
+    det = snce_fast.detect(env["enc"], sae, [j2, j1], mixed, tokenizer=env["tok"], threshold=[0.05, 0.3])
+    assert [r["flag"] for r in _rows(tmp_path / "t.csv")] == det.flags.tolist()
 
 
 @pytest.mark.parametrize("kind, encoder", [("sd", "text_encoder"), ("sdxl", "text_encoder_2")])
@@ -441,6 +489,11 @@ def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
         ({"--neurons": None, "--scores": "/nonexistent/scores.json"}, "does not exist"),
         ({"--neurons": None, "--scores": "SCORES", "--top": "9"}, "lists only 1 latents"),
         ({"--neurons": None, "--scores": "OTHER_SAE_SCORES"}, "different SAE"),
+        ({"--threshold": "0.1,0.2"}, "2 values for 1 neuron(s)"),
+        ({"--threshold": "high"}, "expected a number"),
+        ({"--threshold": "0.1", "--calibrate-on": "ORDINARY"}, "not both"),
+        ({"--calibrate-on": "ORDINARY", "--fpr": "1.5"}, "0 <= fpr < 1"),
+        ({"--calibrate-on": "/nonexistent/o.csv"}, "does not exist"),
     ],
 )
 def test_detect_bad_inputs(env, tmp_path, capsys, change, message):
@@ -451,7 +504,8 @@ def test_detect_bad_inputs(env, tmp_path, capsys, change, message):
     scores.write_text(json.dumps(rec))
     (tmp_path / "other.json").write_text(json.dumps({**rec, "sae_hash": "0" * 64}))
     random_sae(16, n=48, k=2).save(str(tmp_path / "narrow"))
-    sub = {"SCORES": str(scores), "OTHER_SAE_SCORES": str(tmp_path / "other.json"), "NARROW": str(tmp_path / "narrow")}
+    sub = {"SCORES": str(scores), "OTHER_SAE_SCORES": str(tmp_path / "other.json"), "NARROW": str(tmp_path / "narrow"),
+           "ORDINARY": str(root / "ordinary.csv")}
     args = {"--model": str(root / "bert"), "--sae": str(root / "sae"), "--neurons": "1",
             "--prompts-file": str(root / "mixed.csv"), "--out": str(tmp_path / "flags.csv")}
     args.update({k: sub.get(v, v) for k, v in change.items()})

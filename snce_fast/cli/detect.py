@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ._common import (UsageError, add_model_args, atomic_write_text, check_neurons, existing_file, load_encoder,
-                      load_sae, parse_neurons, read_prompts_arg)
+                      load_sae, parse_neurons, read_prompt_file, read_prompts_arg)
 
 OUT_TYPES = (".csv", ".jsonl")
 
@@ -72,6 +72,20 @@ def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[O
     return labels
 
 
+def parse_thresholds(text: str, neurons: list[int]) -> Any:
+    """--threshold: one float for every neuron, or one per neuron (comma-separated, in --neurons order)."""
+    try:
+        values = [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--threshold {text!r}: expected a number, or one number per neuron (comma-separated)") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != len(neurons):
+        raise UsageError(f"--threshold {text!r}: {len(values)} values for {len(neurons)} neuron(s) "
+                         f"{','.join(map(str, neurons))}: expected one value, or one per neuron")
+    return values
+
+
 def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[Optional[bool]]]) -> str:
     rows = [{"prompt": p, "flag": bool(f), "score": round(float(s), 6), "tokens": int(t)}
             for p, f, s, t in zip(prompts, det.flags.tolist(), det.scores.tolist(), det.tokens.tolist())]
@@ -120,6 +134,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 raise UsageError(f"--scores {args.scores!r} was computed with a different SAE than --sae {args.sae!r} "
                                  "(weights hash differs)")
     check_neurons(neurons, sae.n_latents)
+    neurons = list(dict.fromkeys(neurons))
+    if args.calibrate_on and args.threshold is not None:
+        raise UsageError("give --threshold or --calibrate-on (thresholds calibrated on reference prompts), not both")
+    threshold = parse_thresholds(args.threshold, neurons) if args.threshold is not None else 0.0
+    calibration_prompts: list[str] = []
+    if args.calibrate_on:
+        if not 0.0 <= args.fpr < 1.0:
+            raise UsageError(f"--fpr {args.fpr}: expected a false-positive rate with 0 <= fpr < 1")
+        for f in [f.strip() for f in args.calibrate_on.split(",") if f.strip()]:
+            calibration_prompts += read_prompt_file(f, "--calibrate-on", args.column)
+        if not calibration_prompts:
+            raise UsageError(f"--calibrate-on {args.calibrate_on!r}: no usable reference prompts")
     prompts = read_prompts_arg(args)
     labels = None
     if args.label_column:
@@ -133,22 +159,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .scan import check_sae_fits
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+    if calibration_prompts:
+        if loaded.penultimate_output:
+            raise UsageError("--calibrate-on is not supported for SDXL pipelines yet: give --threshold")
+        from ..detect import prompt_activations
+        from ..score import threshold_at_fpr
+
+        acts = prompt_activations(loaded.encoder, sae, neurons, calibration_prompts, tokenizer=loaded.tokenizer,
+                                  min_tokens=args.min_tokens, batch_size=args.batch_size)
+        threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
+        print(f"calibrated on {len(calibration_prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
+              + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
     if loaded.penultimate_output:
         # SDXL: detect reads hidden_states[-2] only through the pipeline (the encoder alone reads the output)
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(args.model)
         det = detect(pipe, {args.encoder: sae}, neurons, prompts, min_tokens=args.min_tokens,
-                     threshold=args.threshold, batch_size=args.batch_size, max_length=args.max_length)
+                     threshold=threshold, batch_size=args.batch_size, max_length=args.max_length)
     else:
         det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
-                     threshold=args.threshold, batch_size=args.batch_size, max_length=args.max_length)
+                     threshold=threshold, batch_size=args.batch_size, max_length=args.max_length)
 
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))
     n_flag = int(det.flags.sum())
     print(f"flagged {n_flag} of {len(prompts)} prompts ({n_flag / max(len(prompts), 1):.1%}) with latent(s) "
-          f"{','.join(map(str, neurons))}, min_tokens {args.min_tokens}, threshold {args.threshold:g}")
+          f"{','.join(map(str, neurons))}, min_tokens {args.min_tokens}, threshold "
+          + (f"{threshold:g}" if isinstance(threshold, float) else ",".join(f"{t:.4g}" for t in threshold)))
     if labels is not None:
         pairs = [(bool(f), lab) for f, lab in zip(det.flags.tolist(), labels) if lab is not None]
         pos = [f for f, lab in pairs if lab]
@@ -172,7 +210,9 @@ def register(sub: Any) -> None:
         "a target latent's activation exceeds --threshold on at least --min-tokens counted tokens: the same "
         "test as erase --gate. Prints 'flagged X of Y'; --out FILE (.csv or .jsonl) writes prompt, flag, "
         "score (max target activation) and tokens (counted tokens that fired) per prompt. --label-column "
-        "adds TPR / FPR against a 0/1 column of the prompts file. Next step: snce-fast erase.",
+        "adds TPR / FPR against a 0/1 column of the prompts file. --calibrate-on FILE sets per-neuron thresholds "
+        "so that each flags at most --fpr of those reference prompts (snce_fast.prompt_activations + "
+        "threshold_at_fpr). Next step: snce-fast erase.",
         epilog="example: snce-fast detect --sae my_sae/ --scores scores/scores.json --prompts-file heldout.csv "
         "--out flags.csv",
     )
@@ -186,7 +226,13 @@ def register(sub: Any) -> None:
     p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet file")
     p.add_argument("--label-column", default=None, help="0/1 column of a csv/jsonl --prompts-file: report TPR/FPR")
     p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a target must fire on (default 1)")
-    p.add_argument("--threshold", type=float, default=0.0, help="activation a target must exceed (default 0)")
+    p.add_argument("--threshold", default=None, help="activation a target must exceed (default 0): one number, or "
+                   "one per neuron, comma-separated")
+    p.add_argument("--calibrate-on", default=None, metavar="FILE[,FILE...]", help="ordinary (non-concept) reference "
+                   "prompts: set each neuron's threshold so it flags at most --fpr of them (use prompts other than "
+                   "those being classified)")
+    p.add_argument("--fpr", type=float, default=0.01, help="with --calibrate-on: the reference false-positive rate "
+                   "to allow per neuron (default 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
                    "tokenizer's; counted tokens never include padding, so a shorter pad only saves time)")

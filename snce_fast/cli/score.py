@@ -21,7 +21,7 @@ def load_stats(path: str) -> Any:
         raise UsageError(f"--stats {path!r}: {e}") from None
 
 
-def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str) -> dict[str, Any]:
+def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str, level: str = "prompt") -> dict[str, Any]:
     """The JSON written as scores.json: the method, the groups and the top latents with their frequencies."""
     freq = {g: stats.frequency(g) for g in stats.groups}
     tok = {g: stats.token_frequency(g) for g in stats.groups}
@@ -29,6 +29,7 @@ def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str) -> d
     return {
         "format": "snce_fast.scores",
         "method": scores.method,
+        "level": level,
         "target": scores.target,
         "references": list(scores.reference),
         "stats": str(stats_path),
@@ -50,6 +51,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:
         raise UsageError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+    if args.level not in ("prompt", "token"):
+        raise UsageError(f"--level {args.level!r}: expected prompt or token")
+    if args.level == "token" and args.method not in ("snce", "youden"):
+        raise UsageError(f"--level token needs a frequency scorer: --method {args.method!r}, expected snce or youden")
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
     if args.top_prompts < 1:
@@ -70,9 +75,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         if int(stats.n_prompts[stats.index(g)]) == 0:
             raise UsageError(f"group {g!r} has no prompts in {args.stats}: nothing to score against")
     n_top = min(args.top, stats.n_latents)
-    sc = score(stats, target=args.target, reference=refs, method=args.method)
+    sc = score(stats, target=args.target, reference=refs, method=args.method, level=args.level)
     top = sc.top(n_top)
-    record = scores_record(stats, sc, top, args.stats)
+    record = scores_record(stats, sc, top, args.stats, args.level)
 
     tops = None
     if args.sae:
@@ -145,6 +150,8 @@ def register(sub: Any) -> None:
     p.add_argument("--target", required=True, help="the concept group")
     p.add_argument("--reference", action="append", help="reference group (repeatable; default: every other group)")
     p.add_argument("--method", default="snce", help="snce (default), youden, itd or saeuron")
+    p.add_argument("--level", default="prompt", help="prompt (frequency = share of prompts a latent fires on; "
+                   "default) or token (share of tokens; snce and youden only)")
     p.add_argument("--top", type=int, default=5, help="how many latents to list (default 5)")
     p.add_argument("--out", default=None, help="directory for scores.json, report.md and the PNGs")
     p.add_argument("--sae", default=None, help="the scanned SAE (for the top prompts)")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._atomic import atomic_path, atomic_write_text
 from .activations import encoder_device, tokenize, uses_attention_mask
 from .demo_prompts import DemoPrompts, demo_prompts
 from .detect import detect
@@ -82,10 +83,9 @@ def _plot_detection(path: Path, concept: torch.Tensor, ordinary: torch.Tensor, n
     ax.set_title("0 = the latent is not in any token's top k", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _plot_training(path: Path, history: list[dict[str, float]]) -> None:
@@ -100,10 +100,9 @@ def _plot_training(path: Path, history: list[dict[str, float]]) -> None:
     ax.set_ylabel("FVU (training batch)")
     ax.set_yscale("log")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run_demo(
@@ -205,8 +204,8 @@ def run_demo(
         "files": {"sae": "sae/", "scan": "scan/", "report": str(report_path.relative_to(out)),
                   "detect_plot": "detect.png", "training_plot": "training.png", "summary": "summary.md"},
     }
-    _write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write(out / "summary.md", summary_markdown(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
     return summary
 
 
@@ -294,9 +293,3 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ._atomic import atomic_path
 from .sae import SAE
 
 FORMAT_VERSION = 1
@@ -103,16 +103,8 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> None:
     cfg = sae.config()
 
     def write(name: str, writer) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        os.close(fd)
-        try:
-            writer(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(out / name) as tmp:
+            writer(str(tmp))
 
     write(WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "snce_fast", "version": str(FORMAT_VERSION)}))
     write(CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))

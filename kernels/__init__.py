@@ -128,11 +128,12 @@ def edit(
 
     tgt = torch.tensor(targets, dtype=torch.int32, device=x.device)
     if mode == "residual":
-        w_t = sae.W_dec.detach()[tgt.long()].float().contiguous()
+        w_t = reference.decoder_rows(sae, targets).detach().float().contiguous()
         out = edit_residual(_rows(x), values, indices, tgt, w_t, allowed.to(torch.int8),
                             float(scale), clamp is not None, float(clamp) if clamp is not None else 0.0)
         return out.reshape(x.shape)
 
+    reference._need_full_decoder(sae, "mode='reconstruct'")
     z_new = z_t.clamp(max=clamp) if clamp is not None else z_t * scale
     z_new = z_new.reshape(-1, len(targets))
     hit = indices.unsqueeze(-1) == tgt  # [M, k, T]

@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 from . import reference
 from .detect import Calibration, Detection, calibrate, detect, prompt_activations
+from .erasure import ErasureSAE
 from .formats import SAEFormatError
 from .patching import PatchHandle, is_patched, patch, patched, unpatch
 from .sae import SAE
@@ -22,6 +23,7 @@ __all__ = [
     "TrainReport",
     "Calibration",
     "Detection",
+    "ErasureSAE",
     "PatchHandle",
     "calibrate",
     "detect",

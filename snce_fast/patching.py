@@ -16,10 +16,11 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from . import backend
+from . import backend, reference
 from ._validate import Neurons, as_neuron_list, check_edit_args, positive_int
 from .activations import counted_mask, encoder_device, eos_id
 from .hook_points import find_parts, hidden_states_index, output_tensor, parse_hook, replace_output, resolve
+from .erasure import ErasureSAE
 from .sae import SAE
 
 STATE_ATTR = "_snce_fast"
@@ -34,10 +35,17 @@ _SDXL_ENCODERS = ("text_encoder", "text_encoder_2")
 class _PatchState(nn.Module):
     """The edit applied by one encoder's hook; SAE tensors are non-persistent buffers."""
 
-    def __init__(self, sae: SAE, neurons: list[int], options: dict[str, Any], eos_token_id: Optional[int]):
+    def __init__(self, sae: Any, neurons: list[int], options: dict[str, Any], eos_token_id: Optional[int]):
         super().__init__()
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in ("W_enc", "b_enc", "b_dec"):
             self.register_buffer(name, getattr(sae, name).detach(), persistent=False)
+        if options["mode"] == "residual":
+            # a residual edit decodes only the targets' rows: hold W_dec[T], not the [n, d] decoder
+            self.register_buffer("W_dec_targets", reference.decoder_rows(sae, neurons).detach(), persistent=False)
+            self.decoder_targets = list(neurons)
+            self.W_dec = None
+        else:
+            self.register_buffer("W_dec", sae.W_dec.detach(), persistent=False)
         self.k = sae.k
         self.hook = sae.hook
         self.neurons = neurons
@@ -152,8 +160,8 @@ def _per_encoder(value: Any, names: list[str], what: str, is_single) -> dict[str
 # -- public API ---------------------------------------------------------------------------
 def patch(
     pipe: Any,
-    sae: Union[SAE, dict[str, SAE]],
-    neurons: Union[Neurons, dict[str, Neurons]],
+    sae: Union[SAE, ErasureSAE, dict[str, Union[SAE, ErasureSAE]]],
+    neurons: Union[Neurons, dict[str, Neurons], None] = None,
     scale: float = 0.0,
     mode: str = "residual",
     hook: Optional[str] = None,
@@ -169,17 +177,27 @@ def patch(
     SDXL give `sae` (and optionally `neurons`) as a dict keyed by `text_encoder` /
     `text_encoder_2`; encoders left out are not patched. Patching an already patched
     pipeline replaces the earlier patch. See `snce_fast.reference.edit` for the rules.
+    `sae` may be a slim `ErasureSAE` (residual mode; `neurons` defaults to its stored targets).
+    A residual-mode patch holds only `W_dec[neurons]`, never the whole decoder.
     """
     check_edit_args(mode, scale, clamp)
     positive_int(min_tokens, "min_tokens")
     encoders = text_encoders(pipe)
     names = list(encoders)
-    saes = _per_encoder(sae, names, "sae", lambda v: isinstance(v, SAE))
+    saes = _per_encoder(sae, names, "sae", lambda v: isinstance(v, (SAE, ErasureSAE)))
+    if neurons is None:
+        slim = {name: s for name, s in saes.items() if isinstance(s, ErasureSAE)}
+        if len(slim) != len(saes):
+            raise ValueError("neurons is required (it defaults to the stored targets only for an ErasureSAE)")
+        neurons = {name: s.decoder_targets for name, s in slim.items()}
     neuron_map = _per_encoder(neurons, list(saes), "neurons", lambda v: False)
     plan = []
     for name, s in saes.items():
-        if not isinstance(s, SAE):
-            raise TypeError(f"sae for {name!r} is a {type(s).__name__}: expected snce_fast.SAE")
+        if not isinstance(s, (SAE, ErasureSAE)):
+            raise TypeError(f"sae for {name!r} is a {type(s).__name__}: expected snce_fast.SAE or ErasureSAE")
+        if isinstance(s, ErasureSAE) and mode != "residual":
+            raise ValueError(f"mode={mode!r} needs the whole decoder; the ErasureSAE for {name!r} keeps only the "
+                             "target rows (use mode='residual', or patch with the full SAE)")
         enc, penultimate = encoders[name]
         width = find_parts(enc).width
         if s.d_in != width:
@@ -188,7 +206,10 @@ def patch(
             raise ValueError(f"hook={hook!r} does not match the hook the SAE for {name!r} was trained on ({s.hook!r})")
         if name not in neuron_map:
             raise ValueError(f"no neurons given for encoder {name!r}")
-        plan.append((name, enc, penultimate, s, as_neuron_list(neuron_map[name], s.n_latents)))
+        targets = as_neuron_list(neuron_map[name], s.n_latents)
+        if isinstance(s, ErasureSAE):
+            reference.decoder_rows(s, targets)  # raises naming a target without a stored row
+        plan.append((name, enc, penultimate, s, targets))
 
     options = dict(scale=scale, clamp=clamp, mode=mode, gate=gate, min_tokens=min_tokens, threshold=threshold)
     patched = {}
@@ -237,7 +258,7 @@ def is_patched(pipe: Any) -> bool:
 
 
 @contextlib.contextmanager
-def patched(pipe: Any, sae: Union[SAE, dict[str, SAE]], neurons: Any, **kwargs: Any) -> Iterator[PatchHandle]:
+def patched(pipe: Any, sae: Any, neurons: Any = None, **kwargs: Any) -> Iterator[PatchHandle]:
     """`with snce_fast.patched(pipe, sae, neurons): ...` patches for the block only."""
     handle = patch(pipe, sae, neurons, **kwargs)
     try:

@@ -27,6 +27,26 @@ def pre_activations(x: torch.Tensor, sae: SAEWeights) -> torch.Tensor:
     return x32 @ sae.W_enc.float() + sae.b_enc.float()
 
 
+def decoder_rows(sae: SAEWeights, targets: list[int]) -> torch.Tensor:
+    """`W_dec[targets]` [T, d], from the full decoder or from the rows a slim holder stores
+    (`W_dec_targets` for `decoder_targets`, see snce_fast.erasure.ErasureSAE)."""
+    rows = getattr(sae, "W_dec_targets", None)
+    if rows is None:
+        return sae.W_dec[list(targets)]
+    stored = list(sae.decoder_targets)
+    missing = [j for j in targets if j not in stored]
+    if missing:
+        raise ValueError(f"latent {missing[0]} has no stored decoder row: this erasure keeps rows for {stored}")
+    pos = torch.tensor([stored.index(j) for j in targets], dtype=torch.long, device=rows.device)
+    return rows.index_select(0, pos)
+
+
+def _need_full_decoder(sae: SAEWeights, what: str) -> None:
+    if getattr(sae, "W_dec", None) is None:
+        raise ValueError(f"{what} needs the whole decoder W_dec, but this SAE keeps only the target rows "
+                         "(a slim erasure supports mode='residual' only)")
+
+
 def encode(x: torch.Tensor, sae: SAEWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK encode: the k largest pre-activations per token, then ReLU.
 
@@ -113,12 +133,13 @@ def edit(
 
     if mode == "residual":
         fires = (z_t > 0).any(-1) & allowed
-        w_t = sae.W_dec.float()[targets]  # [T, d]
+        w_t = decoder_rows(sae, targets).float()  # [T, d]
         # only targets with z_j > 0 move (a negative clamp must not touch silent targets)
         delta = torch.where(z_t > 0, z_new - z_t, torch.zeros_like(z_t)) @ w_t
         edited = (x.float() + delta).to(x.dtype)
         return torch.where(fires.unsqueeze(-1), edited, x)
 
+    _need_full_decoder(sae, "mode='reconstruct'")
     tgt = torch.tensor(targets, device=indices.device, dtype=indices.dtype)
     hit = (indices.unsqueeze(-1) == tgt)  # [..., k, T]
     new_vals = torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values32)

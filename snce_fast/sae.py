@@ -121,6 +121,13 @@ class SAE(nn.Module):
         return backend.edit(x, self, neurons, scale=scale, clamp=clamp, mode=mode, gate=gate, **kwargs)
 
     # -- files ---------------------------------------------------------------------
+    def slim(self, neurons: Neurons) -> Any:
+        """The slim erasure artifact for `neurons` (snce_fast.erasure.ErasureSAE): the encoder and
+        W_dec[neurons] only, all a residual-mode patch needs (about half the SAE's memory)."""
+        from .erasure import ErasureSAE
+
+        return ErasureSAE.from_sae(self, neurons)
+
     def save(self, path: str) -> None:
         """Write `config.json` + `sae.safetensors` into directory `path` (atomically)."""
         from .formats import save_sae

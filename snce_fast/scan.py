@@ -113,9 +113,11 @@ class _Producer(threading.Thread):
 
 
 def sae_hash(sae: nn.Module) -> str:
-    """sha256 over the SAE's weights (bytes, shapes, dtypes), k and hook."""
+    """sha256 over what a scan's counts depend on: the encoding side of the SAE (W_enc, b_enc, b_dec:
+    bytes, shapes, dtypes), k and hook. The decoder is left out, so a slim erasure (ErasureSAE) of an
+    SAE matches the scans and score files made with the full SAE."""
     h = hashlib.sha256(f"k={sae.k};hook={sae.hook}".encode())
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    for name in ("W_enc", "b_enc", "b_dec"):
         t = getattr(sae, name).detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -63,3 +63,21 @@ def test_erase_sae_width_mismatch(saved, tmp_path, capsys):
     rc = main(["erase", "--model", str(saved / "pipe"), "--sae", str(tmp_path / "narrow"), "--neurons", "1",
                "--prompt", "a cat", "--out", str(tmp_path / "o"), "--steps", "1"])
     assert rc == 2 and "hidden size is 32" in capsys.readouterr().err
+
+
+def test_erase_with_a_slim_erasure_matches_the_full_sae(saved, tmp_path, capsys):
+    from snce_fast import SAE
+
+    SAE.load(saved / "sae").slim([3, 5]).save(tmp_path / "slim")
+    common = ["--model", str(saved / "pipe"), "--neurons", "3,5", "--prompt", "a photo of a cat", "--steps", "2",
+              "--height", "16", "--quiet"]
+    assert main(["erase", "--sae", str(saved / "sae"), "--out", str(tmp_path / "full"), *common]) == 0
+    assert main(["erase", "--sae", str(tmp_path / "slim"), "--out", str(tmp_path / "s"), *common]) == 0
+    a = Image.open(tmp_path / "full" / "0000_seed0_erased.png")
+    b = Image.open(tmp_path / "s" / "0000_seed0_erased.png")
+    assert list(a.getdata()) == list(b.getdata())
+    capsys.readouterr()
+    assert main(["erase", "--sae", str(tmp_path / "slim"), "--mode", "reconstruct", "--out", str(tmp_path / "r"),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "whole decoder" in err and err.count("\n") == 1

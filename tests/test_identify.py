@@ -156,6 +156,9 @@ def test_calibrate_meets_the_reference_rate_and_ranks(clip):
     per = snce_fast.calibrate(enc, sae, list(range(48)), target, refs, fpr={"a": 0.0, "b": 0.5}, tokenizer=tok)
     assert (per.reference_rates["a"] == 0).all() and (per.reference_rates["b"] <= 0.5).all()
     assert per.fpr == {"a": 0.0, "b": 0.5} and cal.fpr == {"a": 0.25, "b": 0.25}
+    dflt = snce_fast.calibrate(enc, sae, None, target, {"a": PROMPTS[4:], "b": PROMPTS[:6]}, tokenizer=tok)
+    assert dflt.fpr == {"a": 0.01, "b": 0.05}  # generic group first, style-matched after
+    assert snce_fast.calibrate(enc, sae, [1], target, PROMPTS[4:], tokenizer=tok).fpr == {"reference": 0.01}
     with pytest.raises(ValueError, match="expected one rate per reference group"):
         snce_fast.calibrate(enc, sae, [1], target, refs, fpr={"a": 0.1}, tokenizer=tok)
     with pytest.raises(ValueError, match="reference_prompts is empty"):

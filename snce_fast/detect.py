@@ -107,10 +107,12 @@ def prompt_activations(
     tokenizer: Any = None,
     min_tokens: int = 1,
     batch_size: int = 64,
+    max_length: Optional[int] = None,
 ) -> torch.Tensor:
     """float32 [P, T]: per prompt and neuron (in the order given), the `min_tokens`-th largest
     activation over counted tokens (0 where it fires on fewer). The gate with threshold t and
-    `min_tokens` flags prompt p for neuron j exactly when this value is > t."""
+    `min_tokens` flags prompt p for neuron j exactly when this value is > t. `max_length` as in
+    `detect` (pad / truncate to that many tokens; default the tokenizer's limit)."""
     positive_int(min_tokens, "min_tokens")
     positive_int(batch_size, "batch_size")
     if isinstance(sae, dict):
@@ -130,7 +132,7 @@ def prompt_activations(
     column[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        batch = tokenize(tok, chunk)
+        batch = tokenize(tok, chunk, max_length)
         hidden = hook_activations(enc, batch, sae.hook, penultimate)
         values, indices = backend.encode(hidden, sae)
         values, indices = values.float().cpu(), indices.long().cpu()
@@ -229,6 +231,7 @@ def calibrate(
     min_tokens: int = 1,
     tokenizer: Any = None,
     batch_size: int = 64,
+    max_length: Optional[int] = None,
 ) -> Calibration:
     """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
     group, then rank candidates by target recall minus the largest reference rate at that threshold.
@@ -264,7 +267,7 @@ def calibrate(
     order = list(dict.fromkeys(int(j) for j in order))
 
     def acts(ps: Sequence[str]) -> torch.Tensor:
-        return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size)
+        return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length)
 
     ref_acts = {g: acts(p) for g, p in refs.items()}
     thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in ref_acts.items()]).amax(0)

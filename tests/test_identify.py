@@ -153,6 +153,11 @@ def test_calibrate_meets_the_reference_rate_and_ranks(clip):
     with pytest.raises(ValueError, match="was not calibrated"):
         snce_fast.calibrate(enc, sae, [1, 2], target, refs, tokenizer=tok).thresholds_for([3])
     assert snce_fast.calibrate(enc, sae, None, target, refs, fpr=0.25, tokenizer=tok).neurons == cal.neurons
+    # padding to a shorter length than the tokenizer's limit (no prompt truncated) changes nothing
+    longest = max(len(ids) for ids in tok(PROMPTS)["input_ids"])
+    assert longest + 2 < tok.model_max_length
+    short = snce_fast.calibrate(enc, sae, None, target, refs, fpr=0.25, tokenizer=tok, max_length=longest + 2)
+    assert short.neurons == cal.neurons and torch.allclose(short.thresholds, cal.thresholds, atol=1e-5)
     per = snce_fast.calibrate(enc, sae, list(range(48)), target, refs, fpr={"a": 0.0, "b": 0.5}, tokenizer=tok)
     assert (per.reference_rates["a"] == 0).all() and (per.reference_rates["b"] <= 0.5).all()
     assert per.fpr == {"a": 0.0, "b": 0.5} and cal.fpr == {"a": 0.25, "b": 0.25}

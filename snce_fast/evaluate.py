@@ -232,15 +232,21 @@ class ClipScorer:
 
 
 # -- settings and resume -------------------------------------------------------------------
-def sae_fingerprint(sae: Any) -> str:
-    """sha256 over an SAE's tensors and k/hook: two runs used the same SAE iff these match."""
+def sae_fingerprint(sae: Any, neurons: Any, mode: str = "residual") -> str:
+    """sha256 over what an SAE contributes to the images: its encoding side (scan.sae_hash) and the
+    decoder rows the edit uses (W_dec[neurons] in residual mode, all of W_dec otherwise). A slim
+    erasure and the full SAE it came from therefore match in residual mode."""
     import torch
 
-    h = hashlib.sha256(json.dumps({"k": sae.k, "hook": str(sae.hook)}).encode())
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        t = getattr(sae, name).detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(t.numpy().tobytes())
+    from ._validate import as_neuron_list
+    from .reference import decoder_rows
+    from .scan import sae_hash
+
+    h = hashlib.sha256(sae_hash(sae).encode())
+    targets = as_neuron_list(neurons, sae.n_latents)
+    dec = decoder_rows(sae, targets) if mode == "residual" else sae.W_dec
+    h.update(json.dumps({"mode": mode, "targets": targets}).encode())
+    h.update(dec.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -349,7 +355,7 @@ def run_eval(
 
     from .cli._common import atomic_save_image, atomic_write_json
     from .patching import patched
-    from .sae import SAE
+    from torch import nn
 
     out = Path(out)
     edit = dict(edit or {})
@@ -371,7 +377,7 @@ def run_eval(
 
     # move the SAEs once, so patching per row never copies them to the device again
     for s in (saes.values() if isinstance(saes, Mapping) else [saes]):
-        if isinstance(s, SAE):
+        if isinstance(s, nn.Module):  # an SAE or a slim ErasureSAE
             s.to(_pipe_device(pipe))
     todo = [r for r in rows if r.row not in done]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="eval rows", unit="row", disable=not progress)
@@ -408,7 +414,8 @@ def full_settings(saes: Mapping[str, Any], neurons: Any, edit: Mapping[str, Any]
     """Everything that changes the images, detections or scores of a run (what a resume must match)."""
     base = {
         "version": 1,
-        "sae_sha256": {name: sae_fingerprint(s) for name, s in saes.items()},
+        "sae_sha256": {name: sae_fingerprint(s, neurons[name] if isinstance(neurons, Mapping) else neurons,
+                                             edit.get("mode", "residual")) for name, s in saes.items()},
         "neurons": neurons,
         "edit": dict(edit),
         "steps": steps,

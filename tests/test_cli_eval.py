@@ -412,3 +412,23 @@ def test_seed_parsing_accepts_integral_floats():
     with pytest.raises(ValueError, match="row 7"):
         ev._parse_seed("1.5", 7, "s")
     assert math.isclose(ev._parse_guidance("7.5", 1, "g"), 7.5)
+
+
+def test_slim_erasure_runs_and_resumes_the_full_sae_run(saved, tmp_path):
+    """A slim erasure fingerprints like its full SAE in residual mode (so a run resumes across
+    them) and runs through the CLI; reconstruct mode fingerprints the whole decoder."""
+    from snce_fast import SAE
+
+    sae = SAE.load(saved / "sae")
+    slim = sae.slim(NEURONS)
+    assert ev.sae_fingerprint(slim, NEURONS) == ev.sae_fingerprint(sae, NEURONS)
+    assert ev.sae_fingerprint(sae, NEURONS, "reconstruct") != ev.sae_fingerprint(sae, NEURONS)
+    assert ev.sae_fingerprint(sae, [3]) != ev.sae_fingerprint(sae, NEURONS)
+    slim.save(tmp_path / "slim")
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(saved / "pipe"), "--neurons", "3,5", "--csv", str(saved / "prompts.csv"),
+            *STEPS, "--out", str(out), "--quiet", "--detector", "none"]
+    assert main([*args, "--sae", str(saved / "sae"), "--limit", "1"]) == 0
+    assert main([*args, "--sae", str(tmp_path / "slim"), "--limit", "2"]) == 0  # resumes: row 1 is not redone
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in records] == sorted({r["row"] for r in records}) and len(records) == 2

@@ -540,3 +540,23 @@ def test_chain_train_scan_score_detect(env, tmp_path, capsys):
     assert f"flagged {flagged} of 40 prompts" in summary and f"latent(s) {best}," in summary
     # detect's rule (fires on >= 1 counted token) is the scan's prompt-level count for that latent
     assert flagged == int(stats.prompts_fired[stats.index("concept"), best])
+
+
+def test_score_refuses_top_prompts_from_another_sae_of_the_same_width(env, tmp_path, capsys):
+    other = tmp_path / "other_sae"
+    random_sae(32, n=48, k=4, seed=11).save(other)  # same shape as the scanned SAE, different weights
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of the cat\n")
+    argv = ["score", "--stats", str(env["root"] / "stats"), "--target", "concept", "--out", str(tmp_path / "o"),
+            "--sae", str(other), "--prompts-file", str(prompts), "--model", str(env["root"] / "bert")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different SAE" in err and err.count("\n") == 1, err
+
+
+def test_detect_labels_blank_is_unlabelled(tmp_path):
+    from snce_fast.cli.detect import read_labels
+
+    f = tmp_path / "lab.csv"
+    f.write_bytes(b"prompt,label\na cat,1\na dog,\nbad \xff bytes,0\na car,0\n   ,1\n")
+    assert read_labels(str(f), "label") == [True, None, False]  # undecodable and blank prompts skipped

@@ -81,6 +81,15 @@ def load_sae(path: str, what: str = "--sae"):
         raise UsageError(f"{what} {path!r}: {e}") from None
 
 
+def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
+    """`source` (a scan or a scores file) was made with `sae`: the SAE hashes (encoding side) agree."""
+    from ..scan import sae_hash
+
+    if recorded_hash and recorded_hash != sae_hash(sae):
+        raise UsageError(f"{source} was computed with a different SAE than --sae (weights hash differs): "
+                         "expected the SAE that was scanned")
+
+
 def check_slim_mode(saes: dict, mode: str) -> None:
     """A slim erasure (ErasureSAE) supports residual mode only: say so before any heavy loading."""
     from ..erasure import ErasureSAE

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, atomic_write_text, check_neurons, existing_file, load_encoder,
+from ._common import (UsageError, add_model_args, atomic_write_text, check_neurons, check_same_sae, existing_file,
+                      load_encoder,
                       load_sae, parse_neurons, read_prompt_file, read_prompts_arg)
 
 OUT_TYPES = (".csv", ".jsonl")
@@ -29,14 +30,20 @@ def neurons_from_scores(path: str, top: int) -> tuple[list[int], dict[str, Any]]
 
 
 def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
-    """Per usable prompt of a csv/jsonl file, its label as a bool (1/0, true/false, yes/no)."""
-    from ..corpus import PromptFile
+    """Per usable prompt of a csv/jsonl file (the rows the corpus reader keeps: blank and undecodable
+    prompts skipped), its label as a bool (1/0, true/false, yes/no), or None when the label is blank."""
+    from ..corpus import PromptFile, _check
 
     pf = PromptFile(path, prompt_column)
-    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f", ""}
+    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
-    def as_bool(v: Any, i: int) -> bool:
-        s = str(v).strip().lower()
+    def usable(text: Any) -> bool:
+        return isinstance(text, str) and _check(text, 0).skip is None
+
+    def as_bool(v: Any, i: int) -> Optional[bool]:
+        s = "" if v is None else str(v).strip().lower()
+        if not s:
+            return None  # unlabelled: left out of the rates
         try:
             return float(s) > 0
         except ValueError:
@@ -47,23 +54,23 @@ def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[O
 
     labels: list[Optional[bool]] = []
     if pf.format == "csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             fields = [h.lstrip("\ufeff").strip() for h in (reader.fieldnames or [])]
             if column not in fields:
                 raise UsageError(f"--label-column {column!r}: no such column in {path}; columns found: {fields}")
             reader.fieldnames = fields
             for i, row in enumerate(reader):
-                if (row.get(prompt_column) or "").strip():
+                if usable(row.get(prompt_column)):
                     labels.append(as_bool(row[column], i))
     elif pf.format == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for i, line in enumerate(f):
                 try:
                     obj = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(obj, dict) and isinstance(obj.get(prompt_column), str) and obj[prompt_column].strip():
+                if isinstance(obj, dict) and usable(obj.get(prompt_column)):
                     if column not in obj:
                         raise UsageError(f"--label-column {column!r}: row {i + 1} of {path} has no such field")
                     labels.append(as_bool(obj[column], i))
@@ -127,12 +134,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         if record.get("n_latents") not in (None, sae.n_latents):
             raise UsageError(f"--scores {args.scores!r} was computed for an SAE with {record['n_latents']} latents, "
                              f"but --sae has {sae.n_latents}")
-        if record.get("sae_hash"):
-            from ..scan import sae_hash
-
-            if record["sae_hash"] != sae_hash(sae):
-                raise UsageError(f"--scores {args.scores!r} was computed with a different SAE than --sae {args.sae!r} "
-                                 "(weights hash differs)")
+        check_same_sae(sae, record.get("sae_hash"), f"--scores {args.scores!r}")
     check_neurons(neurons, sae.n_latents)
     neurons = list(dict.fromkeys(neurons))
     if args.calibrate_on and args.threshold is not None:
@@ -166,7 +168,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         from ..score import threshold_at_fpr
 
         acts = prompt_activations(loaded.encoder, sae, neurons, calibration_prompts, tokenizer=loaded.tokenizer,
-                                  min_tokens=args.min_tokens, batch_size=args.batch_size)
+                                  min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length)
         threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
         print(f"calibrated on {len(calibration_prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
               + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))

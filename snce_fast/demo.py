@@ -132,6 +132,11 @@ def run_demo(
     t = stage(1, f"loading the text encoder ({model})")
     loaded = load_encoder(model, encoder)
     enc, tok, pen = loaded.encoder, loaded.tokenizer, loaded.penultimate_output
+    if pen:
+        # detect/patch on a bare encoder hook its final output, while SDXL pipelines read hidden_states[-2]
+        raise ValueError(f"--model {model!r} is an SDXL pipeline: the demo runs on encoders whose output the "
+                         "pipeline reads (the embedded MiniLM, SD1.x/SD2 pipelines, transformers models); for SDXL "
+                         "use snce-fast train / scan / score / detect / erase")
     limit = getattr(tok, "model_max_length", None)
     max_length = min(MAX_LENGTH, limit) if isinstance(limit, int) and limit > 0 else MAX_LENGTH
     times["load"] = time.perf_counter() - t

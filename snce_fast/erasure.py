@@ -41,7 +41,9 @@ class ErasureSAE(nn.Module):
                 f"inconsistent erasure tensors: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, b_dec "
                 f"{tuple(b_dec.shape)}, W_dec_targets {tuple(W_dec_targets.shape)} for {len(targets)} target(s)"
             )
-        as_neuron_list(targets, n)  # range and duplicate checks
+        as_neuron_list(targets, n)  # range check
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets {targets} repeat a latent: expected distinct latents, one decoder row each")
         if not 1 <= k <= n:
             raise ValueError(f"k={k} is invalid: expected 1 <= k <= n_latents={n}")
         self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from snce_fast.cli import main
@@ -46,16 +47,25 @@ def test_erase_writes_images_record_and_comparison(saved, tmp_path):
         ({"--neurons": "3,x"}, "comma-separated"),
         ({"--neurons": "64"}, "out of range"),
         ({"--prompt": None}, "no prompts"),
+        ({"--steps": "0"}, "--steps 0: expected a positive integer"),
+        ({"--min-tokens": "0"}, "--min-tokens 0"),
+        ({"--clamp": "0.5", "--scale": "0.5"}, "clamp"),
+        ({"--model": "SAE_DIR"}, "no model_index.json"),
+        ({"--out": "A_FILE"}, "is a file"),
     ],
 )
 def test_erase_bad_inputs(saved, tmp_path, capsys, change, message):
     args = {"--model": str(saved / "pipe"), "--sae": str(saved / "sae"), "--neurons": "3",
             "--prompt": "a cat", "--out": str(tmp_path / "o"), "--steps": "1"}
     args.update(change)
-    argv = ["erase"] + [x for k, v in args.items() if v is not None for x in (k, v)]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    subst = {"SAE_DIR": str(saved / "sae"), "A_FILE": str(a_file)}
+    argv = ["erase"] + [x for k, v in args.items() if v is not None for x in (k, subst.get(v, v))]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists(), "a failed run leaves no output directory"
 
 
 def test_erase_sae_width_mismatch(saved, tmp_path, capsys):
@@ -68,15 +78,32 @@ def test_erase_sae_width_mismatch(saved, tmp_path, capsys):
 def test_erase_with_a_slim_erasure_matches_the_full_sae(saved, tmp_path, capsys):
     from snce_fast import SAE
 
-    SAE.load(saved / "sae").slim([3, 5]).save(tmp_path / "slim")
-    common = ["--model", str(saved / "pipe"), "--neurons", "3,5", "--prompt", "a photo of a cat", "--steps", "2",
-              "--height", "16", "--quiet"]
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from snce_fast import reference
+
+    sae = SAE.load(saved / "sae")
+    enc = CLIPTextModel.from_pretrained(saved / "pipe" / "text_encoder")
+    tok = CLIPTokenizer.from_pretrained(saved / "pipe" / "tokenizer")
+    ids = tok(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        _, idx = reference.encode(enc(ids).last_hidden_state[:, 1:], sae)
+    firing = torch.bincount(idx.flatten().long(), minlength=sae.n_latents).argsort(descending=True)[:2].tolist()
+    sae.slim(firing).save(tmp_path / "slim")
+    unused = next(j for j in range(sae.n_latents) if j not in firing)
+    common = ["--model", str(saved / "pipe"), "--neurons", ",".join(map(str, firing)), "--prompt",
+              "a photo of a cat", "--steps", "2", "--height", "16", "--quiet", "--compare"]
     assert main(["erase", "--sae", str(saved / "sae"), "--out", str(tmp_path / "full"), *common]) == 0
     assert main(["erase", "--sae", str(tmp_path / "slim"), "--out", str(tmp_path / "s"), *common]) == 0
     a = Image.open(tmp_path / "full" / "0000_seed0_erased.png")
     b = Image.open(tmp_path / "s" / "0000_seed0_erased.png")
     assert list(a.getdata()) == list(b.getdata())
+    original = Image.open(tmp_path / "full" / "0000_seed0_original.png")
+    assert list(original.getdata()) != list(a.getdata()), "the erasure must change the image (the latents fire)"
     capsys.readouterr()
+    assert main(["erase", "--sae", str(tmp_path / "slim"), "--out", str(tmp_path / "x"), *common[:3],
+                 f"{firing[0]},{unused}", *common[4:]]) == 2
+    assert f"latent {unused} has no stored decoder row" in capsys.readouterr().err
     assert main(["erase", "--sae", str(tmp_path / "slim"), "--mode", "reconstruct", "--out", str(tmp_path / "r"),
                  *common]) == 2
     err = capsys.readouterr().err

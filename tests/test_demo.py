@@ -106,3 +106,11 @@ def test_demo_cli_bad_inputs(tmp_path, capsys):
     assert "no such local directory" in err and err.count("\n") == 1
     assert main(["demo", "--threads", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--threads 0" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_sdxl_pipeline(tmp_path, capsys):
+    from tiny_models import sdxl_pipeline
+
+    sdxl_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sdxl")
+    assert main(["demo", "--model", str(tmp_path / "sdxl"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "SDXL pipeline" in capsys.readouterr().err

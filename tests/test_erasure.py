@@ -130,3 +130,9 @@ def test_slim_matches_the_full_sae_hash_and_loads_through_the_cli(tmp_path):
     sae.save(tmp_path / "full")
     assert isinstance(load_sae(str(tmp_path / "e")), ErasureSAE)
     assert isinstance(load_sae(str(tmp_path / "full")), snce_fast.SAE)
+
+
+def test_erasure_refuses_repeated_targets():
+    sae = random_sae(8, n=16, k=2, seed=3)
+    with pytest.raises(ValueError, match="repeat a latent"):
+        ErasureSAE(sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec.detach()[[3, 3]], [3, 3], 2)

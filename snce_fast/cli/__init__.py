@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -38,7 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, TypeError, ValueError, FileNotFoundError) as e:
+    except (UsageError, TypeError, ValueError, OSError) as e:
+        # the library's own checks raise ValueError/TypeError naming the bad value; SNCE_FAST_DEBUG=1
+        # shows the traceback instead (for bug reports)
+        if os.environ.get("SNCE_FAST_DEBUG") and not isinstance(e, UsageError):
+            raise
         print(f"snce-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -81,6 +81,81 @@ def load_sae(path: str, what: str = "--sae"):
         raise UsageError(f"{what} {path!r}: {e}") from None
 
 
+def positive(value: Optional[int], flag: str, multiple: int = 1) -> None:
+    if value is not None and (value < 1 or value % multiple):
+        what = f"a positive multiple of {multiple}" if multiple > 1 else "a positive integer"
+        raise UsageError(f"{flag} {value}: expected {what}")
+
+
+def check_local_pipeline(path: Path, saes: dict[str, Any]) -> None:
+    """Encoders and widths of a local pipeline from its JSON files, before loading any weights."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UsageError(f"--model {str(path)!r}: no model_index.json (expected a diffusers pipeline directory)")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError:
+        raise UsageError(f"--model {str(path)!r}: model_index.json is not valid JSON") from None
+    has = {name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]}
+    kind = index.get("_class_name", "the pipeline")
+    if "text_encoder_2" in has and "text_encoder_2" not in saes:
+        raise UsageError(f"{kind} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
+    if "text_encoder_2" in saes and "text_encoder_2" not in has:
+        raise UsageError(f"--sae-2: {kind} has a single text encoder")
+    for name, sae in saes.items():
+        try:
+            width = json.loads((path / name / "config.json").read_text()).get("hidden_size")
+        except (OSError, ValueError):
+            continue  # the loader will say what is wrong
+        if isinstance(width, int) and width != sae.d_in:
+            flag = "--sae-2" if name == "text_encoder_2" else "--sae"
+            raise UsageError(f"{flag}: the SAE has d_in={sae.d_in} but {name}'s hidden size is {width}")
+
+
+def check_pipeline_arg(model: str, saes: dict[str, Any]) -> None:
+    """--model names a local diffusers pipeline (checked against the SAEs from its JSON files, no
+    weights loaded) or looks like a hub id."""
+    if Path(model).exists():
+        check_local_pipeline(Path(model), saes)
+    elif "/" not in model or model.startswith((".", "/")):
+        raise UsageError(f"--model {model!r}: no such local directory (or give a hub id like org/name)")
+
+
+def load_pipeline(model: str, **kwargs: Any) -> Any:
+    """DiffusionPipeline.from_pretrained with load failures as one-line usage errors."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
+
+
+def check_edit_options(args: argparse.Namespace) -> None:
+    """--scale/--clamp/--mode/--min-tokens as patch() will check them, before anything is loaded."""
+    from .._validate import check_edit_args
+
+    positive(args.min_tokens, "--min-tokens")
+    try:
+        check_edit_args(args.mode, args.scale, args.clamp)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path!r} is a file: expected a directory (it is created if missing)")
+    return out
+
+
+def check_out_file(path: str) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"--out {path!r} is a directory: expected a file path")
+    return out
+
+
 def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
     """`source` (a scan or a scores file) was made with `sae`: the SAE hashes (encoding side) agree."""
     from ..scan import sae_hash
@@ -90,14 +165,29 @@ def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
                          "expected the SAE that was scanned")
 
 
-def check_slim_mode(saes: dict, mode: str) -> None:
-    """A slim erasure (ErasureSAE) supports residual mode only: say so before any heavy loading."""
+def check_slim_mode(saes: dict, mode: str, neurons: Any = None) -> None:
+    """A slim erasure (ErasureSAE) supports residual mode only, and only the latents whose decoder rows
+    it stores (`neurons`: a list, or a dict per encoder): say so before any heavy loading."""
     from ..erasure import ErasureSAE
 
     for name, sae in saes.items():
-        if isinstance(sae, ErasureSAE) and mode != "residual":
+        if not isinstance(sae, ErasureSAE):
+            continue
+        if mode != "residual":
             raise UsageError(f"--mode {mode}: needs the whole decoder, but the SAE for {name} is a slim erasure "
                              "(it keeps only the target rows); use --mode residual or the full SAE")
+        wanted = neurons.get(name, []) if isinstance(neurons, dict) else (neurons or [])
+        missing = [j for j in wanted if j not in sae.decoder_targets]
+        if missing:
+            raise UsageError(f"--neurons: latent {missing[0]} has no stored decoder row in the slim erasure for "
+                             f"{name} (it keeps {sae.decoder_targets})")
+
+
+def add_prompt_file_args(p: argparse.ArgumentParser) -> None:
+    """--prompt (repeatable), --prompts-file and --column, as read by read_prompts_arg."""
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="prompts: .txt (one per line), .csv/.jsonl/.parquet (column --column)")
+    p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet --prompts-file")
 
 
 def read_prompts_arg(args: argparse.Namespace) -> list[str]:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, atomic_write_json
+from ._common import UsageError, atomic_write_json, check_out_file
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -23,6 +23,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: expected a positive integer")
         torch.set_num_threads(args.threads)
+    if args.out:
+        check_out_file(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {benchmarking.device_name(device)}  torch {torch.__version__}")
     if device.type != "cuda":

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, atomic_write_text, check_neurons, check_same_sae, existing_file,
+from ._common import (UsageError, add_model_args, add_prompt_file_args, check_out_file, atomic_write_text, check_neurons, check_same_sae, existing_file,
                       load_encoder,
                       load_sae, parse_neurons, read_prompt_file, read_prompts_arg)
 
@@ -121,7 +121,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
     if bool(args.neurons) == bool(args.scores):
         raise UsageError("give exactly one of --neurons J[,J...] and --scores scores.json")
-    out = Path(args.out) if args.out else None
+    out = check_out_file(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUT_TYPES:
         raise UsageError(f"--out {args.out!r}: expected a .csv or .jsonl file name")
     if args.label_column and not args.prompts_file:
@@ -223,9 +223,7 @@ def register(sub: Any) -> None:
     p.add_argument("--neurons", default=None, help="latent indices, comma-separated")
     p.add_argument("--scores", default=None, help="scores.json from snce-fast score (instead of --neurons)")
     p.add_argument("--top", type=int, default=1, help="with --scores: use its N best latents (default 1)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="prompts: .txt / .csv / .jsonl / .parquet")
-    p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet file")
+    add_prompt_file_args(p)
     p.add_argument("--label-column", default=None, help="0/1 column of a csv/jsonl --prompts-file: report TPR/FPR")
     p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a target must fire on (default 1)")
     p.add_argument("--threshold", default=None, help="activation a target must exceed (default 0): one number, or "

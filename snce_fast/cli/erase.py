@@ -4,42 +4,46 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from ._common import (UsageError, atomic_save_image, atomic_write_text, check_neurons, check_slim_mode, load_sae,
-                      parse_neurons, read_prompts_arg)
+from ._common import (UsageError, add_prompt_file_args, atomic_save_image, atomic_write_text, check_edit_options,
+                      check_neurons, check_out_dir, check_pipeline_arg, check_slim_mode, load_pipeline, load_sae,
+                      parse_neurons, positive, read_prompts_arg)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from .. import patching
-    from ..sae import SAE
 
     prompts = read_prompts_arg(args)
-    saes: dict[str, SAE] = {"text_encoder": load_sae(args.sae)}
+    out = check_out_dir(args.out)
+    positive(args.steps, "--steps")
+    positive(args.height, "--height", 8)
+    positive(args.width, "--width", 8)
+    check_edit_options(args)
+    saes: dict[str, Any] = {"text_encoder": load_sae(args.sae)}
     if args.sae_2:
-        saes["text_encoder_2"] = load_sae(args.sae_2)
+        saes["text_encoder_2"] = load_sae(args.sae_2, "--sae-2")
     neurons = parse_neurons(args.neurons)
-    check_slim_mode(saes, args.mode)
+    check_slim_mode(saes, args.mode, neurons)
     for name, sae in saes.items():
         check_neurons(neurons, sae.n_latents, f"the SAE of {name}")
     if not args.seed:
         args.seed = [0]
     model = args.model
-    if not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
-        raise UsageError(f"--model {model!r}: no such local directory (or give a hub id like org/name)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_pipeline_arg(model, saes)
 
     import torch
-    from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=args.quiet)
     encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
     saes = saes if len(encoders) > 1 else {next(iter(encoders)): saes["text_encoder"]}
     if len(encoders) > 1 and len(saes) < 2:
         raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
+    edit = dict(scale=args.scale, clamp=args.clamp, mode=args.mode, gate=args.gate, min_tokens=args.min_tokens)
+    with patching.patched(pipe, saes, neurons, **edit):
+        pass  # an SAE that does not fit the encoder fails here, before any image is made
+    out.mkdir(parents=True, exist_ok=True)
 
     def generate(prompt: str, seed: int):
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -61,8 +65,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         for i, prompt in enumerate(prompts):
             for seed in args.seed:
                 originals[(i, seed)] = generate(prompt, seed)
-    with patching.patched(pipe, saes, neurons, scale=args.scale, clamp=args.clamp, mode=args.mode,
-                          gate=args.gate, min_tokens=args.min_tokens):
+    with patching.patched(pipe, saes, neurons, **edit):
         for i, prompt in enumerate(prompts):
             for seed in args.seed:
                 img = generate(prompt, seed)
@@ -109,8 +112,7 @@ def register(sub: Any) -> None:
     p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
     p.add_argument("--gate", action="store_true", help="edit a prompt only if a target fires on >= --min-tokens tokens")
     p.add_argument("--min-tokens", type=int, default=1)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a text file, one prompt per line")
+    add_prompt_file_args(p)
     p.add_argument("--seed", type=int, action="append", help="seed(s) (repeatable; default 0)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=None)

@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import UsageError, check_neurons, check_slim_mode, existing_dir, load_sae, parse_neurons
+from ._common import (UsageError, check_edit_options, check_neurons, check_pipeline_arg, check_slim_mode, existing_dir, load_pipeline,
+                      load_sae, parse_neurons, positive)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def _positive(value: Optional[int], flag: str, multiple: int = 1) -> None:
-    if value is not None and (value < 1 or value % multiple):
-        what = f"a positive multiple of {multiple}" if multiple > 1 else "a positive integer"
-        raise UsageError(f"{flag} {value}: expected {what}")
 
 
 def _device_and_dtype(device: Optional[str], dtype: str) -> tuple[Any, Any]:
@@ -34,40 +28,15 @@ def _device_and_dtype(device: Optional[str], dtype: str) -> tuple[Any, Any]:
     return dev, getattr(torch, dtype)
 
 
-def _check_local_pipeline(path: Path, saes: dict[str, Any]) -> None:
-    """Encoders and widths of a local pipeline from its JSON files, before loading any weights."""
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise UsageError(f"--model {str(path)!r}: no model_index.json (expected a diffusers pipeline directory)")
-    try:
-        index = json.loads(index_file.read_text())
-    except ValueError:
-        raise UsageError(f"--model {str(path)!r}: model_index.json is not valid JSON") from None
-    has = {name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]}
-    kind = index.get("_class_name", "the pipeline")
-    if "text_encoder_2" in has and "text_encoder_2" not in saes:
-        raise UsageError(f"{kind} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
-    if "text_encoder_2" in saes and "text_encoder_2" not in has:
-        raise UsageError(f"--sae-2: {kind} has a single text encoder")
-    for name, sae in saes.items():
-        try:
-            width = json.loads((path / name / "config.json").read_text()).get("hidden_size")
-        except (OSError, ValueError):
-            continue  # the loader will say what is wrong
-        if isinstance(width, int) and width != sae.d_in:
-            flag = "--sae-2" if name == "text_encoder_2" else "--sae"
-            raise UsageError(f"{flag}: the SAE has d_in={sae.d_in} but {name}'s hidden size is {width}")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import evaluate as ev
 
     # -- everything cheap is checked before the pipeline is loaded ----------------------------
-    _positive(args.steps, "--steps")
-    _positive(args.limit, "--limit")
-    _positive(args.min_tokens, "--min-tokens")
-    _positive(args.height, "--height", 8)
-    _positive(args.width, "--width", 8)
+    positive(args.steps, "--steps")
+    positive(args.limit, "--limit")
+    positive(args.min_tokens, "--min-tokens")
+    positive(args.height, "--height", 8)
+    positive(args.width, "--width", 8)
     if not 0 < args.threshold <= 1:
         raise UsageError(f"--threshold {args.threshold}: expected a detector score in (0, 1]")
     if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
@@ -88,7 +57,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         neurons["text_encoder_2"] = parse_neurons(args.neurons_2) if args.neurons_2 else neurons["text_encoder"]
     elif args.neurons_2:
         raise UsageError("--neurons-2 needs --sae-2 (the SAE of text_encoder_2)")
-    check_slim_mode(saes, args.mode)
+    check_edit_options(args)
+    check_slim_mode(saes, args.mode, neurons)
     for name, sae in saes.items():
         check_neurons(neurons[name], sae.n_latents, f"the SAE of {name}")
 
@@ -105,10 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--clip-model {args.clip_model!r}: no config.json (expected a CLIPModel directory)")
 
     model = args.model
-    if not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
-        raise UsageError(f"--model {model!r}: no such local directory (or give a hub id like org/name)")
-    if Path(model).exists():
-        _check_local_pipeline(Path(model), saes)
+    check_pipeline_arg(model, saes)
     edit = dict(scale=args.scale, clamp=args.clamp, mode=args.mode, gate=args.gate, min_tokens=args.min_tokens)
     extra = {
         "model": model,
@@ -130,8 +97,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--clip-model: {e}") from None
 
     # -- the pipeline --------------------------------------------------------------------------
-    from diffusers import DiffusionPipeline
-
     from .. import patching
 
     try:  # diffusers renamed torch_dtype= to dtype=
@@ -140,10 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dtype_kw = {"dtype": dtype}
     except ImportError:
         dtype_kw = {"torch_dtype": dtype}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, **dtype_kw)
-    except OSError as e:
-        raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
+    pipe = load_pipeline(model, **dtype_kw)
     pipe.set_progress_bar_config(disable=True)
     encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
     if len(encoders) > 1 and len(saes) < 2:

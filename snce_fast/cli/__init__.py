@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 from ._common import UsageError
 
 # order = order in --help
-COMMANDS = ("demo", "info", "train", "scan", "score", "detect", "erase", "eval", "bench")
+COMMANDS = ("demo", "info", "train", "scan", "score", "calibrate", "detect", "erase", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

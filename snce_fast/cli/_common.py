@@ -131,6 +131,41 @@ def load_pipeline(model: str, **kwargs: Any) -> Any:
         raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
 
 
+def add_edit_args(p: argparse.ArgumentParser) -> None:
+    """The edit and gate options of erase / eval (what patch() takes), incl. --calibration."""
+    p.add_argument("--neurons", default=None, help="latent indices, comma-separated (or --calibration)")
+    p.add_argument("--calibration", default=None, help="calibration.json from snce-fast calibrate: its neurons, "
+                   "with the gate on at its calibrated threshold and min_tokens (the measured best rule)")
+    p.add_argument("--scale", type=float, default=0.0, help="z_j <- scale * z_j (0 removes; default 0)")
+    p.add_argument("--clamp", type=float, default=None, help="z_j <- min(z_j, clamp) instead of scaling")
+    p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
+    p.add_argument("--gate", action="store_true", help="edit a prompt only if a target fires (activation > "
+                   "--gate-threshold) on >= --min-tokens of its tokens")
+    p.add_argument("--gate-threshold", type=float, default=0.0, help="the gate's activation threshold (default 0)")
+    p.add_argument("--min-tokens", type=int, default=1)
+
+
+def apply_calibration(args: argparse.Namespace, sae: Any) -> None:
+    """--calibration FILE sets --neurons, --gate, --gate-threshold and --min-tokens from the file."""
+    if not getattr(args, "calibration", None):
+        if not args.neurons:
+            raise UsageError("give --neurons J[,J...] or --calibration calibration.json")
+        return
+    if args.neurons:
+        raise UsageError("give --neurons or --calibration (which holds the neurons), not both")
+    from .calibrate import read_calibration
+
+    record = read_calibration(args.calibration, sae)
+    args.neurons = ",".join(str(int(j)) for j in record["neurons"])
+    args.gate, args.gate_threshold = True, float(record["gate_threshold"])
+    args.min_tokens = int(record.get("min_tokens", 1))
+
+
+def edit_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(scale=args.scale, clamp=args.clamp, mode=args.mode, gate=args.gate, min_tokens=args.min_tokens,
+                threshold=args.gate_threshold)
+
+
 def check_edit_options(args: argparse.Namespace) -> None:
     """--scale/--clamp/--mode/--min-tokens as patch() will check them, before anything is loaded."""
     from .._validate import check_edit_args

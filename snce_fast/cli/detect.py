@@ -119,15 +119,26 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
-    if bool(args.neurons) == bool(args.scores):
-        raise UsageError("give exactly one of --neurons J[,J...] and --scores scores.json")
+    if sum(bool(x) for x in (args.neurons, args.scores, args.calibration)) != 1:
+        raise UsageError("give exactly one of --neurons J[,J...], --scores scores.json and --calibration calibration.json")
+    if args.calibration and (args.threshold is not None or args.calibrate_on):
+        raise UsageError("--calibration already holds the thresholds: drop --threshold / --calibrate-on")
     out = check_out_file(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUT_TYPES:
         raise UsageError(f"--out {args.out!r}: expected a .csv or .jsonl file name")
     if args.label_column and not args.prompts_file:
         raise UsageError("--label-column needs --prompts-file (a .csv or .jsonl with that column)")
     sae = load_sae(args.sae)
-    if args.neurons:
+    calibrated = None
+    if args.calibration:
+        from .calibrate import read_calibration
+
+        calibrated = read_calibration(args.calibration, sae)
+        neurons = [int(j) for j in calibrated["neurons"]]
+        args.min_tokens = int(calibrated.get("min_tokens", 1))
+        if args.max_length is None:
+            args.max_length = calibrated.get("max_length")
+    elif args.neurons:
         neurons = parse_neurons(args.neurons)
     else:
         neurons, record = neurons_from_scores(args.scores, args.top)
@@ -140,6 +151,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.calibrate_on and args.threshold is not None:
         raise UsageError("give --threshold or --calibrate-on (thresholds calibrated on reference prompts), not both")
     threshold = parse_thresholds(args.threshold, neurons) if args.threshold is not None else 0.0
+    if calibrated is not None:
+        threshold = [float(t) for t in calibrated["thresholds"]]
     calibration_prompts: list[str] = []
     if args.calibrate_on:
         if not 0.0 <= args.fpr < 1.0:
@@ -223,6 +236,8 @@ def register(sub: Any) -> None:
     p.add_argument("--neurons", default=None, help="latent indices, comma-separated")
     p.add_argument("--scores", default=None, help="scores.json from snce-fast score (instead of --neurons)")
     p.add_argument("--top", type=int, default=1, help="with --scores: use its N best latents (default 1)")
+    p.add_argument("--calibration", default=None, help="calibration.json from snce-fast calibrate: its neurons, "
+                   "per-neuron thresholds and min_tokens (the measured best rule; instead of --neurons)")
     add_prompt_file_args(p)
     p.add_argument("--label-column", default=None, help="0/1 column of a csv/jsonl --prompts-file: report TPR/FPR")
     p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a target must fire on (default 1)")

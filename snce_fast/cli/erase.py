@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from ._common import (UsageError, add_prompt_file_args, atomic_save_image, atomic_write_text, check_edit_options,
+from ._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, edit_options, atomic_save_image, atomic_write_text, check_edit_options,
                       check_neurons, check_out_dir, check_pipeline_arg, check_slim_mode, load_pipeline, load_sae,
                       parse_neurons, positive, read_prompts_arg)
 
@@ -19,8 +19,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
     positive(args.steps, "--steps")
     positive(args.height, "--height", 8)
     positive(args.width, "--width", 8)
-    check_edit_options(args)
     saes: dict[str, Any] = {"text_encoder": load_sae(args.sae)}
+    apply_calibration(args, saes["text_encoder"])
+    check_edit_options(args)
     if args.sae_2:
         saes["text_encoder_2"] = load_sae(args.sae_2, "--sae-2")
     neurons = parse_neurons(args.neurons)
@@ -40,7 +41,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     saes = saes if len(encoders) > 1 else {next(iter(encoders)): saes["text_encoder"]}
     if len(encoders) > 1 and len(saes) < 2:
         raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
-    edit = dict(scale=args.scale, clamp=args.clamp, mode=args.mode, gate=args.gate, min_tokens=args.min_tokens)
+    edit = edit_options(args)
     with patching.patched(pipe, saes, neurons, **edit):
         pass  # an SAE that does not fit the encoder fails here, before any image is made
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {
         "model": model, "sae": args.sae, "sae_2": args.sae_2, "neurons": neurons, "scale": args.scale,
         "clamp": args.clamp, "mode": args.mode, "gate": args.gate, "min_tokens": args.min_tokens,
+        "gate_threshold": args.gate_threshold, "calibration": args.calibration,
         "steps": args.steps, "guidance": args.guidance, "seeds": args.seed, "images": [],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -106,12 +108,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline directory or hub id")
     p.add_argument("--sae", required=True, help="SAE directory for text_encoder (config.json + sae.safetensors)")
     p.add_argument("--sae-2", help="SAE directory for SDXL's text_encoder_2")
-    p.add_argument("--neurons", required=True, help="latent indices, comma-separated")
-    p.add_argument("--scale", type=float, default=0.0, help="z_j <- scale * z_j (0 removes; default 0)")
-    p.add_argument("--clamp", type=float, default=None, help="z_j <- min(z_j, clamp) instead of scaling")
-    p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
-    p.add_argument("--gate", action="store_true", help="edit a prompt only if a target fires on >= --min-tokens tokens")
-    p.add_argument("--min-tokens", type=int, default=1)
+    add_edit_args(p)
     add_prompt_file_args(p)
     p.add_argument("--seed", type=int, action="append", help="seed(s) (repeatable; default 0)")
     p.add_argument("--steps", type=int, default=30)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, check_edit_options, check_neurons, check_pipeline_arg, check_slim_mode, existing_dir, load_pipeline,
+from ._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, edit_options, check_neurons, check_pipeline_arg, check_slim_mode, existing_dir, load_pipeline,
                       load_sae, parse_neurons, positive)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -51,6 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--csv: {e}") from None
 
     saes = {"text_encoder": load_sae(args.sae)}
+    apply_calibration(args, saes["text_encoder"])
     neurons = {"text_encoder": parse_neurons(args.neurons)}
     if args.sae_2:
         saes["text_encoder_2"] = load_sae(args.sae_2, "--sae-2")
@@ -76,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = args.model
     check_pipeline_arg(model, saes)
-    edit = dict(scale=args.scale, clamp=args.clamp, mode=args.mode, gate=args.gate, min_tokens=args.min_tokens)
+    edit = edit_options(args)
     extra = {
         "model": model,
         "dtype": str(dtype).replace("torch.", ""),
@@ -153,13 +154,8 @@ def register(sub: Any) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline directory or hub id (SD1.x/2.x, SDXL)")
     p.add_argument("--sae", required=True, help="SAE directory for text_encoder (config.json + sae.safetensors)")
     p.add_argument("--sae-2", help="SAE directory for SDXL's text_encoder_2")
-    p.add_argument("--neurons", required=True, help="latent indices, comma-separated")
+    add_edit_args(p)
     p.add_argument("--neurons-2", help="latent indices for --sae-2 (default: --neurons)")
-    p.add_argument("--scale", type=float, default=0.0, help="z_j <- scale * z_j (0 removes; default 0)")
-    p.add_argument("--clamp", type=float, default=None, help="z_j <- min(z_j, clamp) instead of scaling")
-    p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
-    p.add_argument("--gate", action="store_true", help="edit a prompt only if a target fires on >= --min-tokens tokens")
-    p.add_argument("--min-tokens", type=int, default=1)
     p.add_argument("--csv", required=True, help="I2P-style CSV, e.g. i2p.csv or its nudity subset")
     p.add_argument("--prompt-column", default="prompt", help="default: prompt")
     p.add_argument("--seed-column", default="evaluation_seed", help="default: evaluation_seed")

@@ -1,0 +1,162 @@
+"""`snce-fast calibrate`: pick the concept latent(s) and their firing thresholds by the measured rule
+(docs/identification.md): each latent's threshold flags at most 1% of generic captions and 5% of
+style-matched ordinary prompts; latents ranked by target recall at that threshold."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ._common import (UsageError, add_model_args, atomic_write_json, check_out_file, check_same_sae, load_encoder,
+                      load_sae, positive, read_prompt_file)
+
+FORMAT = "snce_fast.calibration"
+
+
+def _groups(specs: list[str], column: str) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, files = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not files.strip():
+            raise UsageError(f"--reference {spec!r}: expected NAME=FILE[,FILE...]")
+        if name in groups:
+            raise UsageError(f"--reference {spec!r}: group {name!r} is given twice")
+        prompts: list[str] = []
+        for f in [f.strip() for f in files.split(",") if f.strip()]:
+            prompts += read_prompt_file(f, f"--reference {name}", column)
+        if not prompts:
+            raise UsageError(f"--reference {spec!r}: no usable prompts")
+        groups[name] = prompts
+    return groups
+
+
+def _fprs(specs: list[str], groups: dict[str, list[str]]) -> Any:
+    if not specs:
+        return None  # the measured default: 1% for the first group, 5% for the others
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if not sep or name not in groups or not 0.0 <= rate < 1.0:
+            raise UsageError(f"--fpr {spec!r}: expected GROUP=RATE with GROUP one of {list(groups)} and 0 <= RATE < 1")
+        out[name] = rate
+    from ..detect import DEFAULT_FPR, DEFAULT_MATCHED_FPR
+
+    return {g: out.get(g, DEFAULT_FPR if i == 0 else DEFAULT_MATCHED_FPR) for i, g in enumerate(groups)}
+
+
+def read_calibration(path: str, sae: Any) -> dict[str, Any]:
+    """A calibration.json written by `snce-fast calibrate`, checked against `sae`."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--calibration {path!r} does not exist (or is not a file)")
+    try:
+        record = json.loads(p.read_text())
+    except ValueError as e:
+        raise UsageError(f"--calibration {path!r} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not record.get("neurons"):
+        raise UsageError(f"--calibration {path!r}: expected a calibration.json written by snce-fast calibrate")
+    check_same_sae(sae, record.get("sae_hash"), f"--calibration {path!r}")
+    return record
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..detect import calibrate
+    from ..scan import sae_hash
+
+    positive(args.top, "--top")
+    positive(args.min_tokens, "--min-tokens")
+    positive(args.batch_size, "--batch-size")
+    positive(args.max_length, "--max-length")
+    out = check_out_file(args.out)
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"--out {args.out!r}: expected a .json file name")
+    if not args.reference:
+        raise UsageError("give at least one --reference NAME=FILE (generic captions first, then style-matched "
+                         "ordinary prompts)")
+    target = read_prompt_file(args.target, "--target", args.column)
+    if not target:
+        raise UsageError(f"--target {args.target!r}: no usable prompts")
+    groups = _groups(args.reference, args.column)
+    fpr = _fprs(args.fpr or [], groups)
+    sae = load_sae(args.sae)
+    candidates = None
+    if args.candidates:
+        from .detect import neurons_from_scores
+
+        positive(args.shortlist, "--shortlist")
+        _, record = neurons_from_scores(args.candidates, 1)
+        candidates = [int(e["latent"]) for e in record["top"][: args.shortlist]]
+        check_same_sae(sae, record.get("sae_hash"), f"--candidates {args.candidates!r}")
+    loaded = load_encoder(args.model, args.encoder)
+    if loaded.penultimate_output:
+        raise UsageError("calibrate is not supported for SDXL pipelines yet (it would read the encoder output, "
+                         "not hidden_states[-2])")
+    from .scan import check_sae_fits
+
+    check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
+                    tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    chosen = cal.top(args.top)
+    pos = {j: i for i, j in enumerate(cal.neurons)}
+    record = {
+        "format": FORMAT, "sae": str(args.sae), "sae_hash": sae_hash(sae), "model": args.model,
+        "encoder": args.encoder, "target": str(args.target), "references": {g: len(p) for g, p in groups.items()},
+        "fpr": cal.fpr, "min_tokens": cal.min_tokens, "max_length": args.max_length,
+        "neurons": chosen, "thresholds": cal.thresholds_for(chosen), "gate_threshold": cal.threshold(chosen),
+        "ranked": [{"latent": j, "threshold": float(cal.thresholds[i]), "recall": float(cal.recall[i]),
+                    **{f"rate_{g}": float(r[i]) for g, r in cal.reference_rates.items()}}
+                   for i, j in enumerate(cal.neurons[: max(args.report, args.top)])],
+    }
+    for j in chosen:
+        i = pos[j]
+        rates = ", ".join(f"{g} {float(r[i]):.1%}" for g, r in cal.reference_rates.items())
+        print(f"latent {j}: threshold {float(cal.thresholds[i]):.4g}, flags {float(cal.recall[i]):.1%} of the "
+              f"target prompts and {rates} of the references (calibration prompts)")
+    atomic_write_json(out, record)
+    print(f"wrote {out}; next: snce-fast detect --sae {args.sae} --calibration {out} --prompts-file ... or "
+          f"snce-fast erase ... --calibration {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate", help="pick the concept latent(s) and firing thresholds on reference prompts (step 3b)",
+        description="The measured best identification rule (docs/identification.md): every latent (or a "
+        "--candidates shortlist from snce-fast score) gets the firing threshold at which it flags at most 1%% "
+        "of the first reference group (generic captions, e.g. COCO) and 5%% of every further group "
+        "(style-matched ordinary prompts: same artistic style, no concept); latents are ranked by the share of "
+        "--target prompts they flag at that threshold minus the largest reference share; --top N picks N "
+        "greedily. Use prompts not used for scanning. Writes calibration.json (neurons, per-neuron "
+        "thresholds, the gate threshold); next: snce-fast detect / erase / eval --calibration FILE.",
+    )
+    add_model_args(p)
+    p.add_argument("--sae", required=True, help="SAE directory trained on --model")
+    p.add_argument("--target", required=True, help="concept prompts (.txt/.csv/.jsonl/.parquet)")
+    p.add_argument("--reference", action="append", metavar="NAME=FILE[,FILE...]",
+                   help="a reference group (repeatable): generic captions first, then style-matched ordinary prompts")
+    p.add_argument("--fpr", action="append", metavar="GROUP=RATE",
+                   help="override a group's calibration rate (default 0.01 for the first group, 0.05 for the others)")
+    p.add_argument("--candidates", default=None, help="a scores.json from snce-fast score: calibrate only its "
+                   "top --shortlist latents (default: every latent)")
+    p.add_argument("--shortlist", type=int, default=1024, help="how many of --candidates' latents (default 1024)")
+    p.add_argument("--top", type=int, default=1, help="latents to choose (default 1)")
+    p.add_argument("--report", type=int, default=20, help="ranked latents to list in the output (default 20)")
+    p.add_argument("--min-tokens", type=int, default=1)
+    p.add_argument("--column", default="prompt", help="prompt column of csv/jsonl/parquet files")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="pad prompts to this many tokens (default: the "
+                   "tokenizer's limit, as pipelines do)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="calibration .json file to write")
+    p.set_defaults(func=cmd_calibrate)

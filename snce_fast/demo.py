@@ -19,7 +19,7 @@ import torch
 from ._atomic import atomic_path, atomic_write_text
 from .activations import encoder_device, tokenize, uses_attention_mask
 from .demo_prompts import DemoPrompts, demo_prompts
-from .detect import detect
+from .detect import calibrate, detect
 from .patching import patched
 from .report import report, top_prompts
 from .sae import SAE
@@ -170,10 +170,21 @@ def run_demo(
     f_c, f_o = stats.frequency(data.concept), stats.frequency("ordinary")
     times["score"] = time.perf_counter() - t
 
-    t = stage(5, f"detect: latent {neuron} on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts")
+    t = stage(5, f"detect on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts (latent {neuron}; "
+                 "also the calibrated rule)")
     det_c = detect(enc, sae, [neuron], data.held_concept, tokenizer=tok, max_length=max_length)
     det_o = detect(enc, sae, [neuron], data.held_ordinary, tokenizer=tok, max_length=max_length)
     _plot_detection(out / "detect.png", det_c.scores, det_o.scores, neuron, data.concept)
+    # the measured best rule (docs/identification.md): thresholds calibrated on the ordinary scan prompts
+    cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
+                    max_length=max_length)
+    cal_latents = cal.top(1)
+    cal_thr = cal.thresholds_for(cal_latents)
+    cc = detect(enc, sae, cal_latents, data.held_concept, tokenizer=tok, max_length=max_length, threshold=cal_thr)
+    co = detect(enc, sae, cal_latents, data.held_ordinary, tokenizer=tok, max_length=max_length, threshold=cal_thr)
+    calibrated = {"latents": cal_latents, "thresholds": cal_thr, "fpr": cal.fpr,
+                  "true_positive_rate": float(cc.flags.float().mean()),
+                  "false_positive_rate": float(co.flags.float().mean())}
     multi = []
     for count in (2, 4):  # what one neuron costs: the gate with the top 2 / 4 latents
         latents = top5[:count]
@@ -203,6 +214,7 @@ def run_demo(
             "false_positive_rate": float(det_o.flags.float().mean()),
             "concept_flagged": int(det_c.flags.sum()), "ordinary_flagged": int(det_o.flags.sum()),
             "more_latents": multi,
+            "calibrated": calibrated,
         },
         "edit": edit,
         "seconds": {k: round(v, 2) for k, v in times.items()},
@@ -281,6 +293,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
         *[f"- with the top {len(m['latents'])} latents {m['latents']}: true-positive rate "
           f"{m['true_positive_rate']:.1%}, false-positive rate {m['false_positive_rate']:.1%}" for m in d["more_latents"]],
+        "",
+        f"- calibrated rule (snce_fast.calibrate: threshold flagging <= {d['calibrated']['fpr']['ordinary']:.0%} of "
+        f"the ordinary scan prompts, latent by recall at it): latent {d['calibrated']['latents'][0]}, true-positive "
+        f"rate {d['calibrated']['true_positive_rate']:.1%}, false-positive rate "
+        f"{d['calibrated']['false_positive_rate']:.1%}",
         "",
         "![detect scores](detect.png)",
         "",

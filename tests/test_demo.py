@@ -85,6 +85,10 @@ def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path)
                                  max_length=s["max_length"]).flags
         assert m["true_positive_rate"] == pytest.approx(float(flags.float().mean()))
         assert m["true_positive_rate"] >= s["detect"]["true_positive_rate"]  # more latents never flag fewer
+    c = s["detect"]["calibrated"]
+    flags = snce_fast.detect(enc.encoder, sae, c["latents"], data.held_ordinary, tokenizer=enc.tokenizer,
+                             max_length=s["max_length"], threshold=c["thresholds"]).flags
+    assert c["false_positive_rate"] == pytest.approx(float(flags.float().mean()))
     e = s["edit"]
     assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]  # SPEC: silent -> bit-identical
     assert e["concept_changed"] <= e["concept_neuron_fires"]

@@ -36,6 +36,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for m in d["more_latents"]:
         print(f"  with the top {len(m['latents'])} latents: {m['true_positive_rate']:.0%} concept, "
               f"{m['false_positive_rate']:.0%} ordinary flagged")
+    c = d["calibrated"]
+    print(f"  calibrated rule (threshold at {c['fpr']['ordinary']:.0%} of ordinary scan prompts): latent "
+          f"{c['latents'][0]}: {c['true_positive_rate']:.0%} concept, {c['false_positive_rate']:.0%} ordinary flagged")
     print(f"residual edit: {e['ordinary_silent_bit_identical']}/{e['ordinary_silent']} ordinary prompts where the "
           f"neuron is silent are bit-identical; {e['concept_changed']}/{p['held_concept']} concept prompts changed, "
           f"the neuron re-fires on {e['concept_refires_after_edit']} of them after the edit")

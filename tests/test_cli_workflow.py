@@ -560,3 +560,13 @@ def test_detect_labels_blank_is_unlabelled(tmp_path):
     f = tmp_path / "lab.csv"
     f.write_bytes(b"prompt,label\na cat,1\na dog,\nbad \xff bytes,0\na car,0\n   ,1\n")
     assert read_labels(str(f), "label") == [True, None, False]  # undecodable and blank prompts skipped
+
+
+def test_score_out_drops_plots_of_latents_no_longer_chosen(env, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "latent_99999.png").write_bytes(b"stale")
+    assert main(["score", "--stats", str(env["root"] / "stats"), "--target", "concept", "--top", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    top = [e["latent"] for e in json.loads((out / "scores.json").read_text())["top"]]
+    assert sorted(p.name for p in out.glob("latent_*.png")) == sorted(f"latent_{j}.png" for j in top)

@@ -108,6 +108,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         # report() writes in place: build it in a temp dir, then rename each file into --out
         with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
             report(stats, sc, tmp, neurons=top, top=tops)
+            fresh = {f.name for f in Path(tmp).iterdir()}
+            for old in out.glob("latent_*.png"):  # plots of latents an earlier run chose
+                if old.name not in fresh:
+                    old.unlink()
             for f in Path(tmp).iterdir():
                 os.replace(f, out / f.name)
         atomic_write_json(out / "scores.json", record)

@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import latest_checkpoint, train_sae
 
     resume_step: Optional[int] = None
+    auto_cache: Optional[Path] = None
     if cfg.checkpoint_dir is not None:
         try:
             ck = latest_checkpoint(cfg.checkpoint_dir)
@@ -140,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume_step = int(ck.name.split("_")[-1])
         if cfg.cache_dir is None and cfg.epochs > 1:  # the cache must survive a resume, so it lives beside it
             cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
+            auto_cache = Path(cfg.cache_dir)
 
     import torch
 
@@ -193,6 +195,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "
               f"FVU {rep.fvu:.4f}, L0 {rep.l0:.1f}, dead fraction {rep.dead_fraction:.4f}")
         print(f"wrote the SAE (config.json, sae.safetensors), train_report.json and train_curves.png to {out}")
+        if auto_cache is not None and auto_cache.is_dir():
+            size = sum(f.stat().st_size for f in auto_cache.rglob("*") if f.is_file())
+            print(f"the activation cache {auto_cache} ({size / 2**30:.2f} GiB) is kept for resuming; delete it "
+                  "when you no longer need the checkpoint")
         print(f"next: snce-fast scan --model {shlex.quote(args.model)} --sae {shlex.quote(str(out))} "
               "--group concept=CONCEPT.csv --group reference=ORDINARY.csv --out stats/")
     return 0

@@ -132,11 +132,6 @@ def run_demo(
     t = stage(1, f"loading the text encoder ({model})")
     loaded = load_encoder(model, encoder)
     enc, tok, pen = loaded.encoder, loaded.tokenizer, loaded.penultimate_output
-    if pen:
-        # detect/patch on a bare encoder hook its final output, while SDXL pipelines read hidden_states[-2]
-        raise ValueError(f"--model {model!r} is an SDXL pipeline: the demo runs on encoders whose output the "
-                         "pipeline reads (the embedded MiniLM, SD1.x/SD2 pipelines, transformers models); for SDXL "
-                         "use snce-fast train / scan / score / detect / erase")
     limit = getattr(tok, "model_max_length", None)
     max_length = min(MAX_LENGTH, limit) if isinstance(limit, int) and limit > 0 else MAX_LENGTH
     times["load"] = time.perf_counter() - t
@@ -172,24 +167,26 @@ def run_demo(
 
     t = stage(5, f"detect on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts (latent {neuron}; "
                  "also the calibrated rule)")
-    det_c = detect(enc, sae, [neuron], data.held_concept, tokenizer=tok, max_length=max_length)
-    det_o = detect(enc, sae, [neuron], data.held_ordinary, tokenizer=tok, max_length=max_length)
+    det_c = detect(enc, sae, [neuron], data.held_concept, tokenizer=tok, max_length=max_length, penultimate_output=pen)
+    det_o = detect(enc, sae, [neuron], data.held_ordinary, tokenizer=tok, max_length=max_length, penultimate_output=pen)
     _plot_detection(out / "detect.png", det_c.scores, det_o.scores, neuron, data.concept)
     # the measured best rule (docs/identification.md): thresholds calibrated on the ordinary scan prompts
     cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
-                    max_length=max_length)
+                    max_length=max_length, penultimate_output=pen)
     cal_latents = cal.top(1)
     cal_thr = cal.thresholds_for(cal_latents)
-    cc = detect(enc, sae, cal_latents, data.held_concept, tokenizer=tok, max_length=max_length, threshold=cal_thr)
-    co = detect(enc, sae, cal_latents, data.held_ordinary, tokenizer=tok, max_length=max_length, threshold=cal_thr)
+    cc = detect(enc, sae, cal_latents, data.held_concept, tokenizer=tok, max_length=max_length, threshold=cal_thr,
+                penultimate_output=pen)
+    co = detect(enc, sae, cal_latents, data.held_ordinary, tokenizer=tok, max_length=max_length, threshold=cal_thr,
+                penultimate_output=pen)
     calibrated = {"latents": cal_latents, "thresholds": cal_thr, "fpr": cal.fpr,
                   "true_positive_rate": float(cc.flags.float().mean()),
                   "false_positive_rate": float(co.flags.float().mean())}
     multi = []
     for count in (2, 4):  # what one neuron costs: the gate with the top 2 / 4 latents
         latents = top5[:count]
-        mc = detect(enc, sae, latents, data.held_concept, tokenizer=tok, max_length=max_length)
-        mo = detect(enc, sae, latents, data.held_ordinary, tokenizer=tok, max_length=max_length)
+        mc = detect(enc, sae, latents, data.held_concept, tokenizer=tok, max_length=max_length, penultimate_output=pen)
+        mo = detect(enc, sae, latents, data.held_ordinary, tokenizer=tok, max_length=max_length, penultimate_output=pen)
         multi.append({"latents": latents, "true_positive_rate": float(mc.flags.float().mean()),
                       "false_positive_rate": float(mo.flags.float().mean())})
     times["detect"] = time.perf_counter() - t
@@ -234,7 +231,7 @@ def _edit_check(enc: Any, tok: Any, sae: SAE, neuron: int, data: DemoPrompts, pe
     before_c, mask_c = _hidden(enc, tok, data.held_concept, pen, max_length)
     before_s, mask_s = _hidden(enc, tok, data.scan_concept, pen, max_length)
     before_r, mask_r = _hidden(enc, tok, data.scan_ordinary, pen, max_length)
-    with patched(enc, sae, neuron, scale=0.0, mode="residual"):
+    with patched(enc, sae, neuron, scale=0.0, mode="residual", penultimate_output=pen):
         after_o, _ = _hidden(enc, tok, data.held_ordinary, pen, max_length)
         after_c, _ = _hidden(enc, tok, data.held_concept, pen, max_length)
     silent_o = ~_fires_anywhere(before_o, sae, neuron)

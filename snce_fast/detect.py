@@ -39,18 +39,20 @@ def detect(
     threshold: float = 0.0,
     batch_size: int = 64,
     max_length: Optional[int] = None,
+    penultimate_output: bool = False,
 ) -> Detection:
     """Flag prompts on which a target latent fires (value > threshold) on >= min_tokens counted tokens.
 
     For an SDXL pipeline with one SAE per encoder, a prompt is flagged if any encoder flags it.
     `max_length` pads/truncates prompts to that many tokens (default: the tokenizer's limit, as the
     pipelines do); counted tokens never include padding, so a shorter pad changes only speed.
+    `penultimate_output=True` reads a bare encoder as SDXL does (hidden_states[-2] for hook "output").
     """
     positive_int(min_tokens, "min_tokens")
     positive_int(batch_size, "batch_size")
     if isinstance(prompts, str):
         prompts = [prompts]
-    encoders = text_encoders(pipe_or_encoder)
+    encoders = text_encoders(pipe_or_encoder, penultimate_output)
     saes = sae if isinstance(sae, dict) else {name: sae for name in encoders}
     flags = torch.zeros(len(prompts), dtype=torch.bool)
     scores = torch.zeros(len(prompts), dtype=torch.float32)
@@ -108,6 +110,7 @@ def prompt_activations(
     min_tokens: int = 1,
     batch_size: int = 64,
     max_length: Optional[int] = None,
+    penultimate_output: bool = False,
 ) -> torch.Tensor:
     """float32 [P, T]: per prompt and neuron (in the order given), the `min_tokens`-th largest
     activation over counted tokens (0 where it fires on fewer). The gate with threshold t and
@@ -123,7 +126,7 @@ def prompt_activations(
         [neurons] if isinstance(neurons, int) else list(neurons))
     as_neuron_list(order, sae.n_latents)  # range / type checks
     order = list(dict.fromkeys(int(j) for j in order))
-    encoders = text_encoders(pipe_or_encoder)
+    encoders = text_encoders(pipe_or_encoder, penultimate_output)
     name = next(iter(encoders))
     enc, penultimate = encoders[name]
     tok = tokenizer or _tokenizer_for(pipe_or_encoder, name)
@@ -232,6 +235,7 @@ def calibrate(
     tokenizer: Any = None,
     batch_size: int = 64,
     max_length: Optional[int] = None,
+    penultimate_output: bool = False,
 ) -> Calibration:
     """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
     group, then rank candidates by target recall minus the largest reference rate at that threshold.
@@ -267,7 +271,8 @@ def calibrate(
     order = list(dict.fromkeys(int(j) for j in order))
 
     def acts(ps: Sequence[str]) -> torch.Tensor:
-        return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length)
+        return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length,
+                                  penultimate_output)
 
     ref_acts = {g: acts(p) for g, p in refs.items()}
     thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in ref_acts.items()]).amax(0)

@@ -121,11 +121,13 @@ def _is_pipeline(obj: Any) -> bool:
     return hasattr(obj, "components") and not isinstance(obj, nn.Module)
 
 
-def text_encoders(target: Any) -> dict[str, tuple[nn.Module, bool]]:
-    """{name: (encoder, reads_penultimate)} for a supported pipeline or a bare encoder."""
+def text_encoders(target: Any, penultimate_output: bool = False) -> dict[str, tuple[nn.Module, bool]]:
+    """{name: (encoder, reads_penultimate)} for a supported pipeline or a bare encoder.
+    `penultimate_output=True` says a bare encoder is read as SDXL reads it (hidden_states[-2]);
+    a pipeline's own layout decides for pipelines."""
     if isinstance(target, nn.Module):
         find_parts(target)  # raises TypeError for modules that are not text encoders
-        return {"encoder": (target, False)}
+        return {"encoder": (target, bool(penultimate_output))}
     name = type(target).__name__
     if not _is_pipeline(target) or not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
         raise TypeError(
@@ -170,6 +172,7 @@ def patch(
     min_tokens: int = 1,
     threshold: float = 0.0,
     self_check: bool = True,
+    penultimate_output: bool = False,
 ) -> PatchHandle:
     """Edit the target SAE latents wherever the pipeline encodes a prompt.
 
@@ -178,11 +181,12 @@ def patch(
     `text_encoder_2`; encoders left out are not patched. Patching an already patched
     pipeline replaces the earlier patch. See `snce_fast.reference.edit` for the rules.
     `sae` may be a slim `ErasureSAE` (residual mode; `neurons` defaults to its stored targets).
+    `penultimate_output=True` patches a bare encoder where SDXL reads it (hook "output" = hidden_states[-2]).
     A residual-mode patch holds only `W_dec[neurons]`, never the whole decoder.
     """
     check_edit_args(mode, scale, clamp)
     positive_int(min_tokens, "min_tokens")
-    encoders = text_encoders(pipe)
+    encoders = text_encoders(pipe, penultimate_output)
     names = list(encoders)
     saes = _per_encoder(sae, names, "sae", lambda v: isinstance(v, (SAE, ErasureSAE)))
     if neurons is None:

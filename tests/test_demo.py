@@ -112,9 +112,15 @@ def test_demo_cli_bad_inputs(tmp_path, capsys):
     assert "--threads 0" in capsys.readouterr().err
 
 
-def test_demo_refuses_an_sdxl_pipeline(tmp_path, capsys):
+def test_demo_on_an_sdxl_pipeline_reads_the_penultimate_layer(tmp_path):
+    """On an SDXL pipeline dir every stage reads hidden_states[-2], as the pipeline does: the patch changes
+    exactly the prompts on which the neuron fires, and detect agrees with the scan's tensor."""
     from tiny_models import sdxl_pipeline
 
     sdxl_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sdxl")
-    assert main(["demo", "--model", str(tmp_path / "sdxl"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert "SDXL pipeline" in capsys.readouterr().err
+    s = run_demo(tmp_path / "o", model=str(tmp_path / "sdxl"), quick=True, progress=False, log=lambda _: None,
+                 prompts=tiny_prompts())
+    e = s["edit"]
+    assert e["concept_changed"] == e["concept_neuron_fires"]
+    assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]
+    assert e["ordinary_changed"] == len(tiny_prompts().held_ordinary) - e["ordinary_silent"]

@@ -369,3 +369,24 @@ def test_patched_encoder_compiles_without_graph_breaks(sd, sd_sae, sd_latents, b
             compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)(input_ids=ids).last_hidden_state
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_bare_encoder_penultimate_output_matches_the_sdxl_pipeline(sdxl, xl_saes):
+    """patch / detect on a bare SDXL encoder with penultimate_output=True edit and read exactly what the
+    pipeline does (hidden_states[-2]), so tools can skip loading the UNet."""
+    lat = xl_latents(sdxl, xl_saes)
+    name, enc, tok = "text_encoder_2", sdxl.text_encoder_2, sdxl.tokenizer_2
+    sae, j = xl_saes[name], lat[name][0]
+    with snce_fast.patched(sdxl, {name: sae}, {name: j}):
+        via_pipe = hidden_at_output(enc, tok, PROMPT, penultimate=True)
+    with snce_fast.patched(enc, sae, j, penultimate_output=True):
+        via_bare = hidden_at_output(enc, tok, PROMPT, penultimate=True)
+    base = hidden_at_output(enc, tok, PROMPT, penultimate=True)
+    assert not torch.equal(via_bare, base)
+    assert torch.equal(via_bare, via_pipe)
+    prompts = [PROMPT, NEG]
+    a = snce_fast.detect(sdxl, {name: sae}, {name: [j]}, prompts)
+    b = snce_fast.detect(enc, sae, [j], prompts, tokenizer=tok, penultimate_output=True)
+    assert torch.equal(a.flags, b.flags) and torch.equal(a.scores, b.scores)
+    c = snce_fast.detect(enc, sae, [j], prompts, tokenizer=tok)  # the final output: another tensor
+    assert not torch.equal(c.scores, b.scores)

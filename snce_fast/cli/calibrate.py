@@ -97,21 +97,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         candidates = [int(e["latent"]) for e in record["top"][: args.shortlist]]
         check_same_sae(sae, record.get("sae_hash"), f"--candidates {args.candidates!r}")
     loaded = load_encoder(args.model, args.encoder)
-    if loaded.penultimate_output:
-        raise UsageError("calibrate is not supported for SDXL pipelines yet (it would read the encoder output, "
-                         "not hidden_states[-2])")
     from .scan import check_sae_fits
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
     if args.threads:
         torch.set_num_threads(args.threads)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
-                    tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+                    tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                    penultimate_output=loaded.penultimate_output)
     chosen = cal.top(args.top)
     pos = {j: i for i, j in enumerate(cal.neurons)}
     record = {
         "format": FORMAT, "sae": str(args.sae), "sae_hash": sae_hash(sae), "model": args.model,
-        "encoder": args.encoder, "target": str(args.target), "references": {g: len(p) for g, p in groups.items()},
+        "encoder": args.encoder, "penultimate_output": loaded.penultimate_output, "target": str(args.target), "references": {g: len(p) for g, p in groups.items()},
         "fpr": cal.fpr, "min_tokens": cal.min_tokens, "max_length": args.max_length,
         "neurons": chosen, "thresholds": cal.thresholds_for(chosen), "gate_threshold": cal.threshold(chosen),
         "ranked": [{"latent": j, "threshold": float(cal.thresholds[i]), "recall": float(cal.recall[i]),

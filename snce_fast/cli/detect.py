@@ -175,26 +175,19 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
     if calibration_prompts:
-        if loaded.penultimate_output:
-            raise UsageError("--calibrate-on is not supported for SDXL pipelines yet: give --threshold")
         from ..detect import prompt_activations
         from ..score import threshold_at_fpr
 
         acts = prompt_activations(loaded.encoder, sae, neurons, calibration_prompts, tokenizer=loaded.tokenizer,
-                                  min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length)
+                                  min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                                  penultimate_output=loaded.penultimate_output)
         threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
         print(f"calibrated on {len(calibration_prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
               + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
-    if loaded.penultimate_output:
-        # SDXL: detect reads hidden_states[-2] only through the pipeline (the encoder alone reads the output)
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model)
-        det = detect(pipe, {args.encoder: sae}, neurons, prompts, min_tokens=args.min_tokens,
-                     threshold=threshold, batch_size=args.batch_size, max_length=args.max_length)
-    else:
-        det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
-                     threshold=threshold, batch_size=args.batch_size, max_length=args.max_length)
+    # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
+    det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
+                 threshold=threshold, batch_size=args.batch_size, max_length=args.max_length,
+                 penultimate_output=loaded.penultimate_output)
 
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))

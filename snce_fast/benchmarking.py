@@ -81,11 +81,16 @@ def peaks(device: torch.device) -> tuple[Optional[float], Optional[float]]:
 
 def metadata(device: torch.device) -> dict[str, Any]:
     """Device, versions, commit (when run from a git checkout) and date for result files."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+    here = Path(__file__).parent
+    commit = None
+    try:  # only when this file is tracked by the enclosing git repository (an editable install of snce_fast)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
+                                 capture_output=True, text=True, timeout=10).returncode == 0
+        if tracked:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                    timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        pass
     try:
         import triton
 

@@ -50,6 +50,7 @@ def test_erase_writes_images_record_and_comparison(saved, tmp_path):
         ({"--steps": "0"}, "--steps 0: expected a positive integer"),
         ({"--min-tokens": "0"}, "--min-tokens 0"),
         ({"--clamp": "0.5", "--scale": "0.5"}, "clamp"),
+        ({"--scale": "nan"}, "--scale nan: expected a finite number"),
         ({"--model": "SAE_DIR"}, "no model_index.json"),
         ({"--out": "A_FILE"}, "is a file"),
     ],

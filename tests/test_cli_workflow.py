@@ -491,6 +491,7 @@ def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
         ({"--neurons": None, "--scores": "OTHER_SAE_SCORES"}, "different SAE"),
         ({"--threshold": "0.1,0.2"}, "2 values for 1 neuron(s)"),
         ({"--threshold": "high"}, "expected a number"),
+        ({"--threshold": "nan"}, "expected finite numbers"),
         ({"--threshold": "0.1", "--calibrate-on": "ORDINARY"}, "not both"),
         ({"--calibrate-on": "ORDINARY", "--fpr": "1.5"}, "0 <= fpr < 1"),
         ({"--calibrate-on": "/nonexistent/o.csv"}, "does not exist"),

@@ -171,6 +171,11 @@ def check_edit_options(args: argparse.Namespace) -> None:
     from .._validate import check_edit_args
 
     positive(args.min_tokens, "--min-tokens")
+    import math
+
+    for flag, value in (("--scale", args.scale), ("--clamp", args.clamp), ("--gate-threshold", args.gate_threshold)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value}: expected a finite number")
     try:
         check_edit_args(args.mode, args.scale, args.clamp)
     except ValueError as e:

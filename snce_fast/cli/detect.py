@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,6 +86,8 @@ def parse_thresholds(text: str, neurons: list[int]) -> Any:
         values = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise UsageError(f"--threshold {text!r}: expected a number, or one number per neuron (comma-separated)") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--threshold {text!r}: expected finite numbers")
     if len(values) == 1:
         return values[0]
     if len(values) != len(neurons):

@@ -196,6 +196,18 @@ def check_out_file(path: str) -> Path:
     return out
 
 
+def read_record(path: str, flag: str, fmt: str, writer: str, required: str) -> dict[str, Any]:
+    """A JSON record file written by one of our commands (`format` == fmt, non-empty `required` key)."""
+    existing_file(path, flag)
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise UsageError(f"{flag} {path!r} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != fmt or not record.get(required):
+        raise UsageError(f"{flag} {path!r}: expected a file written by {writer}")
+    return record
+
+
 def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
     """`source` (a scan or a scores file) was made with `sae`: the SAE hashes (encoding side) agree."""
     from ..scan import sae_hash

@@ -4,11 +4,10 @@ style-matched ordinary prompts; latents ranked by target recall at that threshol
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ._common import (UsageError, add_model_args, atomic_write_json, check_out_file, check_same_sae, load_encoder,
-                      load_sae, positive, read_prompt_file)
+                      load_sae, positive, read_prompt_file, read_record)
 
 FORMAT = "snce_fast.calibration"
 
@@ -51,17 +50,7 @@ def _fprs(specs: list[str], groups: dict[str, list[str]]) -> Any:
 
 def read_calibration(path: str, sae: Any) -> dict[str, Any]:
     """A calibration.json written by `snce-fast calibrate`, checked against `sae`."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--calibration {path!r} does not exist (or is not a file)")
-    try:
-        record = json.loads(p.read_text())
-    except ValueError as e:
-        raise UsageError(f"--calibration {path!r} is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not record.get("neurons"):
-        raise UsageError(f"--calibration {path!r}: expected a calibration.json written by snce-fast calibrate")
+    record = read_record(path, "--calibration", FORMAT, "snce-fast calibrate", "neurons")
     check_same_sae(sae, record.get("sae_hash"), f"--calibration {path!r}")
     return record
 
@@ -109,7 +98,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     pos = {j: i for i, j in enumerate(cal.neurons)}
     record = {
         "format": FORMAT, "sae": str(args.sae), "sae_hash": sae_hash(sae), "model": args.model,
-        "encoder": args.encoder, "penultimate_output": loaded.penultimate_output, "target": str(args.target), "references": {g: len(p) for g, p in groups.items()},
+        "encoder": args.encoder, "penultimate_output": loaded.penultimate_output, "target": str(args.target),
+        "references": {g: len(p) for g, p in groups.items()},
         "fpr": cal.fpr, "min_tokens": cal.min_tokens, "max_length": args.max_length,
         "neurons": chosen, "thresholds": cal.thresholds_for(chosen), "gate_threshold": cal.threshold(chosen),
         "ranked": [{"latent": j, "threshold": float(cal.thresholds[i]), "recall": float(cal.recall[i]),

@@ -9,22 +9,16 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, add_prompt_file_args, check_out_file, atomic_write_text, check_neurons, check_same_sae, existing_file,
-                      load_encoder,
-                      load_sae, parse_neurons, read_prompt_file, read_prompts_arg)
+from ._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
+                      check_out_file, check_same_sae, load_encoder, load_sae, parse_neurons, read_prompt_file,
+                      read_prompts_arg, read_record)
 
 OUT_TYPES = (".csv", ".jsonl")
 
 
 def neurons_from_scores(path: str, top: int) -> tuple[list[int], dict[str, Any]]:
     """The `top` best latents of a scores.json written by `snce-fast score`, and the file's record."""
-    existing_file(path, "--scores")
-    try:
-        record = json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise UsageError(f"--scores {path!r} is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != "snce_fast.scores" or not record.get("top"):
-        raise UsageError(f"--scores {path!r}: expected a scores.json written by snce-fast score")
+    record = read_record(path, "--scores", "snce_fast.scores", "snce-fast score", "top")
     if top > len(record["top"]):
         raise UsageError(f"--top {top}: {path} lists only {len(record['top'])} latents (rerun score with a larger --top)")
     return [int(e["latent"]) for e in record["top"][:top]], record

@@ -6,9 +6,10 @@ import json
 import time
 from typing import Any
 
-from ._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, edit_options, atomic_save_image, atomic_write_text, check_edit_options,
-                      check_neurons, check_out_dir, check_pipeline_arg, check_slim_mode, load_pipeline, load_sae,
-                      parse_neurons, positive, read_prompts_arg)
+from ._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, atomic_save_image,
+                      atomic_write_text, check_edit_options, check_neurons, check_out_dir, check_pipeline_arg,
+                      check_slim_mode, edit_options, load_pipeline, load_sae, parse_neurons, positive,
+                      read_prompts_arg)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, edit_options, check_neurons, check_pipeline_arg, check_slim_mode, existing_dir, load_pipeline,
-                      load_sae, parse_neurons, positive)
+from ._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, check_neurons,
+                      check_pipeline_arg, check_slim_mode, edit_options, existing_dir, load_pipeline, load_sae,
+                      parse_neurons, positive)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

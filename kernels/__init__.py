@@ -98,7 +98,7 @@ def edit(
     min_tokens: int = 1,
     edit_mask: Optional["torch.Tensor"] = None,
     count_mask: Optional["torch.Tensor"] = None,
-    threshold: float = 0.0,
+    threshold: Any = 0.0,
 ) -> "torch.Tensor":
     """Suppress the target latents in x [..., d]; same options and results as `snce_fast.reference.edit`."""
     from snce_fast import reference
@@ -107,6 +107,7 @@ def edit(
     _need()
     d, n = sae.W_enc.shape
     targets = as_neuron_list(neurons, n)
+    thr = reference.target_thresholds(threshold, neurons, targets)
     check_edit_args(mode, scale, clamp)
     positive_int(min_tokens, "min_tokens")
     if gate and x.dim() < 2:
@@ -123,7 +124,7 @@ def edit(
         z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), targets)
     if gate:
         counted = allowed if count_mask is None else count_mask.to(torch.bool)
-        allowed = allowed & reference.gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)
+        allowed = allowed & reference.gate_mask(z_t, counted, min_tokens, thr).unsqueeze(-1)
     allowed = torch.broadcast_to(allowed, lead).reshape(-1)
 
     tgt = torch.tensor(targets, dtype=torch.int32, device=x.device)

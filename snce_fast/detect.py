@@ -84,20 +84,9 @@ def detect(
 
 def _per_target_threshold(threshold: Any, given: Any, targets: list[int], n_saes: int) -> torch.Tensor:
     """`threshold` as a float32 tensor aligned with the sorted target list: [] (one for all) or [T]."""
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        return torch.tensor(float(threshold))
-    try:
-        thr = [float(t) for t in threshold]
-    except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
-    order = [int(j) for j in (given.flatten().tolist() if isinstance(given, torch.Tensor) else
-                               ([given] if isinstance(given, int) else given))]
-    if n_saes != 1:
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)) and n_saes != 1:
         raise ValueError("per-neuron thresholds need a single SAE: pass one float for an SDXL pipeline")
-    if len(thr) != len(order) or len(set(order)) != len(order):
-        raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")
-    by = dict(zip(order, thr))
-    return torch.tensor([by[j] for j in targets], dtype=torch.float32)
+    return torch.as_tensor(reference.target_thresholds(threshold, given, targets), dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -170,7 +170,7 @@ def patch(
     clamp: Optional[float] = None,
     gate: bool = False,
     min_tokens: int = 1,
-    threshold: float = 0.0,
+    threshold: Union[float, Sequence[float]] = 0.0,
     self_check: bool = True,
     penultimate_output: bool = False,
 ) -> PatchHandle:
@@ -182,6 +182,7 @@ def patch(
     pipeline replaces the earlier patch. See `snce_fast.reference.edit` for the rules.
     `sae` may be a slim `ErasureSAE` (residual mode; `neurons` defaults to its stored targets).
     `penultimate_output=True` patches a bare encoder where SDXL reads it (hook "output" = hidden_states[-2]).
+    `threshold` (the gate's) is one float or one per neuron (in `neurons` order), e.g. from `calibrate`.
     A residual-mode patch holds only `W_dec[neurons]`, never the whole decoder.
     """
     check_edit_args(mode, scale, clamp)
@@ -211,15 +212,17 @@ def patch(
         if name not in neuron_map:
             raise ValueError(f"no neurons given for encoder {name!r}")
         targets = as_neuron_list(neuron_map[name], s.n_latents)
+        thr = reference.target_thresholds(threshold, neuron_map[name], targets)  # one float, or one per neuron
+        thr = thr.tolist() if isinstance(thr, torch.Tensor) else thr  # now aligned with `targets` (sorted)
         if isinstance(s, ErasureSAE):
             reference.decoder_rows(s, targets)  # raises naming a target without a stored row
-        plan.append((name, enc, penultimate, s, targets))
+        plan.append((name, enc, penultimate, s, targets, thr))
 
-    options = dict(scale=scale, clamp=clamp, mode=mode, gate=gate, min_tokens=min_tokens, threshold=threshold)
+    options = dict(scale=scale, clamp=clamp, mode=mode, gate=gate, min_tokens=min_tokens)
     patched = {}
-    for name, enc, penultimate, s, targets in plan:
+    for name, enc, penultimate, s, targets, thr in plan:
         _remove_state(enc)  # patching twice replaces, never stacks
-        state = _PatchState(s, targets, options, eos_id(enc, getattr(pipe, "tokenizer", None)))
+        state = _PatchState(s, targets, {**options, "threshold": thr}, eos_id(enc, getattr(pipe, "tokenizer", None)))
         state.to(encoder_device(enc))
         module = resolve(enc, s.hook, penultimate)
         state.handles = [

@@ -6,7 +6,7 @@ takes the SAE explicitly so it can also be called on bare weight holders.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -76,13 +76,33 @@ def target_activations(
     return (values.float().unsqueeze(-1) * hit).sum(-2)
 
 
+def target_thresholds(threshold: Any, neurons: Neurons, targets: list[int]) -> Union[float, torch.Tensor]:
+    """The gate threshold as given (a float for every target) or per neuron: a sequence aligned with
+    `neurons` as the caller gave them, returned as a float32 tensor [T] aligned with `targets`."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return float(threshold)
+    try:
+        thr = [float(t) for t in threshold]
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
+    order = [int(j) for j in (neurons.flatten().tolist() if isinstance(neurons, torch.Tensor) else
+                               ([neurons] if isinstance(neurons, int) else neurons))]
+    if len(thr) != len(order) or len(set(order)) != len(order):
+        raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")
+    by = dict(zip(order, thr))
+    return torch.tensor([by[j] for j in targets], dtype=torch.float32)
+
+
 def gate_mask(
     z_t: torch.Tensor,
     count_mask: Optional[torch.Tensor],
     min_tokens: int,
-    threshold: float = 0.0,
+    threshold: Union[float, torch.Tensor] = 0.0,
 ) -> torch.Tensor:
-    """Per-prompt gate decision from target activations z_t [..., L, T]: bool [...]."""
+    """Per-prompt gate decision from target activations z_t [..., L, T]: bool [...]. `threshold`: a
+    float, or a tensor [T] (one per target, see target_thresholds)."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(device=z_t.device, dtype=z_t.dtype)
     fired = (z_t > threshold).any(-1)  # [..., L]
     if count_mask is not None:
         fired = fired & count_mask
@@ -100,7 +120,7 @@ def edit(
     min_tokens: int = 1,
     edit_mask: Optional[torch.Tensor] = None,
     count_mask: Optional[torch.Tensor] = None,
-    threshold: float = 0.0,
+    threshold: Union[float, Sequence[float]] = 0.0,
 ) -> torch.Tensor:
     """Suppress the target latents in x [..., d] (SPEC section 2).
 
@@ -111,10 +131,11 @@ def edit(
     - edit_mask [...] bool: tokens allowed to change (the patch passes False for BOS).
     - gate: x is [..., L, d] (prompts of L tokens); a prompt is edited only if a target
       fires (value > threshold) on at least `min_tokens` tokens of `count_mask`
-      (default: all tokens of edit_mask).
+      (default: all tokens of edit_mask); `threshold` is one float or one per neuron (in `neurons` order).
     """
     n = sae.W_enc.shape[1]
     targets = as_neuron_list(neurons, n)
+    thr = target_thresholds(threshold, neurons, targets)
     check_edit_args(mode, scale, clamp)
     positive_int(min_tokens, "min_tokens")
     if gate and x.dim() < 2:
@@ -129,7 +150,7 @@ def edit(
         allowed = allowed & edit_mask.to(torch.bool)
     if gate:
         counted = allowed if count_mask is None else count_mask.to(torch.bool)
-        allowed = allowed & gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)
+        allowed = allowed & gate_mask(z_t, counted, min_tokens, thr).unsqueeze(-1)
 
     if mode == "residual":
         fires = (z_t > 0).any(-1) & allowed

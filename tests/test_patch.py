@@ -390,3 +390,32 @@ def test_bare_encoder_penultimate_output_matches_the_sdxl_pipeline(sdxl, xl_saes
     assert torch.equal(a.flags, b.flags) and torch.equal(a.scores, b.scores)
     c = snce_fast.detect(enc, sae, [j], prompts, tokenizer=tok)  # the final output: another tensor
     assert not torch.equal(c.scores, b.scores)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_gate_with_one_threshold_per_neuron(sd, sd_sae, monkeypatch, backend_name):
+    """A per-neuron gate threshold (as calibrate gives) is the same as the gate on each neuron alone:
+    a prompt is edited iff some target beats its own threshold on >= min_tokens counted tokens."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SNCE_FAST_BACKEND", backend_name)
+    hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
+    v, i = reference.encode(hidden[:, 1:], sd_sae)
+    a, b = [int(j) for j in i[v > 0].bincount().argsort(descending=True)[:2]]
+    peak = {j: float(v[i == j].max().detach()) for j in (a, b)}
+    base = embeds(sd)[0]
+    # a's threshold above its peak (a alone never opens the gate), b's below (b opens it): edited
+    with snce_fast.patched(sd, sd_sae, [b, a], gate=True, threshold=[peak[b] / 2, peak[a] + 1]):
+        opened = embeds(sd)[0]
+    # both above their peaks: the gate stays shut, bit-identical
+    with snce_fast.patched(sd, sd_sae, [b, a], gate=True, threshold=[peak[b] + 1, peak[a] + 1]):
+        shut = embeds(sd)[0]
+    with snce_fast.patched(sd, sd_sae, [a, b], gate=False):
+        ungated = embeds(sd)[0]
+    assert torch.equal(shut, base)
+    assert not torch.equal(opened, base)
+    torch.testing.assert_close(opened, ungated, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one per"):
+        snce_fast.patch(sd, sd_sae, [a, b], gate=True, threshold=[0.1])

@@ -135,7 +135,7 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     """The edit and gate options of erase / eval (what patch() takes), incl. --calibration."""
     p.add_argument("--neurons", default=None, help="latent indices, comma-separated (or --calibration)")
     p.add_argument("--calibration", default=None, help="calibration.json from snce-fast calibrate: its neurons, "
-                   "with the gate on at its calibrated threshold and min_tokens (the measured best rule)")
+                   "with the gate on at their calibrated per-neuron thresholds and min_tokens (the measured best rule)")
     p.add_argument("--scale", type=float, default=0.0, help="z_j <- scale * z_j (0 removes; default 0)")
     p.add_argument("--clamp", type=float, default=None, help="z_j <- min(z_j, clamp) instead of scaling")
     p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
@@ -157,7 +157,8 @@ def apply_calibration(args: argparse.Namespace, sae: Any) -> None:
 
     record = read_calibration(args.calibration, sae)
     args.neurons = ",".join(str(int(j)) for j in record["neurons"])
-    args.gate, args.gate_threshold = True, float(record["gate_threshold"])
+    args.gate = True
+    args.gate_threshold = [float(t) for t in record["thresholds"]]  # one per neuron, in record["neurons"] order
     args.min_tokens = int(record.get("min_tokens", 1))
 
 
@@ -173,7 +174,8 @@ def check_edit_options(args: argparse.Namespace) -> None:
     positive(args.min_tokens, "--min-tokens")
     import math
 
-    for flag, value in (("--scale", args.scale), ("--clamp", args.clamp), ("--gate-threshold", args.gate_threshold)):
+    gate_thr = args.gate_threshold if isinstance(args.gate_threshold, list) else [args.gate_threshold]
+    for flag, value in (("--scale", args.scale), ("--clamp", args.clamp), *(("--gate-threshold", t) for t in gate_thr)):
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag} {value}: expected a finite number")
     try:

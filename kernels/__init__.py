@@ -31,7 +31,7 @@ def available() -> tuple[bool, str]:
 try:
     import torch
 
-    from .encode_topk import encode_topk, folded_bias, tune  # noqa: F401
+    from .encode_topk import clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
     from .snce_edit import edit_residual  # noqa: F401
     from .sparse_decode import sparse_decode  # noqa: F401
     _IMPORT_ERROR: Optional[Exception] = None

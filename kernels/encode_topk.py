@@ -12,6 +12,7 @@ See docs/kernels.md.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -194,21 +195,34 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
 
 
 def folded_bias(sae: Any) -> torch.Tensor:
-    """`b_enc - b_dec @ W_enc` in fp32, cached per weight version (recomputed while compiling)."""
+    """`b_enc - b_dec @ W_enc` in fp32, cached per weight object and version (recomputed while compiling).
+
+    The cache entry is only used for the very same tensor objects (checked through weak references,
+    so a freed SAE whose memory is reused by another one never hits it), at the same storage
+    address and in-place version. Writes through `.data` do not bump a tensor's version: after
+    those, call `snce_fast.kernels.clear_bias_cache()`."""
     W, b_enc, b_dec = sae.W_enc, sae.b_enc, sae.b_dec
     if torch.compiler.is_compiling():
         return _fold(W, b_enc, b_dec)
-    key = (W.data_ptr(), W._version, b_enc.data_ptr(), b_enc._version, b_dec.data_ptr(), b_dec._version,
-           tuple(W.shape), W.dtype, W.device)
-    hit = _BIAS_CACHE.get(key)
-    if hit is None:
-        if len(_BIAS_CACHE) >= 8:
-            _BIAS_CACHE.pop(next(iter(_BIAS_CACHE)))
-        hit = _BIAS_CACHE[key] = _fold(W, b_enc, b_dec)
-    return hit
+    state = (W.data_ptr(), W._version, b_enc.data_ptr(), b_enc._version, b_dec.data_ptr(), b_dec._version)
+    hit = _BIAS_CACHE.get(id(W))
+    if hit is not None:
+        w_ref, enc_ref, dec_ref, cached_state, bias = hit
+        if w_ref() is W and enc_ref() is b_enc and dec_ref() is b_dec and cached_state == state:
+            return bias
+    if len(_BIAS_CACHE) >= 8 and id(W) not in _BIAS_CACHE:
+        _BIAS_CACHE.pop(next(iter(_BIAS_CACHE)))
+    bias = _fold(W, b_enc, b_dec)
+    _BIAS_CACHE[id(W)] = (weakref.ref(W), weakref.ref(b_enc), weakref.ref(b_dec), state, bias)
+    return bias
 
 
-_BIAS_CACHE: dict[tuple, torch.Tensor] = {}
+def clear_bias_cache() -> None:
+    """Forget every cached folded bias (needed only after writing weights through `.data`)."""
+    _BIAS_CACHE.clear()
+
+
+_BIAS_CACHE: dict[int, tuple] = {}
 
 
 def _fold(W: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

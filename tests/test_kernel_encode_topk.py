@@ -82,6 +82,33 @@ def test_folded_bias_cache_tracks_weight_updates():
 
 
 @cpu_only
+def test_folded_bias_cache_never_serves_another_sae(monkeypatch):
+    """Regression: the cache was keyed by data_ptr + version, so a new SAE allocated where a freed
+    one lived (same shapes, same version count) got the old SAE's folded bias. Simulate the address
+    reuse deterministically: two live SAEs whose tensors report the same data_ptr."""
+    import importlib
+
+    mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the module, not the op of that name
+    a, b = make_sae(16, 64, 4, seed=1), make_sae(16, 64, 4, seed=2)
+    x = torch.randn(3, 16)
+    kernels.clear_bias_cache()
+    kernels.encode(x, a)
+    w_ref, enc_ref, dec_ref, _, bias_a = mod._BIAS_CACHE[id(a.W_enc)]
+    # a's entry filed under b, with b's addresses and versions (what a freed SAE's reused memory looks
+    # like to an address-based key): only object identity tells them apart
+    state_b = tuple(v for t in (b.W_enc, b.b_enc, b.b_dec) for v in (t.data_ptr(), t._version))
+    monkeypatch.setattr(mod, "_BIAS_CACHE", {id(b.W_enc): (w_ref, enc_ref, dec_ref, state_b, bias_a)})
+    values, indices = kernels.encode(x, b)
+    assert_topk_matches(x, b, values, indices)
+    # and after .data writes (which bump no version) clear_bias_cache() makes the cache honest again
+    kernels.encode(x, b)
+    b.b_dec.data.add_(1.0)
+    kernels.clear_bias_cache()
+    values, indices = kernels.encode(x, b)
+    assert_topk_matches(x, b, values, indices)
+
+
+@cpu_only
 def test_backend_dispatch(monkeypatch):
     from snce_fast import backend
 

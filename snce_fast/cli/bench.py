@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, atomic_write_json, check_out_file
+from ._common import UsageError, apply_threads, atomic_write_json, check_out_file
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -19,10 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--ops {args.ops!r}: expected a comma-separated subset of {','.join(benchmarking.OPS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available on this machine")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: expected a positive integer")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.out:
         check_out_file(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import (UsageError, add_model_args, atomic_write_json, check_out_file, check_same_sae, load_encoder,
+from ._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file, check_same_sae, load_encoder,
                       load_sae, positive, read_prompt_file, read_record)
 
 FORMAT = "snce_fast.calibration"
@@ -56,12 +56,12 @@ def read_calibration(path: str, sae: Any) -> dict[str, Any]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import torch
 
     from ..detect import calibrate
     from ..scan import sae_hash
 
     positive(args.top, "--top")
+    apply_threads(args.threads)
     positive(args.min_tokens, "--min-tokens")
     positive(args.batch_size, "--batch-size")
     positive(args.max_length, "--max-length")
@@ -89,8 +89,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .scan import check_sae_fits
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
                     tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                     penultimate_output=loaded.penultimate_output)

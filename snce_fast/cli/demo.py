@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, add_model_args
+from ._common import add_model_args, apply_threads, check_out_dir
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} is a file: expected a directory (it is created if missing)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: expected a positive integer")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    out = check_out_dir(args.out)
+    apply_threads(args.threads)
     s = run_demo(out, model=args.model, encoder=args.encoder, quick=args.quick, seed=args.seed,
                  progress=not args.quiet)
     d, e, p = s["detect"], s["edit"], s["prompts"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
-                      check_out_file, check_same_sae, load_encoder, load_sae, parse_neurons, read_prompt_file,
+                      check_out_file, check_same_sae, load_encoder, load_sae, parse_neurons, positive, read_prompt_file,
                       read_prompts_arg, read_record)
 
 OUT_TYPES = (".csv", ".jsonl")
@@ -108,12 +108,9 @@ def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[O
 def cmd_detect(args: argparse.Namespace) -> int:
     from ..detect import detect
 
-    if args.min_tokens < 1:
-        raise UsageError(f"--min-tokens {args.min_tokens}: expected a positive integer")
-    if args.max_length is not None and args.max_length < 1:
-        raise UsageError(f"--max-length {args.max_length}: expected a positive integer")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: expected a positive integer")
+    for flag, value in (("--min-tokens", args.min_tokens), ("--max-length", args.max_length),
+                        ("--batch-size", args.batch_size)):
+        positive(value, flag)
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
     if sum(bool(x) for x in (args.neurons, args.scores, args.calibration)) != 1:

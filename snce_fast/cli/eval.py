@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, check_neurons,
-                      check_pipeline_arg, check_slim_mode, edit_options, existing_dir, load_pipeline, load_sae,
+                      check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, existing_dir, load_pipeline, load_sae,
                       parse_neurons, positive)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -42,9 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--threshold {args.threshold}: expected a detector score in (0, 1]")
     if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise UsageError(f"--guidance {args.guidance}: expected a number >= 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    out = check_out_dir(args.out)
     guidance_column = None if args.guidance_column.lower() == "none" or args.guidance is not None else args.guidance_column
     try:
         rows, skipped = ev.read_eval_csv(args.csv, args.prompt_column, args.seed_column, guidance_column, args.limit)

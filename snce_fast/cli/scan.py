@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, add_model_args, existing_file, load_encoder, load_sae
+from ._common import UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae, positive
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -56,16 +56,12 @@ def check_sae_fits(sae: Any, encoder: Any, model: str, penultimate: bool = False
 
 def cmd_scan(args: argparse.Namespace) -> int:
     groups = parse_groups(args.group)
-    for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: expected a positive integer")
-    if args.max_length is not None and args.max_length < 1:
-        raise UsageError(f"--max-length {args.max_length}: expected a positive integer")
+    for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every),
+                        ("--max-length", args.max_length)):
+        positive(value, flag)
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint DIR (the directory an interrupted scan wrote)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} is a file: expected a directory for the scan")
+    out = check_out_dir(args.out, "a directory for the scan")
     if (out / "manifest.json").exists() and not args.overwrite:
         raise UsageError(f"--out {args.out!r} already holds a scan: pass --overwrite, or choose another directory")
     if args.checkpoint and (Path(args.checkpoint) / "manifest.json").exists() and not args.resume:

@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._common import (UsageError, atomic_write_json, check_same_sae, existing_dir, load_encoder, load_sae,
-                      read_prompt_file)
+from ._common import (UsageError, atomic_write_json, check_out_dir, check_same_sae, existing_dir, load_encoder,
+                      load_sae, positive, read_prompt_file)
 
 
 def load_stats(path: str) -> Any:
@@ -63,8 +63,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     want_prompts = [a for a in ("sae", "prompts_file") if getattr(args, a)]
     if len(want_prompts) == 1:
         raise UsageError("--sae and --prompts-file go together (with --model): they list each latent's top prompts")
-    if args.prompts_file and args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit {args.limit}: expected a positive integer")
+    if args.prompts_file:
+        positive(args.limit, "--limit")
     stats = load_stats(args.stats)
     for g in [args.target, *(args.reference or [])]:
         if g not in stats.groups:
@@ -99,9 +99,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         record["top_prompts_source"] = str(args.prompts_file)
 
     if args.out:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {args.out!r} is a file: expected a directory")
+        out = check_out_dir(args.out, "a directory")
         out.mkdir(parents=True, exist_ok=True)
         from ..report import report
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import UsageError, add_model_args, atomic_save_image, atomic_write_json, existing_file, load_encoder, read_prompt_file
+from ._common import (UsageError, add_model_args, atomic_save_image, atomic_write_json, check_out_dir, existing_file,
+                      load_encoder, positive, read_prompt_file)
 
 # TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
 _FLAGS = {
@@ -60,12 +61,9 @@ def build_config(args: argparse.Namespace) -> Any:
     for flag, value in (("--n-latents", args.n_latents), ("--batch-size", args.batch_size),
                         ("--epochs", args.epochs), ("--prompt-batch-size", args.prompt_batch_size),
                         ("--warmup-steps", args.warmup_steps), ("--dead-tokens", args.dead_tokens),
-                        ("--checkpoint-every", args.checkpoint_every), ("--log-every", args.log_every)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: expected a positive integer")
-    for flag, value in (("--max-steps", args.max_steps), ("--max-length", args.max_length), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: expected a positive integer")
+                        ("--checkpoint-every", args.checkpoint_every), ("--log-every", args.log_every),
+                        ("--max-steps", args.max_steps), ("--max-length", args.max_length), ("--limit", args.limit)):
+        positive(value, flag)
     if not 1 <= args.k <= args.n_latents:
         raise UsageError(f"--k {args.k}: expected 1 <= k <= --n-latents ({args.n_latents})")
     if args.lr is not None and not args.lr > 0:
@@ -88,8 +86,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file: expected a directory for the SAE")
+    check_out_dir(str(out), "a directory for the SAE")
     if not overwrite and out.is_dir() and ((out / "config.json").exists() or (out / "sae.safetensors").exists()):
         raise UsageError(f"--out {str(out)!r} already holds an SAE: pass --overwrite, or choose another directory")
 

@@ -6,15 +6,13 @@ those numbers are CPU numbers and say nothing about GPU speed.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import subprocess
-import sys
 from typing import Any, Callable, Optional
 
 import torch
 
+from snce_fast import benchmarking
 from snce_fast.benchmarking import random_sae, time_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,22 +21,13 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused kernels can only run interpreted here
 
-# dense bf16 peak FLOP/s and HBM bandwidth (SPEC section 7)
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-
-
 def device_name() -> str:
     return torch.cuda.get_device_name() if ON_GPU else "CPU (no CUDA; Triton interpreter for fused kernels)"
 
 
 def peaks() -> tuple[Optional[float], Optional[float]]:
-    if not ON_GPU:
-        return None, None
-    name = device_name().upper()
-    for key, val in PEAKS.items():
-        if key in name:
-            return val
-    return None, None
+    """Dense bf16 peak FLOP/s and HBM bytes/s of this GPU (SPEC section 7), (None, None) off-GPU."""
+    return benchmarking.peaks(torch.device("cuda" if ON_GPU else "cpu"))
 
 
 def mode() -> str:
@@ -51,25 +40,10 @@ def bench(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
 
 
 def metadata() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    """snce_fast.benchmarking.metadata (versions, commit, date) with this mode's device label and note."""
     return {
-        "mode": mode(),
+        **benchmarking.metadata(torch.device("cuda" if ON_GPU else "cpu")),
         "device": device_name(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
         "note": None if ON_GPU else "CPU mode: tiny shapes, fp32, fused kernels run in the Triton interpreter; "
         "these are NOT GPU numbers and the fused timings are not performance figures",
     }

@@ -21,7 +21,7 @@ from .activations import encoder_device, tokenize, uses_attention_mask
 from .demo_prompts import DemoPrompts, demo_prompts
 from .detect import calibrate, detect
 from .patching import patched
-from .report import report, top_prompts
+from .report import plot_training, report, top_prompts
 from .sae import SAE
 from .scan import scan
 from .score import score
@@ -88,23 +88,6 @@ def _plot_detection(path: Path, concept: torch.Tensor, ordinary: torch.Tensor, n
     plt.close(fig)
 
 
-def _plot_training(path: Path, history: list[dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h["fvu"] for h in history], color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("FVU (training batch)")
-    ax.set_yscale("log")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-
 def run_demo(
     out: str | Path,
     model: str = "minilm",
@@ -146,7 +129,7 @@ def run_demo(
         )
     sae.eval().requires_grad_(False)
     sae.save(out / "sae")
-    _plot_training(out / "training.png", rep.history)
+    plot_training(rep.history, out / "training.png", f"{loaded.name}: n {cfg['n_latents']}, k {cfg['k']}")
     times["train"] = time.perf_counter() - t
 
     t = stage(3, f"scanning {len(data.scan_concept)} {data.concept} vs {len(data.scan_ordinary)} ordinary prompts")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import backend, reference
+from ._atomic import atomic_path
 from ._validate import as_neuron_list, positive_int
 from .activations import counted_mask, eos_id, hook_activations, tokenize
 from .corpus import sources
@@ -120,3 +121,28 @@ def report(
             lines += [f"1. ({v:.3g}) {text.replace('|', '/')[:200]}" for v, text in top[j]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def plot_training(history: list[dict[str, float]], path: Union[str, os.PathLike], title: str) -> None:
+    """PNG of a training run's FVU, L0 and dead fraction per step (TrainReport.history), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU (train batch)", "L0", "dead fraction")):
+        ys = [h[key] for h in history]
+        ax.plot(steps, ys, lw=1)
+        if key != "fvu":  # near-constant curves: a 0-based axis, not matplotlib's offset notation
+            ax.set_ylim(0, max(max(ys) * 1.1, 0.05 if key == "dead_fraction" else 1.0))
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, atomic_save_image, atomic_write_json, check_out_dir, existing_file,
+from ._common import (UsageError, add_model_args, atomic_write_json, check_out_dir, existing_file,
                       load_encoder, positive, read_prompt_file)
 
 # TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
@@ -91,30 +91,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {str(out)!r} already holds an SAE: pass --overwrite, or choose another directory")
 
 
-def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
-    """PNG of FVU, L0 and dead fraction per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, label in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU (train batch)", "L0", "dead fraction")):
-        ys = [h[key] for h in history]
-        ax.plot(steps, ys, lw=1)
-        if key != "fvu":  # near-constant curves: a 0-based axis, not matplotlib's offset notation
-            ax.set_ylim(0, max(max(ys) * 1.1, 0.05 if key == "dead_fraction" else 1.0))
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_save_image(fig, path)
-    plt.close(fig)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = build_config(args)
@@ -125,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not prompts:
         raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts (every row blank or undecodable)")
 
+    from ..report import plot_training
     from ..train import latest_checkpoint, train_sae
 
     resume_step: Optional[int] = None
@@ -186,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     record["wall_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "train_report.json", record)
     if rep.history:
-        plot_curves(rep.history, out / "train_curves.png",
+        plot_training(rep.history, out / "train_curves.png",
                     f"{loaded.name}: n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}, {len(prompts)} prompts")
     if not args.quiet:
         print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "

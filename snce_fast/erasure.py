@@ -18,7 +18,7 @@ from torch import nn
 
 from ._atomic import atomic_path
 from ._validate import Neurons, as_neuron_list
-from .formats import SAEFormatError, _dtype, _read_json, _read_safetensors, _require
+from .formats import SAEFormatError, _check_shapes, _dtype, _read_json, _read_safetensors, _require
 from .hook_points import parse_hook
 
 ERASURE_FORMAT = "snce_fast-erasure"
@@ -117,9 +117,8 @@ class ErasureSAE(nn.Module):
         if sorted(sd) != sorted(ERASURE_KEYS):
             raise SAEFormatError(f"{wfile} holds {sorted(sd)}: expected exactly {sorted(ERASURE_KEYS)}")
         want = {"W_enc": (d, n), "b_enc": (n,), "b_dec": (d,), "W_dec_targets": (len(targets), d)}
-        for name, shape in want.items():
-            if tuple(sd[name].shape) != shape:
-                raise SAEFormatError(f"{wfile}: {name} has shape {tuple(sd[name].shape)}, {file} implies {shape}")
+        _check_shapes({name: (sd[name], shape) for name, shape in want.items()}, wfile)
+        for name in want:
             if sd[name].dtype != dtype:
                 raise SAEFormatError(f"{wfile}: {name} has dtype {sd[name].dtype}, {file} says {dtype}")
         out = cls(sd["W_enc"], sd["b_enc"], sd["b_dec"], sd["W_dec_targets"], targets, k, cfg.get("hook", "output"),

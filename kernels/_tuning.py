@@ -101,22 +101,40 @@ def _encode_key(dev_name: str, M: int, n: int, d: int, KP: int, dtype: torch.dty
 
 
 # --- default tables ----------------------------------------------------------------
+# Register budget, from ptxas on sm_90 (python -m snce_fast.kernels.compile_check, docs/kernels.md):
+# a program holds a [BM, BN] fp32 tile, its int64 keys and the [BM, 2 KP] int64 merge buffer, i.e.
+# about BM * (BN + 2 KP) / (32 * num_warps) elements per thread. At <= 32 ptxas fits it in the
+# 255 registers without spilling for 16-bit inputs (16 x 128, KP 64, 4 warps: 212 registers) and
+# spills ~20 bytes with fp32 inputs (wider dot operands), so fp32 gets a smaller budget; at 64 it
+# spills 88-860 bytes per thread; the 128 x 256, KP 256 tile took ptxas more than 7 minutes.
+NO_SPILL_ELEMENTS = 32
+NO_SPILL_ELEMENTS_FP32 = 24
+TUNE_MAX_ELEMENTS = 64
+
+
+def elements_per_thread(BM: int, BN: int, KP: int, num_warps: int) -> float:
+    """Register-resident elements per thread of one encode program (KP 1 needs no merge buffer)."""
+    return BM * (BN + (2 * KP if KP > 1 else 0)) / (32 * num_warps)
+
+
 def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeConfig]:
-    """Configs worth trying for one shape on one GPU class (first = default)."""
+    """Configs worth trying for one shape on one GPU class (first = default, within the no-spill budget)."""
     if cls == "cpu-interpreter":  # few, large tiles: the interpreter pays per op, not per element
         return [EncodeConfig(BM=min(64, max(16, next_pow2(M))), BN=max(64, KP), BK=64, FEW=4, num_warps=1, num_stages=1)]
     BN = max(128, KP)
-    big_bm = 128 if M > 64 else max(16, next_pow2(M))
     bk = 64 if itemsize <= 2 else 32
     stages = 3 if cls == "default" else 4
-    warps = 8 if big_bm * BN >= 128 * 128 else 4
-    out = [EncodeConfig(BM=big_bm, BN=BN, BK=bk, FEW=8, num_warps=warps, num_stages=stages)]
-    for bm in (64, 128):
-        for bn in sorted({BN, max(256, KP)}):
-            for w in (4, 8):
-                c = EncodeConfig(BM=bm, BN=bn, BK=bk, FEW=8, num_warps=w, num_stages=stages)
-                if c not in out and (bm * bn <= 128 * 256):
-                    out.append(c)
+    cap_bm = min(128, max(16, next_pow2(M)))
+    out = []
+    for limit in (NO_SPILL_ELEMENTS if itemsize <= 2 else NO_SPILL_ELEMENTS_FP32, TUNE_MAX_ELEMENTS):
+        for bm in (128, 64, 32, 16):
+            for bn in sorted({BN, max(256, KP)}):
+                for w in (8, 4):
+                    c = EncodeConfig(BM=bm, BN=bn, BK=bk, FEW=8, num_warps=w, num_stages=stages)
+                    if bm <= cap_bm and elements_per_thread(bm, bn, KP, w) <= limit and c not in out:
+                        out.append(c)
+    if not out:  # KP so large that even the smallest tile spills: the smallest tile, most warps
+        out.append(EncodeConfig(BM=16, BN=BN, BK=bk, FEW=8, num_warps=8, num_stages=stages))
     return out
 
 
@@ -139,10 +157,14 @@ def encode_splits(M: int, n: int, KP: int, cfg: EncodeConfig, device: torch.devi
     bitonic merge is amortised); enough splits to give ~2 programs per SM.
     """
     _, sms = _device_key(device)
+    return split_plan(M, n, cfg, sms, min_tiles=1 if interpreting() else 4)
+
+
+def split_plan(M: int, n: int, cfg: EncodeConfig, sms: int, min_tiles: int = 4) -> tuple[int, int]:
+    """`encode_splits` for a GPU with `sms` multiprocessors."""
     row_blocks = max(1, -(-M // cfg.BM))
     tiles = -(-n // cfg.BN)
     want = -(-2 * sms // row_blocks)
-    min_tiles = 1 if interpreting() else 4
     splits = max(1, min(want, tiles // min_tiles if tiles >= min_tiles else 1))
     chunk_tiles = -(-tiles // splits)
     splits = -(-tiles // chunk_tiles)

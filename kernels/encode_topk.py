@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime.jit import constexpr_function
 
 from triton.language.standard import _elementwise_max as _MAX
 from triton.language.standard import _elementwise_min as _MIN
@@ -48,6 +49,50 @@ def _key_value(key):
     return tl.where(key < -(2**62), float("-inf"), v)
 
 
+# Shape/axis arithmetic of the hypercube, as constexpr functions of the cube's numel: the
+# compiler turns a plain `name = <int>` inside a jit function into a tensor, so none of
+# these values is ever assigned to a variable there.
+@constexpr_function
+def _rank(numel):
+    return int(numel).bit_length() - 1
+
+
+@constexpr_function
+def _cube(numel):
+    """[2, 2, ..., 2]: the hypercube shape of a power-of-two numel."""
+    return [2] * _rank(numel)
+
+
+@constexpr_function
+def _width(stage, log_k):
+    """Compare-and-swap passes in a bitonic stage (stages past log_k merge K-runs only)."""
+    return min(int(stage), int(log_k))
+
+
+@constexpr_function
+def _inner(stage, log_k, r):
+    """Innermost-axis number swapped by pass r of a stage."""
+    return _width(stage, log_k) - 1 - int(r)
+
+
+@constexpr_function
+def _axis(numel, j):
+    """The j-th innermost axis of the cube, counted from the outside."""
+    return _rank(numel) - 1 - int(j)
+
+
+@constexpr_function
+def _axis_shape(numel, j):
+    """[1, .., 2, .., 1] of the cube's rank with the 2 on the j-th innermost axis."""
+    nd, j = _rank(numel), int(j)
+    return [1] * (nd - j - 1) + [2] + [1] * j
+
+
+@constexpr_function
+def _ones(numel):
+    return [1] * _rank(numel)
+
+
 @triton.jit
 def _topk_last(x, K: tl.constexpr):
     """The K (power of two) largest entries of each row of 2-D x, sorted descending.
@@ -64,21 +109,18 @@ def _topk_last(x, K: tl.constexpr):
     if log_k == 0:
         out = tl.reduce(x, 1, _MAX, keep_dims=True)
     else:
-        h = tl.reshape(x, [2] * _log2(x.numel))
+        h = tl.reshape(x, _cube(x.numel))
         for stage in tl.static_range(1, log_n + 1):
             if stage > log_k:  # halve: keep the larger of each pair of sorted K-runs
-                h = tl.reduce(h, _log2(h.numel) - 1 - log_k, _MAX)
-            nd: tl.constexpr = _log2(h.numel)
-            st: tl.constexpr = stage if stage <= log_k else log_k
+                h = tl.reduce(h, _axis(h.numel, log_k), _MAX)
             if stage < log_n:  # alternate directions so that pairs of runs form bitonic sequences
-                flip = tl.reshape(tl.arange(0, 2), [1] * (nd - st - 1) + [2] + [1] * st)
+                flip = tl.reshape(tl.arange(0, 2), _axis_shape(h.numel, _width(stage, log_k)))
             else:  # last stage: descending everywhere
-                flip = tl.full([1] * nd, 1, tl.int32)
-            for r in tl.static_range(st):
-                i: tl.constexpr = st - 1 - r
-                lo = tl.reduce(h, nd - 1 - i, _MIN, keep_dims=True)
-                hi = tl.reduce(h, nd - 1 - i, _MAX, keep_dims=True)
-                right = tl.reshape(tl.arange(0, 2), [1] * (nd - i - 1) + [2] + [1] * i)
+                flip = tl.full(_ones(h.numel), 1, tl.int32)
+            for r in tl.static_range(_width(stage, log_k)):
+                lo = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), _MIN, keep_dims=True)
+                hi = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), _MAX, keep_dims=True)
+                right = tl.reshape(tl.arange(0, 2), _axis_shape(h.numel, _inner(stage, log_k, r)))
                 h = tl.where((flip ^ right).to(tl.int1), hi, lo)
         out = tl.reshape(h, (x.shape[0], K))
     return out
@@ -142,25 +184,29 @@ def _encode_topk_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> tuple[Any, str]:
+def _compute_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[Any, str]:
     """Tensor-core dtype when x and W_enc share a 16-bit dtype, else exact fp32 (ieee)."""
-    if x.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16):
-        return _TL_DTYPE[x.dtype], "tf32"
+    if x_dtype == w_dtype and x_dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[x_dtype], "tf32"
     return tl.float32, "ieee"
+
+
+def kernel_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict:
+    """Constexpr arguments and launch options of one launch (shared with `compile_check`)."""
+    compute, precision = _compute_dtype(x_dtype, w_dtype)
+    return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW, COMPUTE=compute, PRECISION=precision,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,
             cfg: EncodeConfig, KP: int, splits: int, chunk: int) -> None:
     M, d = x.shape
     n = W_enc.shape[1]
-    compute, precision = _compute_dtype(x, W_enc)
     wrap_triton(_encode_topk_kernel)[(triton.cdiv(M, cfg.BM), splits)](
         x, W_enc, bias, keys,
         M, n, d, chunk,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW,
-        COMPUTE=compute, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **kernel_meta(cfg, KP, x.dtype, W_enc.dtype),
     )
 
 

@@ -76,15 +76,17 @@ def edit_residual(
     out = torch.empty_like(x)
     if M == 0:
         return out
-    if interpreting():
-        BD, warps = min(next_pow2(d), 256), 1
-    else:
-        BD, warps = min(next_pow2(d), 1024), 4
     wrap_triton(_edit_residual_kernel)[(M,)](
         x, values, indices, targets, w_t, allowed, out,
         k, T, d,
         x.stride(0), values.stride(0), indices.stride(0), out.stride(0),
         float(scale), float(clamp),
-        USE_CLAMP=bool(use_clamp), BK=next_pow2(k), BT=max(2, next_pow2(T)), BD=BD, num_warps=warps,
+        USE_CLAMP=bool(use_clamp), **edit_blocks(k, T, d, interpreting()),
     )
     return out
+
+
+def edit_blocks(k: int, T: int, d: int, interpreter: bool) -> dict:
+    """Block sizes and warps of one launch (shared with `compile_check`)."""
+    BD, warps = (min(next_pow2(d), 256), 1) if interpreter else (min(next_pow2(d), 1024), 4)
+    return dict(BK=next_pow2(k), BT=max(2, next_pow2(T)), BD=BD, num_warps=warps)

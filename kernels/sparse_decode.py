@@ -40,9 +40,9 @@ def _sparse_decode_kernel(
     tl.store(o_ptr + m * stride_om + cols, acc, mask=cmask)
 
 
-def decode_blocks(k: int, d: int) -> tuple[int, int, int]:
-    """(BK, BD, num_warps) for one launch."""
-    if interpreting():
+def decode_blocks(k: int, d: int, interpreter: bool | None = None) -> tuple[int, int, int]:
+    """(BK, BD, num_warps) for one launch (shared with `compile_check`)."""
+    if interpreting() if interpreter is None else interpreter:
         return min(next_pow2(k), 256), min(next_pow2(d), 256), 1
     bd = min(next_pow2(d), 512)
     return min(next_pow2(k), 32), bd, 4 if bd >= 256 else 2

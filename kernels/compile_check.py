@@ -1,0 +1,276 @@
+"""Compile every Triton kernel ahead of time for a GPU architecture, with no GPU present.
+
+    python -m snce_fast.kernels.compile_check [--arch 90 80] [--full] [--json OUT] [--jobs N]
+
+The interpreter (`TRITON_INTERPRET=1`) runs a kernel as Python and accepts code that the
+real compiler rejects (a reassigned constexpr, a Python list multiplied by a loop
+variable, ...). This tool runs the real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin
+with ptxas) for the launch configurations the dispatcher picks at the SPEC section 7
+shapes, with the same constexprs, warps, stages and integer specialisations as a real
+launch, and reads registers, stack frame and spill bytes from ptxas's report. `--full`
+adds every autotuning candidate. It exits 1 if any configuration fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# arch -> (gpu class of kernels._tuning, SM count of the reference part)
+ARCHS = {80: ("ampere-dc", 108), 90: ("hopper", 132), 100: ("blackwell", 148)}
+_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "int64": "*i64", "int32": "*i32", "int8": "*i8"}
+PROMPT_TOKENS = 77
+
+
+@dataclass
+class Case:
+    """One kernel launch configuration to compile."""
+    kernel: str  # "encode_topk" | "edit_residual" | "sparse_decode"
+    label: str
+    pointers: dict[str, str]  # arg -> torch dtype name
+    ints: dict[str, int]  # arg -> a representative runtime value (specialised like a launch)
+    floats: tuple[str, ...] = ()
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def key(self) -> tuple:
+        return (self.kernel, tuple(sorted(self.pointers.items())), tuple(sorted(self._int_spec().items())),
+                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())), self.num_warps, self.num_stages)
+
+    def _int_spec(self) -> dict[str, str]:
+        """Triton's launch specialisation of an int: == 1 becomes a constant, % 16 == 0 gets 'D'."""
+        return {k: ("1" if v == 1 else "D" if v % 16 == 0 else "") for k, v in self.ints.items()}
+
+
+def _kernel(name: str) -> Any:
+    if name == "encode_topk":
+        from .encode_topk import _encode_topk_kernel as fn
+    elif name == "edit_residual":
+        from .snce_edit import _edit_residual_kernel as fn
+    else:
+        from .sparse_decode import _sparse_decode_kernel as fn
+    return fn
+
+
+def encode_cases(arch: int, full: bool) -> list[Case]:
+    import torch
+
+    from ._tuning import encode_candidates, next_pow2, split_plan
+    from .encode_topk import kernel_meta
+
+    cls, sms = ARCHS[arch]
+    out = []
+    n, d = 32768, 768
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for k in (1, 17, 32, 64, 256):
+            KP = next_pow2(k)
+            for prompts in (1, 16, 64, 256):
+                M = prompts * PROMPT_TOKENS
+                cands = encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size())
+                for cfg in cands if full else cands[:1]:
+                    meta = kernel_meta(cfg, KP, dtype, dtype)
+                    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+                    splits, chunk = split_plan(M, n, cfg, sms)
+                    dt = str(dtype).removeprefix("torch.")
+                    out.append(Case(
+                        "encode_topk", f"{dt} k{k} M{M} BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{warps} s{stages}",
+                        dict(x_ptr=dt, w_ptr=dt, b_ptr="float32", out_ptr="int64"),
+                        dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
+                             stride_om=splits * KP),
+                        constexprs=meta, num_warps=warps, num_stages=stages))
+    return out
+
+
+def edit_cases(arch: int, full: bool) -> list[Case]:
+    from .snce_edit import edit_blocks
+
+    out = []
+    for dt in ("bfloat16", "float16", "float32"):
+        for k in (1, 17, 64, 256):
+            for T in (1, 3) if full or k == 64 else (1,):
+                for d in (768, 1280, 4096) if full else (768,):
+                    meta = edit_blocks(k, T, d, interpreter=False)
+                    warps = meta.pop("num_warps")
+                    for use_clamp in (False, True):
+                        out.append(Case(
+                            "edit_residual", f"{dt} k{k} T{T} d{d} clamp={use_clamp}",
+                            dict(x_ptr=dt, v_ptr="float32", i_ptr="int32", t_ptr="int32", wt_ptr="float32",
+                                 a_ptr="int8", o_ptr=dt),
+                            dict(K=k, T=T, D=d, stride_xm=d, stride_vm=k, stride_im=k, stride_om=d),
+                            floats=("scale", "clamp"), constexprs=dict(USE_CLAMP=use_clamp, **meta),
+                            num_warps=warps))
+    return out
+
+
+def decode_cases(arch: int, full: bool) -> list[Case]:
+    from .sparse_decode import decode_blocks
+
+    out = []
+    for dt in ("bfloat16", "float16", "float32"):
+        for idx in ("int32", "int64"):
+            for k in (1, 17, 64, 256):
+                for d in (768, 4096) if full else (768,):
+                    BK, BD, warps = decode_blocks(k, d, interpreter=False)
+                    out.append(Case(
+                        "sparse_decode", f"{dt} idx={idx} k{k} d{d}",
+                        dict(v_ptr=dt, i_ptr=idx, w_ptr=dt, b_ptr=dt, o_ptr=dt),
+                        dict(K=k, D=d, stride_vm=k, stride_im=k, stride_wn=d, stride_om=d),
+                        constexprs=dict(BK=BK, BD=BD), num_warps=warps))
+    return out
+
+
+def cases(arch: int, full: bool = False) -> list[Case]:
+    """Every distinct launch configuration for `arch` (duplicates removed)."""
+    seen, out = set(), []
+    for c in encode_cases(arch, full) + edit_cases(arch, full) + decode_cases(arch, full):
+        if c.key() not in seen:
+            seen.add(c.key())
+            out.append(c)
+    return out
+
+
+def _ptxas_resources(log: str) -> dict[str, int]:
+    """registers, stack frame and spill bytes from `ptxas -v` output (the last function in it)."""
+    out: dict[str, int] = {}
+    for key, pat in (("reg", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
+                     ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")):
+        found = re.findall(pat, log)
+        if found:
+            out[key] = int(found[-1])
+    return out
+
+
+def compile_case(case: Case, arch: int, fn: Any = None) -> dict:
+    """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel);
+    never raises: a failure is reported in the result."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel(case.kernel) if fn is None else fn
+    signature, constexprs, attrs = {}, dict(case.constexprs), {}
+    spec = case._int_spec()
+    for i, name in enumerate(fn.arg_names):
+        if name in case.pointers:
+            signature[name] = _PTR[case.pointers[name]]
+            attrs[(i,)] = BaseBackend.parse_attr("D")
+        elif name in spec:
+            if spec[name] == "1":
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+                if spec[name]:
+                    attrs[(i,)] = BaseBackend.parse_attr("D")
+        elif name in case.floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "constexpr"
+    row = dict(kernel=case.kernel, label=case.label, arch=f"sm_{arch}")
+    t0 = time.perf_counter()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # triton prints ptxas -v to stdout: registers and spills
+    log = io.StringIO()
+    try:
+        src = ASTSource(fn, signature, constexprs, attrs)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+        row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **_ptxas_resources(log.getvalue()))
+    except Exception as e:  # reported, not raised: one failing config must not hide the others
+        msg = str(e).strip().splitlines()
+        row.update(ok=False, error=(msg[-1] if msg else type(e).__name__)[:400], error_type=type(e).__name__)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def run(archs: list[int], full: bool = False, jobs: int = 1, progress: bool = True,
+        keep_cache: bool = False) -> list[dict]:
+    """Compile all cases for each arch (in `jobs` processes); one result dict per case."""
+    work = [(c, a) for a in archs for c in cases(a, full)]
+    results: list[dict] = []
+    if not keep_cache:  # a cache hit skips ptxas, whose log gives registers and spills
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="snce_compile_check_")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
+        tqdm = None
+    bar = tqdm(total=len(work), desc="triton compile", disable=not progress) if tqdm else None
+    if jobs <= 1:
+        for c, a in work:
+            results.append(compile_case(c, a))
+            bar and bar.update()
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            for r in pool.map(compile_case, [c for c, _ in work], [a for _, a in work]):
+                results.append(r)
+                bar and bar.update()
+    bar and bar.close()
+    return results
+
+
+def _summary(results: list[dict]) -> str:
+    lines = []
+    for kernel in sorted({r["kernel"] for r in results}):
+        for arch in sorted({r["arch"] for r in results}):
+            rows = [r for r in results if r["kernel"] == kernel and r["arch"] == arch]
+            if not rows:
+                continue
+            ok = [r for r in rows if r["ok"]]
+            regs = [r["reg"] for r in ok if "reg" in r]
+            spills = [r for r in ok if r.get("spill_stores", 0)]
+            lines.append(
+                f"{kernel:14s} {arch}: {len(ok)}/{len(rows)} compiled"
+                + (f", registers {min(regs)}-{max(regs)}" if regs else "")
+                + f", {len(spills)} spilling registers"
+                + f", slowest {max(r['seconds'] for r in rows):.1f} s")
+    for r in results:
+        if not r["ok"]:
+            lines.append(f"FAILED {r['kernel']} {r['arch']} [{r['label']}]: {r['error_type']}: {r['error']}")
+        elif r.get("spill_stores", 0):
+            lines.append(f"spill  {r['kernel']} {r['arch']} [{r['label']}]: {r.get('reg')} registers, "
+                         f"{r['spill_stores']} bytes spill stores, {r.get('spill_loads', 0)} bytes spill loads")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m snce_fast.kernels.compile_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(ARCHS),
+                    help="compute capabilities to compile for (default: 90, H100/H200)")
+    ap.add_argument("--full", action="store_true", help="also every autotuning candidate and more shapes")
+    ap.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    ap.add_argument("--json", help="write every result row to this JSON file")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="use triton's normal cache (faster reruns; cached kernels report no registers)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # kernels decorated under the interpreter cannot be compiled: rerun without it
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.call([sys.executable, "-m", "snce_fast.kernels.compile_check", *(argv or sys.argv[1:])], env=env)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    import torch
+    import triton
+
+    results = run(args.arch, args.full, args.jobs, progress=not args.quiet, keep_cache=args.keep_cache)
+    print(_summary(results))
+    if args.json:
+        from snce_fast._atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(dict(triton=triton.__version__, torch=torch.__version__,
+                                                     results=results), indent=1))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Ahead-of-time GPU compilation of the Triton kernels (snce_fast.kernels.compile_check).
+
+The interpreter accepts code the real compiler rejects, so these tests run triton's real
+compiler for sm_90 in a subprocess without TRITON_INTERPRET (no GPU needed) and check
+that the tool both passes real kernels and reports a broken one.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+from snce_fast.kernels._tuning import (  # noqa: E402
+    NO_SPILL_ELEMENTS, NO_SPILL_ELEMENTS_FP32, TUNE_MAX_ELEMENTS, encode_candidates, elements_per_thread,
+)
+
+
+def _run(code: str, tmp_path) -> dict:
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(code))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("M", [1, 77, 1232, 19712])
+@pytest.mark.parametrize("KP", [1, 2, 32, 64, 256])
+def test_default_configs_stay_in_the_register_budget(M, KP):
+    for cls, itemsize in (("hopper", 2), ("ampere-dc", 2), ("blackwell", 2), ("default", 2), ("hopper", 4)):
+        cands = encode_candidates(M, KP, cls, itemsize)
+        budget = NO_SPILL_ELEMENTS if itemsize == 2 else NO_SPILL_ELEMENTS_FP32
+        first = cands[0]
+        assert first.BN >= KP and first.BM >= 16 and first.BM <= max(16, 1 << (M - 1).bit_length())
+        # the default never spills unless no tile at all fits (only KP 256: 16 x 256 is the floor)
+        fits = elements_per_thread(first.BM, first.BN, KP, first.num_warps) <= budget
+        assert fits or (len(cands) == 1 and first.BM == 16)
+        assert all(elements_per_thread(c.BM, c.BN, KP, c.num_warps) <= TUNE_MAX_ELEMENTS for c in cands[1:])
+        assert len(set(cands)) == len(cands)
+
+
+def test_cases_cover_every_kernel_and_dtype():
+    out = subprocess.run(
+        [sys.executable, "-c", "from snce_fast.kernels.compile_check import cases\n"
+         "import json; print(json.dumps([[c.kernel, c.pointers] for c in cases(90)]))"],
+        capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    kernels = {k for k, _ in rows}
+    assert kernels == {"encode_topk", "edit_residual", "sparse_decode"}
+    for kernel in kernels:
+        dtypes = {p.get("x_ptr", p.get("v_ptr")) for k, p in rows if k == kernel}
+        assert dtypes == {"bfloat16", "float16", "float32"}, (kernel, dtypes)
+
+
+def test_real_kernels_compile_for_sm90(tmp_path):
+    """One small config of each kernel through ptxas; registers and spills read from its report."""
+    res = _run("""
+        import json
+        from snce_fast.kernels import compile_check as cc
+        picked = {}
+        for c in cc.cases(90):
+            small = (c.kernel != "encode_topk") or c.constexprs["KP"] == 1
+            if small and c.kernel not in picked and c.pointers.get("x_ptr", c.pointers.get("v_ptr")) == "bfloat16":
+                picked[c.kernel] = c
+        print(json.dumps([cc.compile_case(c, 90) for c in picked.values()]))
+    """, tmp_path)
+    assert {r["kernel"] for r in res} == {"encode_topk", "edit_residual", "sparse_decode"}
+    for r in res:
+        assert r["ok"], r
+        assert r["arch"] == "sm_90"
+        assert 0 < r["reg"] <= 255 and r["spill_stores"] == 0, r
+
+
+def test_a_kernel_the_interpreter_accepts_is_reported_when_it_does_not_compile(tmp_path):
+    (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def bad(x_ptr, N, B: tl.constexpr):
+            for s in tl.static_range(2):
+                w: tl.constexpr = B * (s + 1)  # reassigning a constexpr: fine in Python, not in the compiler
+                cols = tl.arange(0, B)
+                tl.store(x_ptr + cols, tl.load(x_ptr + cols, mask=cols < N) * w, mask=cols < N)
+    """))
+    res = _run(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from bad_kernel import bad
+        from snce_fast.kernels.compile_check import Case, compile_case
+        case = Case("bad", "bad", dict(x_ptr="float32"), dict(N=100), constexprs=dict(B=128))
+        print(json.dumps(compile_case(case, 90, fn=bad)))
+    """, tmp_path)
+    assert res["ok"] is False
+    assert "constexpr" in res["error"] or res["error_type"] == "CompilationError", res

@@ -105,10 +105,10 @@ def _encode_key(dev_name: str, M: int, n: int, d: int, KP: int, dtype: torch.dty
 # a program holds a [BM, BN] fp32 tile, its int64 keys and the [BM, 2 KP] int64 merge buffer, i.e.
 # about BM * (BN + 2 KP) / (32 * num_warps) elements per thread. At <= 32 ptxas fits it in the
 # 255 registers without spilling for 16-bit inputs (16 x 128, KP 64, 4 warps: 212 registers) and
-# spills ~20 bytes with fp32 inputs (wider dot operands), so fp32 gets a smaller budget; at 64 it
+# spills 20-108 bytes at 24 with fp32 inputs (wider dot operands), so fp32 gets half; at 64 it
 # spills 88-860 bytes per thread; the 128 x 256, KP 256 tile took ptxas more than 7 minutes.
 NO_SPILL_ELEMENTS = 32
-NO_SPILL_ELEMENTS_FP32 = 24
+NO_SPILL_ELEMENTS_FP32 = 16
 TUNE_MAX_ELEMENTS = 64
 
 

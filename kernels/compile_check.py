@@ -89,6 +89,17 @@ def encode_cases(arch: int, full: bool) -> list[Case]:
                         dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
                              stride_om=splits * KP),
                         constexprs=meta, num_warps=warps, num_stages=stages))
+    # the largest SAE of the issue (n 524288 at d 4096): W_enc offsets reach 2**31, int64 path
+    cfg = encode_candidates(PROMPT_TOKENS, 64, cls, 2)[0]
+    meta = kernel_meta(cfg, 64, torch.bfloat16, torch.bfloat16, wide=True)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    splits, chunk = split_plan(PROMPT_TOKENS, 524288, cfg, sms)
+    out.append(Case(
+        "encode_topk", f"bfloat16 k64 M77 n524288 d4096 int64 offsets BM{cfg.BM} BN{cfg.BN} w{warps} s{stages}",
+        dict(x_ptr="bfloat16", w_ptr="bfloat16", b_ptr="float32", out_ptr="int64"),
+        dict(M=PROMPT_TOKENS, N=524288, D=4096, CHUNK=chunk, stride_xm=4096, stride_xd=1, stride_wd=524288,
+             stride_wn=1, stride_om=splits * 64),
+        constexprs=meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -267,7 +278,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         from snce_fast._atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(dict(triton=triton.__version__, torch=torch.__version__,
+        from snce_fast.benchmarking import metadata
+
+        meta = metadata(torch.device("cpu"))
+        meta.update(mode="compile-only", triton=triton.__version__,
+                    note="ahead-of-time compile with triton + ptxas on a machine without a GPU: registers and "
+                         "spills are ptxas's static numbers; nothing here ran on a GPU")
+        atomic_write_text(args.json, json.dumps(dict(meta=meta, archs=[f"sm_{a}" for a in args.arch],
                                                      results=results), indent=1))
     return 0 if all(r["ok"] for r in results) else 1
 

@@ -132,11 +132,12 @@ def _encode_topk_kernel(
     M, N, D, CHUNK,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, FEW: tl.constexpr,
-    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
+    rows_o = rows.to(tl.int64) if WIDE else rows  # element offsets past 2**31 need int64
     rmask = rows < M
     slots = tl.arange(0, KP)
     # unique sentinels far below every real key (the smallest real key is ~ -2**63 + 2**55)
@@ -152,9 +153,10 @@ def _encode_topk_kernel(
         for k0 in range(0, D, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < D
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
+            ks_o = ks.to(tl.int64) if WIDE else ks
+            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks[None, :] * stride_xd,
                          mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
-            wt = tl.load(w_ptr + ks[:, None] * stride_wd + cols[None, :] * stride_wn,
+            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols[None, :] * stride_wn,
                          mask=kmask[:, None] & cmask[None, :], other=0.0).to(COMPUTE)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
@@ -178,7 +180,7 @@ def _encode_topk_kernel(
             thr_key = tl.reduce(top, 1, _MIN)
             thr_v = _key_value(thr_key)
     out_cols = pid_s * KP + slots
-    tl.store(out_ptr + rows[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
+    tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -191,11 +193,22 @@ def _compute_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[Any, str
     return tl.float32, "ieee"
 
 
-def kernel_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> dict:
-    """Constexpr arguments and launch options of one launch (shared with `compile_check`)."""
+def kernel_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
+    """Constexpr arguments and launch options of one launch (shared with `compile_check`);
+    `wide`: some element offset reaches 2**31, so offsets are computed in int64."""
     compute, precision = _compute_dtype(x_dtype, w_dtype)
     return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW, COMPUTE=compute, PRECISION=precision,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                WIDE=bool(wide), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_FORCE_WIDE = False  # tests: take the int64-offset path on small shapes
+
+
+def _needs_wide(*tensors: torch.Tensor) -> bool:
+    """True when an element offset of some 2-D tensor (with its strides) can pass int32."""
+    def extent(t: torch.Tensor) -> int:
+        return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+    return _FORCE_WIDE or any(extent(t) >= 2**31 - 1 for t in tensors)
 
 
 def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,
@@ -206,7 +219,7 @@ def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torc
         x, W_enc, bias, keys,
         M, n, d, chunk,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        **kernel_meta(cfg, KP, x.dtype, W_enc.dtype),
+        **kernel_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys)),
     )
 
 

@@ -98,3 +98,45 @@ def test_a_kernel_the_interpreter_accepts_is_reported_when_it_does_not_compile(t
     """, tmp_path)
     assert res["ok"] is False
     assert "constexpr" in res["error"] or res["error_type"] == "CompilationError", res
+
+
+def test_inductor_sees_each_kernel_write_only_its_output(tmp_path):
+    """torch.compile's mutation analysis runs triton's real front end on the kernels: a kernel it
+    cannot parse makes Inductor assume every input is written (extra copies). A fake driver gives
+    it an sm_90 target; the analysis itself needs no GPU."""
+    res = _run("""
+        import json
+        import torch, triton
+        from triton.backends.compiler import GPUTarget
+        import torch._higher_order_ops.triton_kernel_wrap as tkw
+
+        class FakeDriver:
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+
+        triton.runtime.driver.set_active(FakeDriver())
+        analyse = getattr(tkw, "identify_accessed_tensors", None)
+        if analyse is None:
+            print(json.dumps({"skip": "this torch has no identify_accessed_tensors"}))
+            raise SystemExit(0)
+        from snce_fast.kernels import compile_check as cc
+
+        out = {}
+        for c in cc.cases(90):
+            if c.kernel in out:
+                continue
+            kw = {name: torch.zeros(4, dtype=getattr(torch, dt)) for name, dt in c.pointers.items()}
+            kw.update(c.ints)
+            kw.update({name: 1.0 for name in c.floats})
+            kw.update(c.constexprs)
+            acc = analyse(cc._kernel(c.kernel), kw, {})
+            out[c.kernel] = dict(reads=sorted(d.name for d in acc.read_writes.reads),
+                                 writes=sorted(d.name for d in acc.read_writes.writes))
+        print(json.dumps(out))
+    """, tmp_path)
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    assert res["encode_topk"] == dict(reads=["b_ptr", "w_ptr", "x_ptr"], writes=["out_ptr"])
+    assert res["sparse_decode"]["writes"] == ["o_ptr"]
+    assert res["edit_residual"]["writes"] == ["o_ptr"]
+    assert "o_ptr" not in res["edit_residual"]["reads"] and len(res["edit_residual"]["reads"]) == 6

@@ -41,6 +41,30 @@ def test_encode_matches_reference(M, d, n, k, dtype):
 
 
 @cpu_only
+def test_int64_offset_path_matches_reference(monkeypatch):
+    """The WIDE (int64 element offsets) variant used for SAEs with >= 2**31 weights, forced on small shapes."""
+    import importlib
+
+    mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the package's `encode_topk` is the op
+    monkeypatch.setattr(mod, "_FORCE_WIDE", True)
+    sae = make_sae(40, 300, 17, seed=3)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(2))
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+
+
+def test_wide_offsets_decided_from_strides():
+    import importlib
+
+    _needs_wide = importlib.import_module("snce_fast.kernels.encode_topk")._needs_wide
+
+    assert not _needs_wide(torch.empty(3, 4), torch.empty(0, 5))
+    # rows 2**31 elements apart (a meta tensor: no memory behind it)
+    big = torch.empty_strided((2, 1), (2**31, 1), device="meta")
+    assert _needs_wide(big)
+
+
+@cpu_only
 def test_encode_leading_shape_noncontiguous_and_mixed_dtype():
     sae = make_sae(40, 260, 5)
     x = torch.randn(2, 3, 80)[..., ::2].half()  # non-contiguous, fp16 x with an fp32 SAE

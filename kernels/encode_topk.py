@@ -21,11 +21,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import constexpr_function
 
-from triton.language.standard import _elementwise_max as _MAX
-from triton.language.standard import _elementwise_min as _MIN
-from triton.language.standard import _log2
-from triton.language.standard import _sum_combine as _SUM
 
+from ._combine import max_combine, min_combine, sum_combine
 from ._registry import register_op
 from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode
 
@@ -101,25 +98,25 @@ def _topk_last(x, K: tl.constexpr):
     `tl.topk`), with each compare-and-swap done as min/max over a size-2 axis rather
     than an xor_sum partner exchange: the same size-2 reduce on the GPU, but vectorised
     in the interpreter. Everything is inlined (static loops, `tl.reduce` with the
-    standard combine functions) because each nested jit call re-patches the language
-    in the interpreter.
+    combine functions of `_combine`, which are triton's own under the interpreter)
+    because each nested jit call re-patches the language in the interpreter.
     """
-    log_n: tl.constexpr = _log2(x.shape[1])
-    log_k: tl.constexpr = _log2(K)
+    log_n: tl.constexpr = _rank(x.shape[1])
+    log_k: tl.constexpr = _rank(K)
     if log_k == 0:
-        out = tl.reduce(x, 1, _MAX, keep_dims=True)
+        out = tl.reduce(x, 1, max_combine, keep_dims=True)
     else:
         h = tl.reshape(x, _cube(x.numel))
         for stage in tl.static_range(1, log_n + 1):
             if stage > log_k:  # halve: keep the larger of each pair of sorted K-runs
-                h = tl.reduce(h, _axis(h.numel, log_k), _MAX)
+                h = tl.reduce(h, _axis(h.numel, log_k), max_combine)
             if stage < log_n:  # alternate directions so that pairs of runs form bitonic sequences
                 flip = tl.reshape(tl.arange(0, 2), _axis_shape(h.numel, _width(stage, log_k)))
             else:  # last stage: descending everywhere
                 flip = tl.full(_ones(h.numel), 1, tl.int32)
             for r in tl.static_range(_width(stage, log_k)):
-                lo = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), _MIN, keep_dims=True)
-                hi = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), _MAX, keep_dims=True)
+                lo = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), min_combine, keep_dims=True)
+                hi = tl.reduce(h, _axis(h.numel, _inner(stage, log_k, r)), max_combine, keep_dims=True)
                 right = tl.reshape(tl.arange(0, 2), _axis_shape(h.numel, _inner(stage, log_k, r)))
                 h = tl.where((flip ^ right).to(tl.int1), hi, lo)
         out = tl.reshape(h, (x.shape[0], K))
@@ -142,7 +139,7 @@ def _encode_topk_kernel(
     slots = tl.arange(0, KP)
     # unique sentinels far below every real key (the smallest real key is ~ -2**63 + 2**55)
     top = tl.zeros((BM, KP), dtype=tl.int64) + (slots.to(tl.int64)[None, :] + _KEY_MIN)
-    thr_key = tl.reduce(top, 1, _MIN)
+    thr_key = tl.reduce(top, 1, min_combine)
     thr_v = tl.full((BM,), float("-inf"), tl.float32)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
@@ -162,7 +159,7 @@ def _encode_topk_kernel(
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         pre = acc + bias[None, :]
         cand = (pre > thr_v[:, None]) & cmask[None, :] & rmask[:, None]
-        n_cand = tl.reduce(tl.reduce(cand.to(tl.int32), 1, _SUM), 0, _MAX)
+        n_cand = tl.reduce(tl.reduce(cand.to(tl.int32), 1, sum_combine), 0, max_combine)
         if n_cand > 0:
             keys = tl.where(cand, _pack(pre, cols), _KEY_MIN)
             if n_cand > FEW:
@@ -170,14 +167,14 @@ def _encode_topk_kernel(
                 both = tl.reshape(tl.join(top, tile_top), (BM, 2 * KP))
                 top = _topk_last(both, KP)
             else:
-                best = tl.reduce(keys, 1, _MAX)
-                while tl.reduce((best > thr_key).to(tl.int32), 0, _MAX) > 0:
+                best = tl.reduce(keys, 1, max_combine)
+                while tl.reduce((best > thr_key).to(tl.int32), 0, max_combine) > 0:
                     upd = best > thr_key
                     top = tl.where((top == thr_key[:, None]) & upd[:, None], best[:, None], top)
                     keys = tl.where(keys == best[:, None], _KEY_MIN, keys)
-                    thr_key = tl.reduce(top, 1, _MIN)
-                    best = tl.reduce(keys, 1, _MAX)
-            thr_key = tl.reduce(top, 1, _MIN)
+                    thr_key = tl.reduce(top, 1, min_combine)
+                    best = tl.reduce(keys, 1, max_combine)
+            thr_key = tl.reduce(top, 1, min_combine)
             thr_v = _key_value(thr_key)
     out_cols = pid_s * KP + slots
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])

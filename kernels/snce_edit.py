@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.language.standard import _elementwise_max as _MAX
-from triton.language.standard import _sum_combine as _SUM
 
+from ._combine import max_combine, sum_combine
 from ._registry import register_op
 from ._tuning import interpreting, next_pow2
 
@@ -38,20 +37,20 @@ def _edit_residual_kernel(
     tmask = ts < T
     tg = tl.load(t_ptr + ts, mask=tmask, other=-2)
     hit = idx[:, None] == tg[None, :]  # [BK, BT]
-    z = tl.reduce(tl.where(hit, v[:, None], 0.0), 0, _SUM)  # z_j per target (0 if not active)
+    z = tl.reduce(tl.where(hit, v[:, None], 0.0), 0, sum_combine)  # z_j per target (0 if not active)
     if USE_CLAMP:
         z_new = tl.minimum(z, clamp)
     else:
         z_new = z * scale
     coef = tl.where(tmask & (z > 0.0), z_new - z, 0.0)  # only targets that fire move (SPEC section 2)
-    fires = tl.reduce(((z > 0.0) & tmask).to(tl.int32), 0, _MAX)
+    fires = tl.reduce(((z > 0.0) & tmask).to(tl.int32), 0, max_combine)
     fires = (fires * tl.load(a_ptr + m).to(tl.int32)) > 0
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         cmask = cols < D
         xv = tl.load(x_ptr + m * stride_xm + cols, mask=cmask, other=0.0)
         w = tl.load(wt_ptr + ts[:, None] * D + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
-        delta = tl.reduce(coef[:, None] * w, 0, _SUM)
+        delta = tl.reduce(coef[:, None] * w, 0, sum_combine)
         edited = (xv.to(tl.float32) + delta).to(xv.dtype)
         tl.store(o_ptr + m * stride_om + cols, tl.where(fires, edited, xv), mask=cmask)
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.language.standard import _sum_combine as _SUM
 
+from ._combine import sum_combine
 from ._registry import register_op
 from ._tuning import interpreting, next_pow2
 
@@ -35,7 +35,7 @@ def _sparse_decode_kernel(
         v = tl.load(v_ptr + m * stride_vm + ks, mask=kmask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :], mask=kmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.reduce(v[:, None] * w, 0, _SUM)
+        acc += tl.reduce(v[:, None] * w, 0, sum_combine)
     acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     tl.store(o_ptr + m * stride_om + cols, acc, mask=cmask)
 

@@ -140,3 +140,35 @@ def test_inductor_sees_each_kernel_write_only_its_output(tmp_path):
     assert res["sparse_decode"]["writes"] == ["o_ptr"]
     assert res["edit_residual"]["writes"] == ["o_ptr"]
     assert "o_ptr" not in res["edit_residual"]["reads"] and len(res["edit_residual"]["reads"]) == 6
+
+
+def test_kernel_source_as_inductor_re_emits_it_compiles(tmp_path):
+    """Under torch.compile, Inductor does not call our kernels: it re-emits each one's source plus
+    its jit / constexpr dependencies into a new module (by name) and compiles that. Rebuild that
+    module the way Inductor does and compile it for sm_90: a dependency Inductor cannot re-emit
+    (an alias, a helper using triton's private `core.`) fails here instead of on a GPU."""
+    res = _run(f"""
+        import importlib.util, json, sys
+        from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+        from snce_fast.kernels import compile_check as cc
+
+        picked = {{}}
+        for c in cc.cases(90):
+            if c.kernel not in picked and c.pointers.get("x_ptr", c.pointers.get("v_ptr")) == "bfloat16":
+                picked[c.kernel] = c
+        rows = []
+        for name, case in picked.items():
+            kernel = cc._kernel(name)
+            src = ("import triton\\nimport triton.language as tl\\n\\n@triton.jit\\n"
+                   + user_defined_triton_kernel_transitive_closure_source_code(kernel))
+            path = {str(tmp_path)!r} + f"/emitted_{{name}}.py"
+            open(path, "w").write(src)
+            spec = importlib.util.spec_from_file_location(f"emitted_{{name}}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            rows.append(cc.compile_case(case, 90, fn=getattr(mod, kernel.fn.__name__)))
+        print(json.dumps(rows))
+    """, tmp_path)
+    assert {r["kernel"] for r in res} == {"encode_topk", "edit_residual", "sparse_decode"}
+    for r in res:
+        assert r["ok"], r

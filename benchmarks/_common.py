@@ -57,13 +57,20 @@ def dense_fits(M: int, n: int, itemsize: int, limit: float = 8e9) -> bool:
     return M * n * itemsize <= limit
 
 
-def write(op: str, rows: list[dict], extra: Optional[dict] = None) -> str:
+def write(op: str, rows: list[dict], extra: Optional[dict] = None, quiet: bool = False) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{op}_{mode()}.json")
     with open(path, "w") as f:
         json.dump({"op": op, **metadata(), **(extra or {}), "results": rows}, f, indent=1)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path
+
+
+def checkpoint(op: str, rows: list[dict]) -> None:
+    """Write the rows measured so far (marked partial), so a run cut off by a time limit keeps them."""
+    finish_rows(rows)
+    write(op, rows, {"partial": True}, quiet=True)
 
 
 def plot(op: str, rows: list[dict], x_key: str = "prompts") -> Optional[str]:

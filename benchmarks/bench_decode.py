@@ -58,6 +58,7 @@ def main(argv=None) -> list[dict]:
         rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),
                                      "flops": 2 * M * k * d,
                                      "bytes": min(M * k, n) * d * item + M * (k * (item + 4) + d * item)}, reps)
+        C.checkpoint("decode", rows)
     C.report("decode", rows)
     return rows
 

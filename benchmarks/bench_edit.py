@@ -71,6 +71,7 @@ def main(argv=None) -> list[dict]:
         item = x.element_size()
         rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),
                                      "flops": 2 * M * d * n, "bytes": d * n * item + 2 * M * d * item}, reps)
+        C.checkpoint("edit", rows)
     C.report("edit", rows)
     return rows
 

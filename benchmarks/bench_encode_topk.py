@@ -71,6 +71,7 @@ def main(argv=None) -> list[dict]:
                     "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
                     else "--no-compile")},
             )
+            C.checkpoint("encode_topk", rows)
         del sae
     C.report("encode_topk", rows)
     return rows

@@ -152,7 +152,7 @@ def main() -> None:
     }
     res = ROOT / "results"
     res.mkdir(exist_ok=True)
-    path = res / ("bench_train.json" if cuda else "bench_train_cpu.json")
+    path = res / ("bench_train_gpu.json" if cuda else "bench_train_cpu.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -8,7 +8,8 @@ as an opaque `torch.library.custom_op` with the given fake instead; `opcheck` an
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 from torch.library import triton_op
@@ -25,3 +26,12 @@ def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
         return triton_op(name, mutates_args=())(fn)
 
     return deco
+
+
+def on_device_of(t: torch.Tensor) -> ContextManager:
+    """Make t's GPU the current one for a launch: triton launches on the current device, so tensors
+    on cuda:1 while cuda:0 is current would be read from the wrong GPU. A no-op in the common case
+    and while compiling (Inductor emits its own device guard)."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.device.index not in (None, torch.cuda.current_device()):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

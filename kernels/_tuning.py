@@ -173,12 +173,17 @@ def split_plan(M: int, n: int, cfg: EncodeConfig, sms: int, min_tiles: int = 4) 
 
 def tune_encode(
     run: Callable[[EncodeConfig], None], M: int, n: int, d: int, KP: int, dtype: torch.dtype, device: torch.device,
-    reps: int = 20,
+    reps: int = 20, force: bool = False,
 ) -> Optional[EncodeConfig]:
-    """Time `run(cfg)` for each candidate on this GPU; cache and return the fastest (None off-GPU)."""
+    """Time `run(cfg)` for each candidate on this GPU; cache and return the fastest (None off-GPU).
+    A shape bucket already tuned on a GPU of this name is not timed again unless `force`."""
     if device.type != "cuda" or interpreting():
         return None
     name, _ = _device_key(device)
+    _load_cache()
+    hit = _TUNED.get(_encode_key(name, M, n, d, KP, dtype))
+    if hit is not None and not force:
+        return EncodeConfig(**hit)
     best, best_t = None, float("inf")
     for cfg in encode_candidates(M, KP, gpu_class(name), torch.empty((), dtype=dtype).element_size()):
         try:

@@ -23,7 +23,7 @@ from triton.runtime.jit import constexpr_function
 
 
 from ._combine import max_combine, min_combine, sum_combine
-from ._registry import register_op
+from ._registry import on_device_of, register_op
 from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode
 
 _KEY_MIN = tl.constexpr(-(2**63))
@@ -129,7 +129,7 @@ def _encode_topk_kernel(
     M, N, D, CHUNK,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, FEW: tl.constexpr,
-    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -152,9 +152,12 @@ def _encode_topk_kernel(
             kmask = ks < D
             ks_o = ks.to(tl.int64) if WIDE else ks
             xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks[None, :] * stride_xd,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols[None, :] * stride_wn,
-                         mask=kmask[:, None] & cmask[None, :], other=0.0).to(COMPUTE)
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:  # mixed or fp32 inputs: exact fp32 products
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         pre = acc + bias[None, :]
@@ -180,21 +183,20 @@ def _encode_topk_kernel(
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
 
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _compute_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[Any, str]:
-    """Tensor-core dtype when x and W_enc share a 16-bit dtype, else exact fp32 (ieee)."""
+def _compute_mode(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast to fp32, dot precision): tensor cores on the inputs when x and W_enc share a 16-bit
+    dtype, else exact fp32 (ieee). A bool rather than a tl.dtype constexpr: Inductor writes
+    constexpr values into its generated launcher by repr."""
     if x_dtype == w_dtype and x_dtype in (torch.float16, torch.bfloat16):
-        return _TL_DTYPE[x_dtype], "tf32"
-    return tl.float32, "ieee"
+        return False, "tf32"
+    return True, "ieee"
 
 
 def kernel_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
     """Constexpr arguments and launch options of one launch (shared with `compile_check`);
     `wide`: some element offset reaches 2**31, so offsets are computed in int64."""
-    compute, precision = _compute_dtype(x_dtype, w_dtype)
-    return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW, COMPUTE=compute, PRECISION=precision,
+    upcast, precision = _compute_mode(x_dtype, w_dtype)
+    return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, KP=KP, FEW=cfg.FEW, UPCAST=upcast, PRECISION=precision,
                 WIDE=bool(wide), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -212,12 +214,13 @@ def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torc
             cfg: EncodeConfig, KP: int, splits: int, chunk: int) -> None:
     M, d = x.shape
     n = W_enc.shape[1]
-    wrap_triton(_encode_topk_kernel)[(triton.cdiv(M, cfg.BM), splits)](
-        x, W_enc, bias, keys,
-        M, n, d, chunk,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-        **kernel_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys)),
-    )
+    with on_device_of(x):
+        wrap_triton(_encode_topk_kernel)[(triton.cdiv(M, cfg.BM), splits)](
+            x, W_enc, bias, keys,
+            M, n, d, chunk,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
+            **kernel_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys)),
+        )
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +248,8 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     splits, chunk = encode_splits(M, n, KP, cfg, x.device)
     keys = x.new_empty((M, splits * KP), dtype=torch.int64)
     _launch(x, W_enc, bias, keys, cfg, KP, splits, chunk)
-    top = keys.topk(k, dim=1, sorted=True).values if splits * KP > k else keys
+    # also when splits * KP == k: one-at-a-time insertions leave a program's KP keys unordered
+    top = keys.topk(k, dim=1, sorted=True).values
     values, indices = unpack_keys(top)
     return values.relu(), indices
 
@@ -290,8 +294,9 @@ def _fold(W: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Te
     return b_enc.float() - torch.cat(parts)
 
 
-def tune(x: torch.Tensor, sae: Any) -> None:
-    """Time the candidate configs for x's shape on this GPU and cache the fastest by device name."""
+def tune(x: torch.Tensor, sae: Any, force: bool = False) -> None:
+    """Time the candidate configs for x's shape on this GPU and cache the fastest by device name
+    (a shape bucket tuned before on a GPU of that name is kept unless `force`)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, d = x2.shape
     n, KP = sae.W_enc.shape[1], next_pow2(sae.k)
@@ -302,4 +307,4 @@ def tune(x: torch.Tensor, sae: Any) -> None:
         keys = x2.new_empty((M, splits * KP), dtype=torch.int64)
         _launch(x2, sae.W_enc, bias, keys, cfg, KP, splits, chunk)
 
-    tune_encode(run, M, n, d, KP, x2.dtype, x2.device)
+    tune_encode(run, M, n, d, KP, x2.dtype, x2.device, force=force)

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._combine import max_combine, sum_combine
-from ._registry import register_op
+from ._registry import on_device_of, register_op
 from ._tuning import interpreting, next_pow2
 
 
@@ -75,13 +75,14 @@ def edit_residual(
     out = torch.empty_like(x)
     if M == 0:
         return out
-    wrap_triton(_edit_residual_kernel)[(M,)](
-        x, values, indices, targets, w_t, allowed, out,
-        k, T, d,
-        x.stride(0), values.stride(0), indices.stride(0), out.stride(0),
-        float(scale), float(clamp),
-        USE_CLAMP=bool(use_clamp), **edit_blocks(k, T, d, interpreting()),
-    )
+    with on_device_of(x):
+        wrap_triton(_edit_residual_kernel)[(M,)](
+            x, values, indices, targets, w_t, allowed, out,
+            k, T, d,
+            x.stride(0), values.stride(0), indices.stride(0), out.stride(0),
+            float(scale), float(clamp),
+            USE_CLAMP=bool(use_clamp), **edit_blocks(k, T, d, interpreting()),
+        )
     return out
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._combine import sum_combine
-from ._registry import register_op
+from ._registry import on_device_of, register_op
 from ._tuning import interpreting, next_pow2
 
 
@@ -61,10 +61,13 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     if M == 0 or k == 0:
         return out.copy_(b_dec.to(out.dtype).expand(M, d)) if M else out
     BK, BD, warps = decode_blocks(k, d)
-    wrap_triton(_sparse_decode_kernel)[(M, triton.cdiv(d, BD))](
-        values, indices, W_dec, b_dec, out,
-        k, d,
-        values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0),
-        BK=BK, BD=BD, num_warps=warps,
-    )
+    if W_dec.stride(1) != 1:  # the kernel reads rows with unit column stride (e.g. tied W_dec = W_enc.T)
+        W_dec = W_dec.contiguous()
+    with on_device_of(values):
+        wrap_triton(_sparse_decode_kernel)[(M, triton.cdiv(d, BD))](
+            values, indices, W_dec, b_dec, out,
+            k, d,
+            values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0),
+            BK=BK, BD=BD, num_warps=warps,
+        )
     return out

@@ -23,3 +23,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_on_cpu():
+    """For tests that run the Triton kernels on CPU tensors: that needs the interpreter, which is
+    switched on above at startup only when there is no CUDA (on a GPU machine these tests skip)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 from startup")

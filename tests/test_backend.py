@@ -112,3 +112,17 @@ def test_missing_extension_falls_back_with_a_clear_message(monkeypatch):
             backend.implementation("decode", torch.device("cpu"))
     finally:
         _ext.load.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cpp_sparse_decode_matches_reference(dtype):
+    """The CUDA build of the C++ op (csrc/sparse_decode_cuda.cu) against the reference."""
+    if not _ext.built_with_cuda():
+        pytest.skip("extension built without CUDA")
+    sae = random_sae(768, 4096, 64, seed=4).to(device="cuda", dtype=dtype)
+    x = torch.randn(3, 77, 768, device="cuda").to(dtype)
+    v, i = reference.encode(x, sae)
+    out = torch.ops.snce_fast.sparse_decode(v.reshape(-1, 64), i.reshape(-1, 64).int(), sae.W_dec, sae.b_dec)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.reshape(x.shape), reference.decode(v, i, sae), **tol)

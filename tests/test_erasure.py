@@ -44,11 +44,9 @@ def test_slim_roundtrip_keeps_only_target_rows(tmp_path):
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
-def test_slim_patch_equals_full_patch_and_holds_no_decoder(clip, monkeypatch, backend_name):
+def test_slim_patch_equals_full_patch_and_holds_no_decoder(clip, monkeypatch, backend_name, request):
     if backend_name == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available():
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        request.getfixturevalue("triton_on_cpu")
     monkeypatch.setenv("SNCE_FAST_BACKEND", backend_name)
     tok, enc = clip
     sae = random_sae(32, n=128, k=3, seed=2)

@@ -41,6 +41,22 @@ def test_encode_matches_reference(M, d, n, k, dtype):
 
 
 @cpu_only
+def test_single_split_with_insertions_is_sorted():
+    """Many row blocks make one latent split (splits * KP == k): rows that took one-at-a-time insertions
+    after the last bitonic merge hold their keys unordered, and the result must still come out sorted."""
+    import importlib
+
+    mod = importlib.import_module("snce_fast.kernels.encode_topk")
+    M, d, n, k = 520, 24, 320, 8
+    cfg = mod.encode_config(M, n, d, k, torch.float32, torch.device("cpu"))
+    assert mod.encode_splits(M, n, k, cfg, torch.device("cpu"))[0] == 1 and n > cfg.BN  # the case under test
+    sae = make_sae(d, n, k, seed=11)
+    x = torch.randn(M, d, generator=torch.Generator().manual_seed(5))
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+
+
+@cpu_only
 def test_int64_offset_path_matches_reference(monkeypatch):
     """The WIDE (int64 element offsets) variant used for SAEs with >= 2**31 weights, forced on small shapes."""
     import importlib
@@ -170,6 +186,17 @@ def test_gpu_encode_real_shapes(d, n, k, prompts):
         pytest.skip("interpreter mode")
     sae = make_sae(d, n, k, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(prompts, 77, d, device="cuda", dtype=torch.bfloat16)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_encode_many_prompts_single_split():
+    """256 prompts: enough row blocks that each takes the whole latent range in one split."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(768, 32768, 64, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(256, 77, 768, device="cuda", dtype=torch.bfloat16)
     values, indices = kernels.encode(x, sae)
     assert_topk_matches(x, sae, values, indices, rtol=2e-2, atol=2e-2)
 

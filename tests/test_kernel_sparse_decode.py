@@ -51,6 +51,17 @@ def test_decode_leading_shape_int64_indices_and_mixed_dtype():
 
 
 @cpu_only
+def test_decode_with_a_column_strided_decoder():
+    """A tied decoder stored as W_enc.T has column stride n, not 1."""
+    sae = make_sae(24, 90, 5)
+    with torch.no_grad():
+        sae.W_dec = torch.nn.Parameter(sae.W_enc.detach().clone().T)  # [n, d] view with strides (1, n)
+    assert sae.W_dec.stride(1) != 1
+    vals, idx = _sparse(7, 90, 5, torch.float32, seed=3)
+    torch.testing.assert_close(kernels.decode(vals, idx, sae), reference.decode(vals, idx, sae), rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
 def test_decode_roundtrip_with_encode():
     sae = make_sae(32, 200, 8)
     x = torch.randn(7, 32)

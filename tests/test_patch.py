@@ -331,11 +331,8 @@ def test_self_check_refuses_a_hook_that_misses_hidden_states(sdxl, xl_saes, monk
     assert not snce_fast.is_patched(sdxl)
 
 
-def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents, monkeypatch):
+def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents, monkeypatch, triton_on_cpu):
     """The fused path `patch` takes on CUDA, exercised on the CPU through the Triton interpreter."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from snce_fast import backend
 
     j, silent = sd_latents
@@ -355,10 +352,10 @@ def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
-def test_patched_encoder_compiles_without_graph_breaks(sd, sd_sae, sd_latents, backend_name, monkeypatch):
+def test_patched_encoder_compiles_without_graph_breaks(sd, sd_sae, sd_latents, backend_name, monkeypatch, request):
     """torch.compile(fullgraph=True) of a patched encoder: any graph break would raise."""
     if backend_name == "triton":
-        pytest.importorskip("triton")
+        request.getfixturevalue("triton_on_cpu")
     monkeypatch.setenv("SNCE_FAST_BACKEND", backend_name)
     enc = sd.text_encoder
     ids = sd.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -393,13 +390,11 @@ def test_bare_encoder_penultimate_output_matches_the_sdxl_pipeline(sdxl, xl_saes
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
-def test_gate_with_one_threshold_per_neuron(sd, sd_sae, monkeypatch, backend_name):
+def test_gate_with_one_threshold_per_neuron(sd, sd_sae, monkeypatch, backend_name, request):
     """A per-neuron gate threshold (as calibrate gives) is the same as the gate on each neuron alone:
     a prompt is edited iff some target beats its own threshold on >= min_tokens counted tokens."""
     if backend_name == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available():
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        request.getfixturevalue("triton_on_cpu")
     monkeypatch.setenv("SNCE_FAST_BACKEND", backend_name)
     hidden = hidden_at_output(sd.text_encoder, sd.tokenizer, PROMPT)
     v, i = reference.encode(hidden[:, 1:], sd_sae)

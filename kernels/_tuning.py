@@ -96,8 +96,11 @@ def _m_bucket(M: int) -> int:
     return min(next_pow2(max(M, 1)), 1 << 15)
 
 
+TUNE_VERSION = 2  # bump when kernels or tables change: older cached choices are then ignored
+
+
 def _encode_key(dev_name: str, M: int, n: int, d: int, KP: int, dtype: torch.dtype) -> str:
-    return f"encode|{dev_name}|M{_m_bucket(M)}|n{n}|d{d}|kp{KP}|{str(dtype).removeprefix('torch.')}"
+    return f"encode|v{TUNE_VERSION}|{dev_name}|M{_m_bucket(M)}|n{n}|d{d}|kp{KP}|{str(dtype).removeprefix('torch.')}"
 
 
 # --- default tables ----------------------------------------------------------------
@@ -118,7 +121,8 @@ def elements_per_thread(BM: int, BN: int, KP: int, num_warps: int) -> float:
 
 
 def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeConfig]:
-    """Configs worth trying for one shape on one GPU class (first = default, within the no-spill budget)."""
+    """Configs worth trying for one shape on one GPU class. The first is the default: within the no-spill
+    budget where any tile fits it (at KP 256 even the smallest tile spills a little: then the smallest)."""
     if cls == "cpu-interpreter":  # few, large tiles: the interpreter pays per op, not per element
         return [EncodeConfig(BM=min(64, max(16, next_pow2(M))), BN=max(64, KP), BK=64, FEW=4, num_warps=1, num_stages=1)]
     BN = max(128, KP)
@@ -139,7 +143,8 @@ def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeCo
 
 
 def encode_config(M: int, n: int, d: int, KP: int, dtype: torch.dtype, device: torch.device) -> EncodeConfig:
-    """The config a launch uses: a tuned one for this device name if cached, else the table's first."""
+    """The config a launch uses: a tuned one for this device name if cached, else the table's first.
+    `dtype`: the dtype the tiles are multiplied in (fp32 when x and W_enc differ, see `encode_topk`)."""
     name, _ = _device_key(device)
     cls = "cpu-interpreter" if name == "cpu-interpreter" else gpu_class(name)
     if cls != "cpu-interpreter":
@@ -184,8 +189,19 @@ def tune_encode(
     hit = _TUNED.get(_encode_key(name, M, n, d, KP, dtype))
     if hit is not None and not force:
         return EncodeConfig(**hit)
+    with torch.cuda.device(device):  # time on the tensors' GPU, whichever is current
+        best = _time_candidates(run, gpu_class(name), M, KP, dtype, device, reps)
+    if best is not None:
+        _TUNED[_encode_key(name, M, n, d, KP, dtype)] = asdict(best)
+        _save_cache()
+    return best
+
+
+def _time_candidates(run: Callable[[EncodeConfig], None], cls: str, M: int, KP: int, dtype: torch.dtype,
+                     device: torch.device, reps: int) -> Optional[EncodeConfig]:
+    """The fastest of the candidate configs by CUDA-event timing (None if none ran)."""
     best, best_t = None, float("inf")
-    for cfg in encode_candidates(M, KP, gpu_class(name), torch.empty((), dtype=dtype).element_size()):
+    for cfg in encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size()):
         try:
             run(cfg)
             torch.cuda.synchronize(device)
@@ -200,8 +216,4 @@ def tune_encode(
             continue
         if t < best_t:
             best, best_t = cfg, t
-    if best is not None:
-        _load_cache()
-        _TUNED[_encode_key(name, M, n, d, KP, dtype)] = asdict(best)
-        _save_cache()
     return best

@@ -58,8 +58,10 @@ def _kernel(name: str) -> Any:
         from .encode_topk import _encode_topk_kernel as fn
     elif name == "edit_residual":
         from .snce_edit import _edit_residual_kernel as fn
-    else:
+    elif name == "sparse_decode":
         from .sparse_decode import _sparse_decode_kernel as fn
+    else:
+        raise ValueError(f"unknown kernel {name!r}: expected encode_topk, edit_residual or sparse_decode")
     return fn
 
 
@@ -67,39 +69,38 @@ def encode_cases(arch: int, full: bool) -> list[Case]:
     import torch
 
     from ._tuning import encode_candidates, next_pow2, split_plan
-    from .encode_topk import kernel_meta
+    from .encode_topk import kernel_meta, operand_dtype
 
     cls, sms = ARCHS[arch]
+
+    def make(x_dtype, w_dtype, k: int, M: int, n: int = 32768, d: int = 768, wide: bool = False) -> list[Case]:
+        KP = next_pow2(k)
+        op = operand_dtype(x_dtype, w_dtype)  # the table is chosen by the dtype the tiles multiply in
+        cands = encode_candidates(M, KP, cls, torch.empty((), dtype=op).element_size())
+        out = []
+        for cfg in cands if full else cands[:1]:
+            meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide=wide)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+            splits, chunk = split_plan(M, n, cfg, sms)
+            xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
+            dts = xt if xt == wt else f"{xt} x / {wt} W"
+            out.append(Case(
+                "encode_topk", f"{dts} k{k} M{M} n{n} d{d}{' int64 offsets' if wide else ''} "
+                               f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{warps} s{stages}",
+                dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", out_ptr="int64"),
+                dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
+                     stride_om=splits * KP),
+                constexprs=meta, num_warps=warps, num_stages=stages))
+        return out
+
     out = []
-    n, d = 32768, 768
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for k in (1, 17, 32, 64, 256):
-            KP = next_pow2(k)
-            for prompts in (1, 16, 64, 256):
-                M = prompts * PROMPT_TOKENS
-                cands = encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size())
-                for cfg in cands if full else cands[:1]:
-                    meta = kernel_meta(cfg, KP, dtype, dtype)
-                    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-                    splits, chunk = split_plan(M, n, cfg, sms)
-                    dt = str(dtype).removeprefix("torch.")
-                    out.append(Case(
-                        "encode_topk", f"{dt} k{k} M{M} BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{warps} s{stages}",
-                        dict(x_ptr=dt, w_ptr=dt, b_ptr="float32", out_ptr="int64"),
-                        dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
-                             stride_om=splits * KP),
-                        constexprs=meta, num_warps=warps, num_stages=stages))
+            for M in (1,) + tuple(p * PROMPT_TOKENS for p in (1, 16, 64, 256)):  # M 1: specialised to a constant
+                out += make(dtype, dtype, k, M)
+    out += make(torch.float16, torch.float32, 64, PROMPT_TOKENS)  # fp16 pipeline, fp32 SAE: upcast path
     # the largest SAE of the issue (n 524288 at d 4096): W_enc offsets reach 2**31, int64 path
-    cfg = encode_candidates(PROMPT_TOKENS, 64, cls, 2)[0]
-    meta = kernel_meta(cfg, 64, torch.bfloat16, torch.bfloat16, wide=True)
-    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    splits, chunk = split_plan(PROMPT_TOKENS, 524288, cfg, sms)
-    out.append(Case(
-        "encode_topk", f"bfloat16 k64 M77 n524288 d4096 int64 offsets BM{cfg.BM} BN{cfg.BN} w{warps} s{stages}",
-        dict(x_ptr="bfloat16", w_ptr="bfloat16", b_ptr="float32", out_ptr="int64"),
-        dict(M=PROMPT_TOKENS, N=524288, D=4096, CHUNK=chunk, stride_xm=4096, stride_xd=1, stride_wd=524288,
-             stride_wn=1, stride_om=splits * 64),
-        constexprs=meta, num_warps=warps, num_stages=stages))
+    out += make(torch.bfloat16, torch.bfloat16, 64, PROMPT_TOKENS, n=524288, d=4096, wide=True)
     return out
 
 
@@ -136,7 +137,7 @@ def decode_cases(arch: int, full: bool) -> list[Case]:
                     out.append(Case(
                         "sparse_decode", f"{dt} idx={idx} k{k} d{d}",
                         dict(v_ptr=dt, i_ptr=idx, w_ptr=dt, b_ptr=dt, o_ptr=dt),
-                        dict(K=k, D=d, stride_vm=k, stride_im=k, stride_wn=d, stride_om=d),
+                        dict(K=k, D=d, stride_vm=k, stride_im=k, stride_wn=d, stride_wd=1, stride_om=d),
                         constexprs=dict(BK=BK, BD=BD), num_warps=warps))
     return out
 
@@ -162,9 +163,24 @@ def _ptxas_resources(log: str) -> dict[str, int]:
     return out
 
 
-def compile_case(case: Case, arch: int, fn: Any = None) -> dict:
-    """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel);
-    never raises: a failure is reported in the result."""
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for a block (triton reads its knobs from the environment lazily)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str] = None) -> dict:
+    """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel; `cache_dir`:
+    triton's cache for this compile); never raises: a failure is reported in the result."""
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
@@ -189,11 +205,12 @@ def compile_case(case: Case, arch: int, fn: Any = None) -> dict:
             signature[name] = "constexpr"
     row = dict(kernel=case.kernel, label=case.label, arch=f"sm_{arch}")
     t0 = time.perf_counter()
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # triton prints ptxas -v to stdout: registers and spills
+    # with TRITON_DUMP_PTXAS_LOG triton prints `ptxas -v` (registers, spills) to stdout
+    env = dict(TRITON_DUMP_PTXAS_LOG="1", **({"TRITON_CACHE_DIR": cache_dir} if cache_dir else {}))
     log = io.StringIO()
     try:
         src = ASTSource(fn, signature, constexprs, attrs)
-        with contextlib.redirect_stdout(log):
+        with _env(**env), contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
         row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **_ptxas_resources(log.getvalue()))
@@ -209,23 +226,28 @@ def run(archs: list[int], full: bool = False, jobs: int = 1, progress: bool = Tr
     """Compile all cases for each arch (in `jobs` processes); one result dict per case."""
     work = [(c, a) for a in archs for c in cases(a, full)]
     results: list[dict] = []
-    if not keep_cache:  # a cache hit skips ptxas, whose log gives registers and spills
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="snce_compile_check_")
+    # a fresh cache unless asked: a cache hit skips ptxas, whose log gives registers and spills
+    tmp = None if keep_cache else tempfile.TemporaryDirectory(prefix="snce_compile_check_")
+    cache_dir = tmp.name if tmp else None
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency, this only guards odd installs
         tqdm = None
     bar = tqdm(total=len(work), desc="triton compile", disable=not progress) if tqdm else None
-    if jobs <= 1:
-        for c, a in work:
-            results.append(compile_case(c, a))
-            bar and bar.update()
-    else:
-        with ProcessPoolExecutor(jobs) as pool:
-            for r in pool.map(compile_case, [c for c, _ in work], [a for _, a in work]):
-                results.append(r)
+    try:
+        if jobs <= 1:
+            for c, a in work:
+                results.append(compile_case(c, a, cache_dir=cache_dir))
                 bar and bar.update()
-    bar and bar.close()
+        else:
+            with ProcessPoolExecutor(jobs) as pool:
+                for r in pool.map(compile_case, [c for c, _ in work], [a for _, a in work],
+                                  [None] * len(work), [cache_dir] * len(work)):
+                    results.append(r)
+                    bar and bar.update()
+    finally:
+        bar and bar.close()
+        tmp and tmp.cleanup()
     return results
 
 
@@ -267,7 +289,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # kernels decorated under the interpreter cannot be compiled: rerun without it
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.call([sys.executable, "-m", "snce_fast.kernels.compile_check", *(argv or sys.argv[1:])], env=env)
+        args_out = sys.argv[1:] if argv is None else argv
+        return subprocess.call([sys.executable, "-m", "snce_fast.kernels.compile_check", *args_out], env=env)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     import torch

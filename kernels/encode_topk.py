@@ -145,15 +145,16 @@ def _encode_topk_kernel(
     n_end = tl.minimum(n_start + CHUNK, N)
     for n0 in range(n_start, n_end, BN):
         cols = n0 + tl.arange(0, BN)
+        cols_o = cols.to(tl.int64) if WIDE else cols
         cmask = cols < n_end
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < D
             ks_o = ks.to(tl.int64) if WIDE else ks
-            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks[None, :] * stride_xd,
+            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols[None, :] * stride_wn,
+            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
             if UPCAST:  # mixed or fp32 inputs: exact fp32 products
                 xt = xt.to(tl.float32)
@@ -181,6 +182,12 @@ def _encode_topk_kernel(
             thr_v = _key_value(thr_key)
     out_cols = pid_s * KP + slots
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
+
+
+def operand_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tiles are multiplied in: the shared 16-bit dtype, else fp32 (the config table and the
+    tuning cache are keyed by it: fp16 activations with an fp32 SAE compute, and spill, like fp32)."""
+    return x_dtype if _compute_mode(x_dtype, w_dtype)[0] is False else torch.float32
 
 
 def _compute_mode(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[bool, str]:
@@ -244,7 +251,7 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     KP = next_pow2(k)
     if M == 0:
         return x.new_empty((0, k), dtype=torch.float32), x.new_empty((0, k), dtype=torch.int32)
-    cfg = encode_config(M, n, d, KP, x.dtype, x.device)
+    cfg = encode_config(M, n, d, KP, operand_dtype(x.dtype, W_enc.dtype), x.device)
     splits, chunk = encode_splits(M, n, KP, cfg, x.device)
     keys = x.new_empty((M, splits * KP), dtype=torch.int64)
     _launch(x, W_enc, bias, keys, cfg, KP, splits, chunk)
@@ -307,4 +314,4 @@ def tune(x: torch.Tensor, sae: Any, force: bool = False) -> None:
         keys = x2.new_empty((M, splits * KP), dtype=torch.int64)
         _launch(x2, sae.W_enc, bias, keys, cfg, KP, splits, chunk)
 
-    tune_encode(run, M, n, d, KP, x2.dtype, x2.device, force=force)
+    tune_encode(run, M, n, d, KP, operand_dtype(x2.dtype, sae.W_enc.dtype), x2.device, force=force)

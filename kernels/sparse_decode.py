@@ -21,7 +21,7 @@ from ._tuning import interpreting, next_pow2
 def _sparse_decode_kernel(
     v_ptr, i_ptr, w_ptr, b_ptr, o_ptr,
     K, D,
-    stride_vm, stride_im, stride_wn, stride_om,
+    stride_vm, stride_im, stride_wn, stride_wd, stride_om,
     BK: tl.constexpr, BD: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
@@ -33,7 +33,7 @@ def _sparse_decode_kernel(
         kmask = ks < K
         idx = tl.load(i_ptr + m * stride_im + ks, mask=kmask, other=0).to(tl.int64)
         v = tl.load(v_ptr + m * stride_vm + ks, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :] * stride_wd, mask=kmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.reduce(v[:, None] * w, 0, sum_combine)
     acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -61,13 +61,11 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     if M == 0 or k == 0:
         return out.copy_(b_dec.to(out.dtype).expand(M, d)) if M else out
     BK, BD, warps = decode_blocks(k, d)
-    if W_dec.stride(1) != 1:  # the kernel reads rows with unit column stride (e.g. tied W_dec = W_enc.T)
-        W_dec = W_dec.contiguous()
     with on_device_of(values):
         wrap_triton(_sparse_decode_kernel)[(M, triton.cdiv(d, BD))](
             values, indices, W_dec, b_dec, out,
             k, d,
-            values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0),
+            values.stride(0), indices.stride(0), W_dec.stride(0), W_dec.stride(1), out.stride(0),
             BK=BK, BD=BD, num_warps=warps,
         )
     return out

@@ -32,7 +32,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
-if python3 -c "import snce_fast._C" 2>/dev/null; then
+if (cd /tmp && python3 -c "import snce_fast._C, snce_fast.kernels") 2>/dev/null; then  # installed, not just a .so here
   echo "snce_fast already built on this (warm) machine" | tee -a "$LOG"
 else
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . \
@@ -42,7 +42,7 @@ python3 -m snce_fast.info | tee -a "$LOG"
 
 case "$what" in
   tests)
-    step 480 "pytest -m gpu" python3 -m pytest -q -m gpu tests -p no:cacheprovider
+    step 420 "pytest -m gpu" python3 -m pytest -q -m gpu tests -p no:cacheprovider
     ;;
   bench-kernels)
     step 200 "bench_encode_topk" python3 benchmarks/bench_encode_topk.py

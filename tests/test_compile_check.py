@@ -58,14 +58,17 @@ def test_cases_cover_every_kernel_and_dtype():
 
 
 def test_real_kernels_compile_for_sm90(tmp_path):
-    """One small config of each kernel through ptxas; registers and spills read from its report."""
+    """The SPEC-shape default (bf16, k 64, one prompt) of the encode kernel and one config of each other
+    kernel through ptxas: they compile, and ptxas reports no register spills (the tile budget's claim)."""
     res = _run("""
         import json
         from snce_fast.kernels import compile_check as cc
         picked = {}
         for c in cc.cases(90):
-            small = (c.kernel != "encode_topk") or c.constexprs["KP"] == 1
-            if small and c.kernel not in picked and c.pointers.get("x_ptr", c.pointers.get("v_ptr")) == "bfloat16":
+            bf16 = c.pointers.get("x_ptr", c.pointers.get("v_ptr")) == "bfloat16"
+            spec_shape = c.kernel != "encode_topk" or (c.constexprs["KP"] == 64 and c.ints["M"] == 77
+                                                       and c.ints["N"] == 32768)
+            if bf16 and spec_shape and c.kernel not in picked:
                 picked[c.kernel] = c
         print(json.dumps([cc.compile_case(c, 90) for c in picked.values()]))
     """, tmp_path)
@@ -97,7 +100,7 @@ def test_a_kernel_the_interpreter_accepts_is_reported_when_it_does_not_compile(t
         print(json.dumps(compile_case(case, 90, fn=bad)))
     """, tmp_path)
     assert res["ok"] is False
-    assert "constexpr" in res["error"] or res["error_type"] == "CompilationError", res
+    assert "constexpr cannot be reassigned" in res["error"], res
 
 
 def test_inductor_sees_each_kernel_write_only_its_output(tmp_path):

@@ -206,7 +206,9 @@ def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str]
     row = dict(kernel=case.kernel, label=case.label, arch=f"sm_{arch}")
     t0 = time.perf_counter()
     # with TRITON_DUMP_PTXAS_LOG triton prints `ptxas -v` (registers, spills) to stdout
-    env = dict(TRITON_DUMP_PTXAS_LOG="1", **({"TRITON_CACHE_DIR": cache_dir} if cache_dir else {}))
+    # (TRITON_DEFAULT_FP_FUSION=1 is triton's current default, set only to silence 3.9's warning about it)
+    env = dict(TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"),
+               **({"TRITON_CACHE_DIR": cache_dir} if cache_dir else {}))
     log = io.StringIO()
     try:
         src = ASTSource(fn, signature, constexprs, attrs)

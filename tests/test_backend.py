@@ -126,3 +126,21 @@ def test_gpu_cpp_sparse_decode_matches_reference(dtype):
     out = torch.ops.snce_fast.sparse_decode(v.reshape(-1, 64), i.reshape(-1, 64).int(), sae.W_dec, sae.b_dec)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.reshape(x.shape), reference.decode(v, i, sae), **tol)
+
+
+@pytest.mark.gpu
+def test_gpu_cpp_sparse_decode_out_of_range_index_asserts():
+    """An index >= n_latents trips a device-side assert (run in a subprocess: it poisons the CUDA context)."""
+    import subprocess
+    import sys
+
+    if not _ext.built_with_cuda():
+        pytest.skip("extension built without CUDA")
+    code = (
+        "import torch, snce_fast\n"
+        "W = torch.randn(16, 8, device='cuda'); b = torch.zeros(8, device='cuda')\n"
+        "v = torch.ones(2, 3, device='cuda'); i = torch.full((2, 3), 16, dtype=torch.int32, device='cuda')\n"
+        "torch.ops.snce_fast.sparse_decode(v, i, W, b); torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "assert" in (out.stderr + out.stdout).lower(), out.stderr[-2000:]

@@ -142,16 +142,22 @@ def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeCo
     return out
 
 
+def _tuned(dev_name: str, M: int, n: int, d: int, KP: int, dtype: torch.dtype) -> Optional[EncodeConfig]:
+    """The cached tuning choice for this GPU name and shape bucket, if any."""
+    _load_cache()
+    hit = _TUNED.get(_encode_key(dev_name, M, n, d, KP, dtype))
+    return EncodeConfig(**hit) if hit is not None else None
+
+
 def encode_config(M: int, n: int, d: int, KP: int, dtype: torch.dtype, device: torch.device) -> EncodeConfig:
     """The config a launch uses: a tuned one for this device name if cached, else the table's first.
     `dtype`: the dtype the tiles are multiplied in (fp32 when x and W_enc differ, see `encode_topk`)."""
     name, _ = _device_key(device)
     cls = "cpu-interpreter" if name == "cpu-interpreter" else gpu_class(name)
     if cls != "cpu-interpreter":
-        _load_cache()
-        hit = _TUNED.get(_encode_key(name, M, n, d, KP, dtype))
+        hit = _tuned(name, M, n, d, KP, dtype)
         if hit is not None:
-            return EncodeConfig(**hit)
+            return hit
     return encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size())[0]
 
 
@@ -185,10 +191,9 @@ def tune_encode(
     if device.type != "cuda" or interpreting():
         return None
     name, _ = _device_key(device)
-    _load_cache()
-    hit = _TUNED.get(_encode_key(name, M, n, d, KP, dtype))
+    hit = _tuned(name, M, n, d, KP, dtype)
     if hit is not None and not force:
-        return EncodeConfig(**hit)
+        return hit
     with torch.cuda.device(device):  # time on the tensors' GPU, whichever is current
         best = _time_candidates(run, gpu_class(name), M, KP, dtype, device, reps)
     if best is not None:

@@ -21,7 +21,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import constexpr_function
 
-
 from ._combine import max_combine, min_combine, sum_combine
 from ._registry import on_device_of, register_op
 from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode

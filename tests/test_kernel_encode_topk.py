@@ -1,4 +1,5 @@
 """Fused encode + TopK (snce_fast.kernels.encode_topk) against the eager reference."""
+import importlib
 import os
 
 import torch
@@ -14,6 +15,8 @@ from snce_fast import kernels  # noqa: E402
 from snce_fast import reference  # noqa: E402
 
 from helpers_topk import assert_topk_matches, make_sae  # noqa: E402
+
+encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the module; the package's `encode_topk` is the op
 
 CPU_OK = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not CPU_OK, reason="CPU tests need TRITON_INTERPRET=1")
@@ -44,17 +47,14 @@ def test_encode_matches_reference(M, d, n, k, dtype):
 def test_single_split_with_insertions_is_sorted():
     """Many row blocks make one latent split (splits * KP == k): rows that took one-at-a-time insertions
     after the last bitonic merge hold their keys unordered, and the result must still come out sorted."""
-    import importlib
-
-    mod = importlib.import_module("snce_fast.kernels.encode_topk")
     M, d, n, k = 520, 24, 320, 8
-    cfg = mod.encode_config(M, n, d, k, torch.float32, torch.device("cpu"))
-    splits, chunk = mod.encode_splits(M, n, k, cfg, torch.device("cpu"))
+    cfg = encode_mod.encode_config(M, n, d, k, torch.float32, torch.device("cpu"))
+    splits, chunk = encode_mod.encode_splits(M, n, k, cfg, torch.device("cpu"))
     assert splits == 1 and n > cfg.BN  # the case under test
     sae = make_sae(d, n, k, seed=11)
     x = torch.randn(M, d, generator=torch.Generator().manual_seed(5))
     keys = x.new_empty((M, k), dtype=torch.int64)
-    mod._launch(x, sae.W_enc.detach(), mod.folded_bias(sae), keys, cfg, k, splits, chunk)
+    encode_mod._launch(x, sae.W_enc.detach(), encode_mod.folded_bias(sae), keys, cfg, k, splits, chunk)
     assert (keys[:, 1:] > keys[:, :-1]).any()  # some row's raw keys really are out of order
     values, indices = kernels.encode(x, sae)
     assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
@@ -63,10 +63,7 @@ def test_single_split_with_insertions_is_sorted():
 @cpu_only
 def test_int64_offset_path_matches_reference(monkeypatch):
     """The WIDE (int64 element offsets) variant used for SAEs with >= 2**31 weights, forced on small shapes."""
-    import importlib
-
-    mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the package's `encode_topk` is the op
-    monkeypatch.setattr(mod, "_FORCE_WIDE", True)
+    monkeypatch.setattr(encode_mod, "_FORCE_WIDE", True)
     sae = make_sae(40, 300, 17, seed=3)
     x = torch.randn(9, 40, generator=torch.Generator().manual_seed(2))
     values, indices = kernels.encode(x, sae)
@@ -74,9 +71,7 @@ def test_int64_offset_path_matches_reference(monkeypatch):
 
 
 def test_wide_offsets_decided_from_strides():
-    import importlib
-
-    _needs_wide = importlib.import_module("snce_fast.kernels.encode_topk")._needs_wide
+    _needs_wide = encode_mod._needs_wide
 
     assert not _needs_wide(torch.empty(3, 4), torch.empty(0, 5))
     # rows 2**31 elements apart (a meta tensor: no memory behind it)
@@ -130,18 +125,15 @@ def test_folded_bias_cache_never_serves_another_sae(monkeypatch):
     """Regression: the cache was keyed by data_ptr + version, so a new SAE allocated where a freed
     one lived (same shapes, same version count) got the old SAE's folded bias. Simulate the address
     reuse deterministically: two live SAEs whose tensors report the same data_ptr."""
-    import importlib
-
-    mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the module, not the op of that name
     a, b = make_sae(16, 64, 4, seed=1), make_sae(16, 64, 4, seed=2)
     x = torch.randn(3, 16)
     kernels.clear_bias_cache()
     kernels.encode(x, a)
-    w_ref, enc_ref, dec_ref, _, bias_a = mod._BIAS_CACHE[id(a.W_enc)]
+    w_ref, enc_ref, dec_ref, _, bias_a = encode_mod._BIAS_CACHE[id(a.W_enc)]
     # a's entry filed under b, with b's addresses and versions (what a freed SAE's reused memory looks
     # like to an address-based key): only object identity tells them apart
     state_b = tuple(v for t in (b.W_enc, b.b_enc, b.b_dec) for v in (t.data_ptr(), t._version))
-    monkeypatch.setattr(mod, "_BIAS_CACHE", {id(b.W_enc): (w_ref, enc_ref, dec_ref, state_b, bias_a)})
+    monkeypatch.setattr(encode_mod, "_BIAS_CACHE", {id(b.W_enc): (w_ref, enc_ref, dec_ref, state_b, bias_a)})
     values, indices = kernels.encode(x, b)
     assert_topk_matches(x, b, values, indices)
     # and after .data writes (which bump no version) clear_bias_cache() makes the cache honest again
@@ -199,13 +191,10 @@ def test_gpu_encode_many_prompts_single_split():
     """256 prompts: enough row blocks that each takes the whole latent range in one split."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode")
-    import importlib
-
-    mod = importlib.import_module("snce_fast.kernels.encode_topk")
     sae = make_sae(768, 32768, 64, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(256, 77, 768, device="cuda", dtype=torch.bfloat16)
-    cfg = mod.encode_config(256 * 77, 32768, 768, 64, torch.bfloat16, x.device)
-    if mod.encode_splits(256 * 77, 32768, 64, cfg, x.device)[0] != 1:
+    cfg = encode_mod.encode_config(256 * 77, 32768, 768, 64, torch.bfloat16, x.device)
+    if encode_mod.encode_splits(256 * 77, 32768, 64, cfg, x.device)[0] != 1:
         pytest.skip("this GPU (or a tuned config) still splits the latents at 256 prompts")
     values, indices = kernels.encode(x, sae)
     assert_topk_matches(x, sae, values, indices, rtol=2e-2, atol=2e-2)

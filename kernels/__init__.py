@@ -28,15 +28,23 @@ def available() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
 
 
-try:
-    import torch
+_IMPORT_ERROR: Optional[Exception] = None
+if __name__ != "snce_fast.kernels":
+    # Imported as a top-level `kernels`: the source tree's root is on sys.path (`python -m pytest` or a
+    # REPL there) and someone probed for a package of that name -- transformers does, for HF's `kernels`,
+    # on import. Registering the ops again under this second module would make torch destroy the first
+    # registrations while the real snce_fast.kernels still calls them (a use-after-free: random crashes
+    # much later). So register nothing, and have no __version__ (transformers then treats it as absent).
+    _IMPORT_ERROR = ImportError(f"the kernels were imported as {__name__!r}; import snce_fast.kernels")
+else:
+    try:
+        import torch
 
-    from .encode_topk import clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
-    from .snce_edit import edit_residual  # noqa: F401
-    from .sparse_decode import sparse_decode  # noqa: F401
-    _IMPORT_ERROR: Optional[Exception] = None
-except ImportError as _e:  # triton missing: available() reports it, the functions raise
-    _IMPORT_ERROR = _e
+        from .encode_topk import clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
+        from .snce_edit import edit_residual  # noqa: F401
+        from .sparse_decode import sparse_decode  # noqa: F401
+    except ImportError as _e:  # triton missing: available() reports it, the functions raise
+        _IMPORT_ERROR = _e
 
 
 def _need() -> None:

@@ -14,7 +14,11 @@ from typing import Callable, ContextManager
 import torch
 from torch.library import triton_op
 
-from ._tuning import interpreting
+if not __name__.startswith("snce_fast."):  # see kernels/__init__.py: a second registration corrupts the first
+    raise ImportError(f"{__name__} is snce_fast's kernels/ directory imported as a top-level package "
+                      "(its parent directory is on sys.path); import snce_fast.kernels instead")
+
+from ._tuning import interpreting  # noqa: E402
 
 
 def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:

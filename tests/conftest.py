@@ -15,6 +15,18 @@ if not _cuda:
 
 import pytest
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        # Every interpreted load/store is bounds-checked: the interpreter itself does not check,
+        # so an out-of-range access would otherwise corrupt the test process's heap.
+        from interpreter_bounds import enable as _enable_bounds_checks
+
+        _enable_bounds_checks()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

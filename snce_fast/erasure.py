@@ -18,12 +18,13 @@ from torch import nn
 
 from ._atomic import atomic_path
 from ._validate import Neurons, as_neuron_list
-from .formats import SAEFormatError, _check_shapes, _dtype, _read_json, _read_safetensors, _require
+from .formats import (
+    ERASURE_FORMAT, ERASURE_WEIGHTS, SAEFormatError, _check_shapes, _dtype, _read_json, _read_safetensors, _require,
+    drop_replaced, previous_weights,
+)
 from .hook_points import parse_hook
 
-ERASURE_FORMAT = "snce_fast-erasure"
 ERASURE_VERSION = 1
-ERASURE_WEIGHTS = "erasure.safetensors"
 ERASURE_KEYS = ("W_enc", "b_enc", "b_dec", "W_dec_targets")
 
 
@@ -84,16 +85,19 @@ class ErasureSAE(nn.Module):
         return f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, hook={self.hook!r}, targets={self.decoder_targets}"
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write config.json + erasure.safetensors (each atomically, weights first)."""
+        """Write config.json + erasure.safetensors (each atomically, weights first). Saved over a full
+        snce_fast SAE, that SAE's sae.safetensors is removed afterwards (nothing would read it)."""
         from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: getattr(self, k).detach().contiguous().cpu() for k in ERASURE_KEYS}
+        previous = previous_weights(out)
         with atomic_path(out / ERASURE_WEIGHTS) as tmp:
             save_file(tensors, str(tmp), metadata={"format": ERASURE_FORMAT, "version": str(ERASURE_VERSION)})
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(self.config(), indent=2) + "\n")
+        drop_replaced(previous, out / ERASURE_WEIGHTS)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> "ErasureSAE":

@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+ERASURE_FORMAT = "snce_fast-erasure"  # the slim artifact of snce_fast.erasure
+ERASURE_WEIGHTS = "erasure.safetensors"
 
 
 class SAEFormatError(ValueError):
@@ -90,11 +92,35 @@ def _build(W_enc, b_enc, W_dec, b_dec, k, hook, encoder, device) -> SAE:
     return sae.to(device) if device is not None else sae
 
 
+def previous_weights(out: Path) -> Optional[Path]:
+    """The weights file of the snce_fast artifact (full SAE or erasure) that `out`/config.json
+    describes before a save replaces it; None when there is none or the config is not ours."""
+    try:
+        cfg = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if cfg.get("format") == ERASURE_FORMAT:
+        return out / ERASURE_WEIGHTS
+    if "format" not in cfg and "format_version" in cfg and "n_latents" in cfg:
+        return out / WEIGHTS_FILE
+    return None
+
+
+def drop_replaced(previous: Optional[Path], written: Path) -> None:
+    """After a save wrote `written` and its config: remove the weights of the artifact it replaced
+    (a full SAE saved over an erasure, or the reverse), which nothing would read any more."""
+    if previous is not None and previous.name != written.name:
+        previous.unlink(missing_ok=True)
+
+
 # -- native format -------------------------------------------------------------------
 def save_sae(sae: SAE, path: str | os.PathLike) -> None:
     """Write config.json + sae.safetensors into `path`; each file is written to a temp
     name, fsynced and renamed, weights first, so a crash never leaves a config that
-    points at a partial weights file."""
+    points at a partial weights file. Saved over an snce_fast erasure, its erasure.safetensors
+    is removed afterwards."""
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -106,8 +132,10 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> None:
         with atomic_path(out / name) as tmp:
             writer(str(tmp))
 
+    previous = previous_weights(out)
     write(WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "snce_fast", "version": str(FORMAT_VERSION)}))
     write(CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    drop_replaced(previous, out / WEIGHTS_FILE)
 
 
 def load_sae(path: str | os.PathLike, device: Optional[torch.device | str] = None) -> SAE:

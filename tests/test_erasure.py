@@ -134,3 +134,27 @@ def test_erasure_refuses_repeated_targets():
     sae = random_sae(8, n=16, k=2, seed=3)
     with pytest.raises(ValueError, match="repeat a latent"):
         ErasureSAE(sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec.detach()[[3, 3]], [3, 3], 2)
+
+
+def test_saving_over_the_other_artifact_removes_its_stale_weights(tmp_path):
+    sae = random_sae(16, n=64, k=3, seed=5)
+    out = tmp_path / "a"
+    sae.save(out)
+    sae.slim([2, 9]).save(out)  # an erasure over a full SAE
+    assert not (out / "sae.safetensors").exists() and (out / ERASURE_WEIGHTS).exists()
+    assert ErasureSAE.load(out).decoder_targets == [2, 9]
+    sae.save(out)  # and back
+    assert not (out / ERASURE_WEIGHTS).exists()
+    assert torch.equal(snce_fast.SAE.load(out).W_dec, sae.W_dec)
+    sae.save(out)  # saving the same kind again keeps its (new) weights
+    assert (out / "sae.safetensors").exists()
+
+
+def test_saving_into_a_foreign_directory_deletes_nothing(tmp_path):
+    """A config.json that is not ours (an HF model, say) says nothing about sae.safetensors there."""
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    (out / "sae.safetensors").write_bytes(b"not ours")
+    random_sae(16, n=64, k=3, seed=5).slim([1]).save(out)
+    assert (out / "sae.safetensors").read_bytes() == b"not ours"

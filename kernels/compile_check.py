@@ -133,12 +133,13 @@ def decode_cases(arch: int, full: bool) -> list[Case]:
         for idx in ("int32", "int64"):
             for k in (1, 17, 64, 256):
                 for d in (768, 4096) if full else (768,):
-                    BK, BD, warps = decode_blocks(k, d, interpreter=False)
+                    meta = decode_blocks(k, d, interpreter=False)
+                    warps = meta.pop("num_warps")
                     out.append(Case(
                         "sparse_decode", f"{dt} idx={idx} k{k} d{d}",
                         dict(v_ptr=dt, i_ptr=idx, w_ptr=dt, b_ptr=dt, o_ptr=dt),
                         dict(K=k, D=d, stride_vm=k, stride_im=k, stride_wn=d, stride_wd=1, stride_om=d),
-                        constexprs=dict(BK=BK, BD=BD), num_warps=warps))
+                        constexprs=meta, num_warps=warps))
     return out
 
 

@@ -40,12 +40,12 @@ def _sparse_decode_kernel(
     tl.store(o_ptr + m * stride_om + cols, acc, mask=cmask)
 
 
-def decode_blocks(k: int, d: int, interpreter: bool | None = None) -> tuple[int, int, int]:
-    """(BK, BD, num_warps) for one launch (shared with `compile_check`)."""
-    if interpreting() if interpreter is None else interpreter:
-        return min(next_pow2(k), 256), min(next_pow2(d), 256), 1
+def decode_blocks(k: int, d: int, interpreter: bool) -> dict:
+    """Block sizes and warps of one launch (shared with `compile_check`)."""
+    if interpreter:
+        return dict(BK=min(next_pow2(k), 256), BD=min(next_pow2(d), 256), num_warps=1)
     bd = min(next_pow2(d), 512)
-    return min(next_pow2(k), 32), bd, 4 if bd >= 256 else 2
+    return dict(BK=min(next_pow2(k), 32), BD=bd, num_warps=4 if bd >= 256 else 2)
 
 
 def _sparse_decode_fake(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,12 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     out = values.new_empty((M, d))
     if M == 0 or k == 0:
         return out.copy_(b_dec.to(out.dtype).expand(M, d)) if M else out
-    BK, BD, warps = decode_blocks(k, d)
+    blocks = decode_blocks(k, d, interpreting())
     with on_device_of(values):
-        wrap_triton(_sparse_decode_kernel)[(M, triton.cdiv(d, BD))](
+        wrap_triton(_sparse_decode_kernel)[(M, triton.cdiv(d, blocks["BD"]))](
             values, indices, W_dec, b_dec, out,
             k, d,
             values.stride(0), indices.stride(0), W_dec.stride(0), W_dec.stride(1), out.stride(0),
-            BK=BK, BD=BD, num_warps=warps,
+            **blocks,
         )
     return out

@@ -105,8 +105,8 @@ def test_edit_with_gpu_blocks(monkeypatch, shape, d, n, k):
 def test_decode_with_gpu_blocks(monkeypatch, M, d, n, k):
     """GPU decode blocks: k in blocks of 32 (k 64 / 100 loop), d in blocks of 512 (d 700 / 513 loop)."""
     monkeypatch.setattr(decode_mod, "interpreting", lambda: False)
-    BK, BD, _ = decode_mod.decode_blocks(k, d)
-    assert BK == min(next_pow2(k), 32) and BD == min(next_pow2(d), 512)
+    blocks = decode_mod.decode_blocks(k, d, decode_mod.interpreting())
+    assert blocks["BK"] == min(next_pow2(k), 32) and blocks["BD"] == min(next_pow2(d), 512)
     sae = make_sae(d, n, k, seed=k)
     g = torch.Generator().manual_seed(M)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(M)]).to(torch.int32)

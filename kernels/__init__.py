@@ -40,6 +40,7 @@ else:
     try:
         import torch
 
+        from . import _cache
         from .encode_topk import clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
         from .snce_edit import edit_residual  # noqa: F401
         from .sparse_decode import sparse_decode  # noqa: F401
@@ -68,6 +69,16 @@ def _encode32(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tenso
     """(fp32 ReLU'd values, int32 indices), each [M, k], for x [..., d]."""
     k = _check_k(sae)
     return encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), k)
+
+
+def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
+    """fp32 contiguous `W_dec[targets]` [T, d], gathered once per decoder tensor and version."""
+    from snce_fast import reference
+
+    stored = getattr(sae, "W_dec_targets", None)
+    source = stored if stored is not None else sae.W_dec
+    key = ("decoder_rows32", tuple(targets), tuple(getattr(sae, "decoder_targets", None) or ()))
+    return _cache.derived((source,), key, lambda: reference.decoder_rows(sae, targets).detach().float().contiguous())
 
 
 def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -115,7 +126,9 @@ def edit(
     _need()
     d, n = sae.W_enc.shape
     targets = as_neuron_list(neurons, n)
-    thr = reference.target_thresholds(threshold, neurons, targets)
+    thr = reference.target_threshold_values(threshold, neurons, targets)
+    if isinstance(thr, list):  # per neuron: made on the device once, not copied per call
+        thr = _cache.constant(thr, torch.float32, x.device)
     check_edit_args(mode, scale, clamp)
     positive_int(min_tokens, "min_tokens")
     if gate and x.dim() < 2:
@@ -124,20 +137,20 @@ def edit(
     lead = x.shape[:-1]
     values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32
 
+    tgt = _cache.constant(targets, torch.int32, x.device)
     allowed = torch.ones(lead, dtype=torch.bool, device=x.device)
     if edit_mask is not None:
         allowed = allowed & edit_mask.to(torch.bool)
     z_t = None
     if gate or mode == "reconstruct":
-        z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), targets)
+        z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), tgt)
     if gate:
         counted = allowed if count_mask is None else count_mask.to(torch.bool)
         allowed = allowed & reference.gate_mask(z_t, counted, min_tokens, thr).unsqueeze(-1)
     allowed = torch.broadcast_to(allowed, lead).reshape(-1)
 
-    tgt = torch.tensor(targets, dtype=torch.int32, device=x.device)
     if mode == "residual":
-        w_t = reference.decoder_rows(sae, targets).detach().float().contiguous()
+        w_t = _decoder_rows32(sae, targets)
         out = edit_residual(_rows(x), values, indices, tgt, w_t, allowed.to(torch.int8),
                             float(scale), clamp is not None, float(clamp) if clamp is not None else 0.0)
         return out.reshape(x.shape)

@@ -12,7 +12,6 @@ See docs/kernels.md.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import constexpr_function
 
+from . import _cache
 from ._combine import max_combine, min_combine, sum_combine
 from ._registry import on_device_of, register_op
 from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode
@@ -261,34 +261,16 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
 
 
 def folded_bias(sae: Any) -> torch.Tensor:
-    """`b_enc - b_dec @ W_enc` in fp32, cached per weight object and version (recomputed while compiling).
-
-    The cache entry is only used for the very same tensor objects (checked through weak references,
-    so a freed SAE whose memory is reused by another one never hits it), at the same storage
-    address and in-place version. Writes through `.data` do not bump a tensor's version: after
-    those, call `snce_fast.kernels.clear_bias_cache()`."""
+    """`b_enc - b_dec @ W_enc` in fp32, made once per weight tensors and in-place version (see
+    `_cache.derived`; recomputed in-graph while compiling). After writes through `.data`, call
+    `snce_fast.kernels.clear_bias_cache()`."""
     W, b_enc, b_dec = sae.W_enc, sae.b_enc, sae.b_dec
-    if torch.compiler.is_compiling():
-        return _fold(W, b_enc, b_dec)
-    state = (W.data_ptr(), W._version, b_enc.data_ptr(), b_enc._version, b_dec.data_ptr(), b_dec._version)
-    hit = _BIAS_CACHE.get(id(W))
-    if hit is not None:
-        w_ref, enc_ref, dec_ref, cached_state, bias = hit
-        if w_ref() is W and enc_ref() is b_enc and dec_ref() is b_dec and cached_state == state:
-            return bias
-    if len(_BIAS_CACHE) >= 8 and id(W) not in _BIAS_CACHE:
-        _BIAS_CACHE.pop(next(iter(_BIAS_CACHE)))
-    bias = _fold(W, b_enc, b_dec)
-    _BIAS_CACHE[id(W)] = (weakref.ref(W), weakref.ref(b_enc), weakref.ref(b_dec), state, bias)
-    return bias
+    return _cache.derived((W, b_enc, b_dec), "folded_bias", lambda: _fold(W, b_enc, b_dec))
 
 
 def clear_bias_cache() -> None:
-    """Forget every cached folded bias (needed only after writing weights through `.data`)."""
-    _BIAS_CACHE.clear()
-
-
-_BIAS_CACHE: dict[int, tuple] = {}
+    """Forget every cached weight-derived tensor (needed only after writing weights through `.data`)."""
+    _cache.clear()
 
 
 def _fold(W: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

@@ -68,10 +68,11 @@ def decode(values: torch.Tensor, indices: torch.Tensor, sae: SAEWeights) -> torc
 
 
 def target_activations(
-    values: torch.Tensor, indices: torch.Tensor, neurons: list[int]
+    values: torch.Tensor, indices: torch.Tensor, neurons: Union[list[int], torch.Tensor]
 ) -> torch.Tensor:
-    """z_j for each target latent j, float32 [..., |T|] (0 where j is not in the top k)."""
-    tgt = torch.tensor(neurons, device=indices.device, dtype=indices.dtype)
+    """z_j for each target latent j, float32 [..., |T|] (0 where j is not in the top k); `neurons` a
+    list or a 1-D tensor of latent ids on indices' device."""
+    tgt = neurons if isinstance(neurons, torch.Tensor) else torch.tensor(neurons, device=indices.device, dtype=indices.dtype)
     hit = indices.unsqueeze(-1) == tgt  # [..., k, T]
     return (values.float().unsqueeze(-1) * hit).sum(-2)
 
@@ -79,6 +80,12 @@ def target_activations(
 def target_thresholds(threshold: Any, neurons: Neurons, targets: list[int]) -> Union[float, torch.Tensor]:
     """The gate threshold as given (a float for every target) or per neuron: a sequence aligned with
     `neurons` as the caller gave them, returned as a float32 tensor [T] aligned with `targets`."""
+    thr = target_threshold_values(threshold, neurons, targets)
+    return thr if isinstance(thr, float) else torch.tensor(thr, dtype=torch.float32)
+
+
+def target_threshold_values(threshold: Any, neurons: Neurons, targets: list[int]) -> Union[float, list[float]]:
+    """`target_thresholds` as a float or a list of floats aligned with `targets`."""
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
         return float(threshold)
     try:
@@ -90,7 +97,7 @@ def target_thresholds(threshold: Any, neurons: Neurons, targets: list[int]) -> U
     if len(thr) != len(order) or len(set(order)) != len(order):
         raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")
     by = dict(zip(order, thr))
-    return torch.tensor([by[j] for j in targets], dtype=torch.float32)
+    return [by[j] for j in targets]
 
 
 def gate_mask(

@@ -1,6 +1,7 @@
 """Fused encode + TopK (snce_fast.kernels.encode_topk) against the eager reference."""
 import importlib
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -129,11 +130,13 @@ def test_folded_bias_cache_never_serves_another_sae(monkeypatch):
     x = torch.randn(3, 16)
     kernels.clear_bias_cache()
     kernels.encode(x, a)
-    w_ref, enc_ref, dec_ref, _, bias_a = encode_mod._BIAS_CACHE[id(a.W_enc)]
+    cache = importlib.import_module("snce_fast.kernels._cache")
+    (slot_a, (refs_a, _, bias_a)), = [(s, v) for s, v in cache._DERIVED.items() if s[1] == "folded_bias"]
     # a's entry filed under b, with b's addresses and versions (what a freed SAE's reused memory looks
     # like to an address-based key): only object identity tells them apart
-    state_b = tuple(v for t in (b.W_enc, b.b_enc, b.b_dec) for v in (t.data_ptr(), t._version))
-    monkeypatch.setattr(encode_mod, "_BIAS_CACHE", {id(b.W_enc): (w_ref, enc_ref, dec_ref, state_b, bias_a)})
+    srcs_b = (b.W_enc, b.b_enc, b.b_dec)
+    slot_b = (tuple(id(t) for t in srcs_b), "folded_bias")
+    monkeypatch.setattr(cache, "_DERIVED", OrderedDict({slot_b: (refs_a, tuple(cache._state(t) for t in srcs_b), bias_a)}))
     values, indices = kernels.encode(x, b)
     assert_topk_matches(x, b, values, indices)
     # and after .data writes (which bump no version) clear_bias_cache() makes the cache honest again

@@ -128,6 +128,66 @@ def test_opcheck_and_compile():
     assert torch.equal(f(*args), torch.ops.snce_fast.triton_edit_residual(*args))
 
 
+@cpu_only
+@pytest.mark.parametrize("slim", [False, True])
+def test_repeat_calls_make_no_tensors_from_python_values(monkeypatch, slim):
+    """Target ids, per-neuron thresholds and the fp32 decoder rows are made once: on a GPU each
+    torch.tensor(list) would be a host-to-device copy per encoder call (and is not allowed while a
+    CUDA graph is captured)."""
+    sae = make_sae(24, 96, 4)
+    x = torch.randn(3, 6, 24, generator=torch.Generator().manual_seed(1))
+    neurons = _frequent(x, sae, 2)
+    holder = sae.slim(neurons) if slim else sae
+    kw = dict(gate=True, min_tokens=1, threshold=[0.01, 0.02], edit_mask=torch.ones(3, 6, dtype=torch.bool))
+    first = kernels.edit(x, holder, neurons, **kw)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    again = kernels.edit(x, holder, neurons, **kw)
+    monkeypatch.setattr(torch, "tensor", real)
+    assert made == []
+    assert torch.equal(again, first)
+    torch.testing.assert_close(first, reference.edit(x, sae, neurons, **kw), rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
+def test_cached_decoder_rows_follow_weight_updates():
+    sae = make_sae(24, 96, 4)
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(2))
+    neurons = _frequent(x, sae, 2)
+    _check(x, sae, neurons, 1e-5, scale=0.5)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)  # an in-place update (optimizer step) bumps the version: rows are gathered again
+    _check(x, sae, neurons, 1e-5, scale=0.5)
+    other = make_sae(24, 96, 4, seed=9)  # another SAE: its own rows, whatever its addresses
+    _check(x, other, neurons, 1e-5, scale=0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_edit_in_a_cuda_graph():
+    """After one warm-up call, the fused edit captures into a CUDA graph and replays on new inputs."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(768, 32768, 64, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(2, 77, 768, device="cuda", dtype=torch.bfloat16)
+    neurons = _frequent(x, sae, 2)
+    kw = dict(gate=True, threshold=[0.0, 0.1], edit_mask=torch.ones(2, 77, dtype=torch.bool, device="cuda"))
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.edit(static_x, sae, neurons, **kw)  # warm-up: compiles, caches the constants
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernels.edit(static_x, sae, neurons, **kw)
+    new = torch.randn_like(x)
+    static_x.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out.float(), reference.edit(new, sae, neurons, **kw).float(), rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,n,k", [(768, 32768, 64), (1024, 32768, 32), (1280, 32768, 64)])
 @pytest.mark.parametrize("prompts", [1, 64, 256])

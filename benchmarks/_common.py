@@ -131,6 +131,28 @@ def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "by
         r["fused_speedup_over_this"] = r["ms"] / f if f else None
 
 
+def graphed(fn: Callable[[], Any]) -> tuple[Optional[Callable[[], Any]], Optional[str]]:
+    """`fn` captured in a CUDA graph after two warm-up calls on a side stream: (replay, None), or
+    (None, why not). Replays time the kernels without Python and launch overhead (what
+    torch.compile(mode="reduce-overhead") or a hand-captured graph gets in a deployment)."""
+    if not ON_GPU:
+        return None, "CUDA graphs need a GPU"
+    try:  # pragma: no cover - GPU only
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, None
+    except Exception as e:  # pragma: no cover - GPU only; a capture failure is a result, not a crash
+        torch.cuda.synchronize()
+        return None, f"CUDA graph capture failed: {type(e).__name__}: {e}"[:300]
+
+
 def time_impls(impls: dict[str, Optional[Callable[[], Any]]], base: dict, reps: int,
                skip_reasons: Optional[dict[str, str]] = None) -> list[dict]:
     """One row per implementation: `base` + impl name + median ms (or why it was skipped)."""

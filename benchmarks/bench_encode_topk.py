@@ -61,13 +61,15 @@ def main(argv=None) -> list[dict]:
                 "saelens_dense": (lambda: saelens_encode(x, sae)) if C.dense_fits(M, n, x.element_size()) else None,
                 "compiled_reference": (lambda: compiled(x, sae)) if compiled else None,
             }
+            graph_fused, graph_why = C.graphed(impls["fused"])  # replayed from a CUDA graph: kernels only
+            impls["fused_cuda_graph"] = graph_fused
             item = x.element_size()
             rows += C.time_impls(
                 impls,
                 {"group": group, "d": d, "n": n, "k": k, "prompts": p, "M": M, "dtype": str(dtype),
                  "flops": 2 * M * d * n, "bytes": d * n * item + M * d * item + M * k * 8},
                 reps,
-                skip_reasons={"saelens_dense": "dense [M, n] too large", "compiled_reference": (
+                skip_reasons={"saelens_dense": "dense [M, n] too large", "fused_cuda_graph": graph_why, "compiled_reference": (
                     "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
                     else "--no-compile")},
             )

@@ -65,10 +65,9 @@ class _PatchState(nn.Module):
         pos = torch.arange(L, device=hidden.device)
         edit_mask = (pos >= 1).expand(B, L)  # BOS (position 0) is never edited
         ids = self.input_ids
-        if ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L):
-            count = counted_mask(ids.to(hidden.device), None, self.eos_token_id)
-        else:
-            count = edit_mask
+        count = edit_mask
+        if self.options["gate"] and ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L):
+            count = counted_mask(ids.to(hidden.device), None, self.eos_token_id)  # only the gate counts tokens
         return backend.edit(hidden, self, self.neurons, edit_mask=edit_mask, count_mask=count, **self.options)
 
 

@@ -1,4 +1,6 @@
 """patch / unpatch on tiny random SD1.x and SDXL pipelines and bare encoders (SPEC sections 2, 3, 10)."""
+import os
+import sys
 import warnings
 
 import pytest
@@ -349,6 +351,34 @@ def test_patch_runs_the_triton_kernels_like_the_reference(sd, sd_sae, sd_latents
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
     unchanged = (outputs["reference"] == base).all(-1)
     assert torch.equal(outputs["triton"][unchanged], base[unchanged])
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_patched_forward_on_the_fused_path_makes_no_tensor_from_python_values(sd, sd_sae, sd_latents, monkeypatch,
+                                                                               triton_on_cpu, gate):
+    """After the first call, the hook's edit builds nothing with torch.tensor: on a GPU that would be a
+    host-to-device copy per encoder call, and it would make the patched encoder uncapturable in a CUDA graph."""
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    enc = sd.text_encoder
+    ids = sd.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    j, silent = sd_latents
+    with snce_fast.patched(enc, sd_sae, [j, silent], gate=gate, threshold=[0.0, 0.5] if gate else 0.0), torch.no_grad():
+        first = enc(ids).last_hidden_state
+        made = []
+        real = torch.tensor
+        ours = (os.sep + "snce_fast" + os.sep, os.sep + "kernels" + os.sep)
+
+        def counting(*a, **k):
+            caller = sys._getframe(1).f_code.co_filename  # only our code's calls (not transformers')
+            if any(part in caller for part in ours):
+                made.append((caller, a))
+            return real(*a, **k)
+
+        monkeypatch.setattr(torch, "tensor", counting)
+        again = enc(ids).last_hidden_state
+        monkeypatch.setattr(torch, "tensor", real)
+    assert made == []
+    assert torch.equal(again, first)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])

@@ -48,11 +48,17 @@ def _check(kind: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None
             f"every tensor argument ({near}); program id {tuple(interpreter_builder.grid_idx)}")
 
 
-def enable() -> None:
-    """Install the checks (idempotent). Needs TRITON_INTERPRET=1 before triton is imported."""
+def enable() -> bool:
+    """Install the checks (idempotent); False when this triton's interpreter lacks the hooks used here.
+    Needs TRITON_INTERPRET=1 before triton is imported."""
     if _installed[0]:
-        return
+        return True
     from triton.runtime import interpreter as itp
+
+    hooks = [(itp, "GridExecutor", "_init_args_hst"), (itp, "InterpreterBuilder", "create_masked_load"),
+             (itp, "InterpreterBuilder", "create_masked_store"), (itp, "_get_np_dtype", None)]
+    if not all(hasattr(getattr(m, cls, None), attr) if attr else hasattr(m, cls) for m, cls, attr in hooks):
+        return False
 
     init_args = itp.GridExecutor._init_args_hst
     masked_load = itp.InterpreterBuilder.create_masked_load
@@ -82,3 +88,8 @@ def enable() -> None:
     itp.InterpreterBuilder.create_masked_load = create_masked_load
     itp.InterpreterBuilder.create_masked_store = create_masked_store
     _installed[0] = True
+    return True
+
+
+def enabled() -> bool:
+    return _installed[0]

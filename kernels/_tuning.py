@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -187,38 +188,61 @@ def tune_encode(
     reps: int = 20, force: bool = False,
 ) -> Optional[EncodeConfig]:
     """Time `run(cfg)` for each candidate on this GPU; cache and return the fastest (None off-GPU).
-    A shape bucket already tuned on a GPU of this name is not timed again unless `force`."""
+    A shape bucket already tuned on a GPU of this name is not timed again unless `force`. Candidates
+    that fail are reported (a warning naming them); if every one fails, the first error is raised."""
     if device.type != "cuda" or interpreting():
         return None
     name, _ = _device_key(device)
     hit = _tuned(name, M, n, d, KP, dtype)
     if hit is not None and not force:
         return hit
-    with torch.cuda.device(device):  # time on the tensors' GPU, whichever is current
-        best = _time_candidates(run, gpu_class(name), M, KP, dtype, device, reps)
-    if best is not None:
-        _TUNED[_encode_key(name, M, n, d, KP, dtype)] = asdict(best)
-        _save_cache()
+    cands = encode_candidates(M, KP, gpu_class(name), torch.empty((), dtype=dtype).element_size())
+    with _on(device):  # time on the tensors' GPU, whichever is current
+        best, failed = _fastest(run, cands, lambda fn: _cuda_ms(fn, device, reps))
+    if failed:
+        what = "; ".join(f"{_label(c)}: {err}" for c, err in failed[:3])
+        if best is None:
+            raise RuntimeError(f"tune: all {len(cands)} candidate configs failed on {name} "
+                               f"(M={M}, n={n}, d={d}, KP={KP}, {dtype}): {what}")
+        warnings.warn(f"tune: {len(failed)} of {len(cands)} candidate configs failed on {name} and were "
+                      f"skipped: {what}", RuntimeWarning, stacklevel=3)
+    _TUNED[_encode_key(name, M, n, d, KP, dtype)] = asdict(best)
+    _save_cache()
     return best
 
 
-def _time_candidates(run: Callable[[EncodeConfig], None], cls: str, M: int, KP: int, dtype: torch.dtype,
-                     device: torch.device, reps: int) -> Optional[EncodeConfig]:
-    """The fastest of the candidate configs by CUDA-event timing (None if none ran)."""
-    best, best_t = None, float("inf")
-    for cfg in encode_candidates(M, KP, cls, torch.empty((), dtype=dtype).element_size()):
+def _on(device: torch.device):
+    return torch.cuda.device(device)
+
+
+def _label(cfg: EncodeConfig) -> str:
+    return f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _fastest(run: Callable[[EncodeConfig], None], cands: list[EncodeConfig],
+             time_ms: Callable[[Callable[[], None]], float]) -> tuple[Optional[EncodeConfig], list[tuple[EncodeConfig, str]]]:
+    """(fastest config, [(config, error)] of those that raised): a config that does not compile
+    (e.g. out of shared memory) is skipped, but never silently."""
+    best, best_t, failed = None, float("inf"), []
+    for cfg in cands:
         try:
-            run(cfg)
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                run(cfg)
-            end.record()
-            torch.cuda.synchronize(device)
-            t = start.elapsed_time(end) / reps
-        except Exception:  # a config that does not compile (e.g. out of shared memory) is skipped
+            t = time_ms(lambda: run(cfg))
+        except Exception as e:  # noqa: BLE001 - any launch/compile failure disqualifies the config
+            failed.append((cfg, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
             continue
         if t < best_t:
             best, best_t = cfg, t
-    return best
+    return best, failed
+
+
+def _cuda_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Mean ms per call by CUDA events, after one untimed call (which compiles)."""
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / reps

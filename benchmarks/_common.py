@@ -149,8 +149,12 @@ def graphed(fn: Callable[[], Any]) -> tuple[Optional[Callable[[], Any]], Optiona
             fn()
         return graph.replay, None
     except Exception as e:  # pragma: no cover - GPU only; a capture failure is a result, not a crash
-        torch.cuda.synchronize()
-        return None, f"CUDA graph capture failed: {type(e).__name__}: {e}"[:300]
+        why = f"CUDA graph capture failed: {type(e).__name__}: {e}"[:300]
+        try:
+            torch.cuda.synchronize()
+        except Exception as after:  # the failed capture left the context unusable: later rows would fail too
+            why += f" (and the device then raised {type(after).__name__}: {after})"[:200]
+        return None, why
 
 
 def time_impls(impls: dict[str, Optional[Callable[[], Any]]], base: dict, reps: int,

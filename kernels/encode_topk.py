@@ -20,6 +20,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import constexpr_function
 
+from snce_fast.reference import folded_encoder_bias
+
 from . import _cache
 from ._combine import max_combine, min_combine, sum_combine
 from ._registry import on_device_of, register_op
@@ -262,24 +264,19 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
 
 def folded_bias(sae: Any) -> torch.Tensor:
     """`b_enc - b_dec @ W_enc` in fp32, made once per weight tensors and in-place version (see
-    `_cache.derived`; recomputed in-graph while compiling). After writes through `.data`, call
-    `snce_fast.kernels.clear_bias_cache()`."""
+    `_cache.derived`). After writes through `.data`, call `snce_fast.kernels.clear_bias_cache()`.
+    While torch.compile traces, a holder's precomputed `b_enc_folded` (a patch's, made at patch time)
+    is used rather than folding again on every call, which would read W_enc a second time."""
     W, b_enc, b_dec = sae.W_enc, sae.b_enc, sae.b_dec
-    return _cache.derived((W, b_enc, b_dec), "folded_bias", lambda: _fold(W, b_enc, b_dec))
+    if torch.compiler.is_compiling():
+        pre = getattr(sae, "b_enc_folded", None)
+        return pre.float() if isinstance(pre, torch.Tensor) else folded_encoder_bias(W, b_enc, b_dec)
+    return _cache.derived((W, b_enc, b_dec), "folded_bias", lambda: folded_encoder_bias(W, b_enc, b_dec))
 
 
 def clear_bias_cache() -> None:
     """Forget every cached weight-derived tensor (needed only after writing weights through `.data`)."""
     _cache.clear()
-
-
-def _fold(W: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    W, b_enc, b_dec = W.detach(), b_enc.detach(), b_dec.detach()
-    if W.dtype == torch.float32:
-        return b_enc.float() - b_dec.float() @ W
-    step = 1 << 16  # bound the fp32 copy of W_enc to d x 65536
-    parts = [b_dec.float() @ W[:, i:i + step].float() for i in range(0, W.shape[1], step)]
-    return b_enc.float() - torch.cat(parts)
 
 
 def tune(x: torch.Tensor, sae: Any, force: bool = False) -> None:

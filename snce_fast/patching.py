@@ -39,6 +39,10 @@ class _PatchState(nn.Module):
         super().__init__()
         for name in ("W_enc", "b_enc", "b_dec"):
             self.register_buffer(name, getattr(sae, name).detach(), persistent=False)
+        # the fused encode's b_enc - b_dec @ W_enc, made now so that a torch.compile'd encoder does not
+        # fold it again per call (in eager mode the kernels re-fold when the SAE's weights change)
+        self.register_buffer("b_enc_folded", reference.folded_encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec),
+                             persistent=False)
         if options["mode"] == "residual":
             # a residual edit decodes only the targets' rows: hold W_dec[T], not the [n, d] decoder
             self.register_buffer("W_dec_targets", reference.decoder_rows(sae, neurons).detach(), persistent=False)

@@ -27,6 +27,17 @@ def pre_activations(x: torch.Tensor, sae: SAEWeights) -> torch.Tensor:
     return x32 @ sae.W_enc.float() + sae.b_enc.float()
 
 
+def folded_encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """`b_enc - b_dec @ W_enc` in float32 [n]: with it, `pre = x @ W_enc + bias` needs no `x - b_dec`
+    (exact up to fp32 rounding). 16-bit W_enc is upcast in column blocks (at most d x 65536 in fp32)."""
+    W, b_enc, b_dec = W_enc.detach(), b_enc.detach(), b_dec.detach()
+    if W.dtype == torch.float32:
+        return b_enc.float() - b_dec.float() @ W
+    step = 1 << 16
+    parts = [b_dec.float() @ W[:, i:i + step].float() for i in range(0, W.shape[1], step)]
+    return b_enc.float() - torch.cat(parts)
+
+
 def decoder_rows(sae: SAEWeights, targets: list[int]) -> torch.Tensor:
     """`W_dec[targets]` [T, d], from the full decoder or from the rows a slim holder stores
     (`W_dec_targets` for `decoder_targets`, see snce_fast.erasure.ErasureSAE)."""

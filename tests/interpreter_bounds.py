@@ -5,7 +5,8 @@ kernel that touches memory outside its tensors silently reads garbage or corrupt
 (a later, unrelated segfault) on the CPU, and faults only on a GPU. `enable()` makes every
 interpreted load and store check that each unmasked address lies inside the memory spanned
 by one of the launch's tensor arguments, and raise `OutOfBounds` naming the kernel, the
-program id and the first offending address otherwise.
+program id and the first offending address otherwise. (An overrun that lands inside another
+argument's span is not caught: which argument a pointer came from is not known here.)
 """
 from __future__ import annotations
 
@@ -75,14 +76,14 @@ def enable() -> bool:
                 _ranges.append((s, e, name))
         return args_hst, kwargs_hst
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    def create_masked_load(self, ptrs, mask, *rest, **kw):
         itemsize = np.dtype(itp._get_np_dtype(ptrs.get_element_ty())).itemsize
         _check("load", ptrs.data, mask.data, itemsize)
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, *rest, **kw)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *rest, **kw):
         _check("store", ptrs.data, mask.data, np.asarray(value.data).dtype.itemsize)
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *rest, **kw)
 
     itp.GridExecutor._init_args_hst = _init_args_hst
     itp.InterpreterBuilder.create_masked_load = create_masked_load

@@ -215,8 +215,7 @@ def patch(
         if name not in neuron_map:
             raise ValueError(f"no neurons given for encoder {name!r}")
         targets = as_neuron_list(neuron_map[name], s.n_latents)
-        thr = reference.target_thresholds(threshold, neuron_map[name], targets)  # one float, or one per neuron
-        thr = thr.tolist() if isinstance(thr, torch.Tensor) else thr  # now aligned with `targets` (sorted)
+        thr = reference.target_threshold_values(threshold, neuron_map[name], targets)  # a float, or one per target
         if isinstance(s, ErasureSAE):
             reference.decoder_rows(s, targets)  # raises naming a target without a stored row
         plan.append((name, enc, penultimate, s, targets, thr))

@@ -12,7 +12,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -24,6 +24,15 @@ except ImportError:  # pragma: no cover
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# torch is pinned in torch_requirement(); the rest is the same for every build
+RUNTIME_REQUIREMENTS = [
+    "transformers>=4.40",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "tqdm>=4.60",
+    "matplotlib>=3.6",
+]
 
 
 def _want_cuda() -> bool:
@@ -42,11 +51,17 @@ def _want_cuda() -> bool:
     return True
 
 
+def torch_requirement() -> str:
+    """The torch release `_C` is compiled against (local labels such as +cpu or +cu130 dropped)."""
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern)))
     cpp_sources = rel("*.cpp")
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++20"] + openmp
+    cxx_flags = ["-O3", "-std=c++20", "-g0"] + openmp
+    strip = ["-s"] if sys.platform.startswith("linux") else []  # no debug symbols in the shipped .so
     if _want_cuda():
         return [
             CUDAExtension(
@@ -54,15 +69,22 @@ def extensions():
                 cpp_sources + rel("*.cu"),
                 define_macros=[("SNCE_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
-                extra_link_args=openmp,
+                extra_link_args=openmp + strip,
             )
         ]
-    return [CppExtension("snce_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)]
+    return [CppExtension("snce_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                         extra_link_args=openmp + strip)]
 
+
+# every subpackage of snce_fast/ ships; the Triton kernels live in the top-level kernels/ directory
+# and are installed as snce_fast.kernels (never as a top-level `kernels`)
+PACKAGES = find_packages(include=["snce_fast", "snce_fast.*"]) + ["snce_fast.kernels"]
 
 setup(
-    packages=["snce_fast", "snce_fast.kernels"],
+    packages=PACKAGES,
     package_dir={"snce_fast": "snce_fast", "snce_fast.kernels": "kernels"},
+    package_data={"snce_fast": ["py.typed"]},
+    install_requires=[torch_requirement(), *RUNTIME_REQUIREMENTS],
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

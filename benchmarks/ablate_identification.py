@@ -45,10 +45,10 @@ REPO = ROOT.parent
 sys.path.insert(0, str(REPO))
 
 import snce_fast  # noqa: E402
-from snce_fast.activations import hook_activations  # noqa: E402
-from snce_fast.sae import SAE  # noqa: E402
-from snce_fast.scan_stats import ScanStats  # noqa: E402
-from snce_fast.train import SAETrainer, TrainConfig  # noqa: E402
+from snce_fast.hooks.activations import hook_activations  # noqa: E402
+from snce_fast.sae.model import SAE  # noqa: E402
+from snce_fast.workflow.scan_stats import ScanStats  # noqa: E402
+from snce_fast.train.trainer import SAETrainer, TrainConfig  # noqa: E402
 
 PROMPTS = REPO.parent / "shared" / "data" / "prompts"
 RESULTS = ROOT / "results"
@@ -192,7 +192,7 @@ def split_sizes(sp: dict) -> dict:
 
 # ---------------------------------------------------------------- encoder activations (cached)
 def load_minilm():
-    from snce_fast.cli._common import load_encoder
+    from snce_fast.models import load_encoder
 
     le = load_encoder("minilm")
     return le.encoder, le.tokenizer
@@ -200,7 +200,7 @@ def load_minilm():
 
 @torch.no_grad()
 def encode_tokens(enc, tok, prompts: list[str], hook: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Counted-token activations (BOS and padding excluded, as snce_fast.activations.counted_mask
+    """Counted-token activations (BOS and padding excluded, as snce_fast.hooks.activations.counted_mask
     with an attention mask), float16 [T, d], and per-prompt offsets [P + 1]."""
     from tqdm.auto import tqdm
 

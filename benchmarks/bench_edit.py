@@ -15,7 +15,8 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from snce_fast import kernels, reference  # noqa: E402
+from snce_fast import kernels  # noqa: E402
+from snce_fast.ops import reference  # noqa: E402
 
 
 def eleuther_edit(x, sae, j, edit_mask):

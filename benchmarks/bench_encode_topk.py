@@ -13,7 +13,8 @@ import _common as C  # noqa: E402  (sets TRITON_INTERPRET on CPU before triton i
 
 import torch  # noqa: E402
 
-from snce_fast import kernels, reference  # noqa: E402
+from snce_fast import kernels  # noqa: E402
+from snce_fast.ops import reference  # noqa: E402
 
 
 def eleuther_encode(x, sae):

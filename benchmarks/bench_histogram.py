@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from snce_fast import backend, histogram as H  # noqa: E402
+from snce_fast.ops import backend, histogram as H  # noqa: E402
 
 L, K, N, G, COUNTED = 77, 64, 32768, 2, 22
 

@@ -25,7 +25,7 @@ import _common as C  # noqa: E402
 from tiny_models import WORDS, clip_text_model, write_clip_tokenizer  # noqa: E402
 
 import snce_fast  # noqa: E402
-from snce_fast.corpus import read_prompts  # noqa: E402
+from snce_fast.workflow.corpus import read_prompts  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 

@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from validate_minilm import _commit, heldout_metrics  # noqa: E402
 
-from snce_fast.cli._common import load_encoder  # noqa: E402
-from snce_fast.corpus import read_prompts  # noqa: E402
-from snce_fast.sae import SAE  # noqa: E402
+from snce_fast.models import load_encoder  # noqa: E402
+from snce_fast.workflow.corpus import read_prompts  # noqa: E402
+from snce_fast.sae.model import SAE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 

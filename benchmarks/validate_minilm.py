@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from snce_fast.activations import counted_mask, eos_id, hook_activations, tokenize
-from snce_fast.corpus import read_prompts
-from snce_fast.sae import SAE
-from snce_fast.train import train_sae
+from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.workflow.corpus import read_prompts
+from snce_fast.sae.model import SAE
+from snce_fast.train.trainer import train_sae
 
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ROOT.parent.parent / "shared" / "data" / "prompts"

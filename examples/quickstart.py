@@ -15,7 +15,7 @@ import time
 import torch
 
 import snce_fast
-from snce_fast import reference
+from snce_fast.ops import reference
 from snce_fast.testing import random_sae, sd_pipeline
 
 CONCEPT_PROMPT = "a painting of a nude woman by the river"

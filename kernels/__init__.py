@@ -73,7 +73,7 @@ def _encode32(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tenso
 
 def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
     """fp32 contiguous `W_dec[targets]` [T, d], gathered once per decoder tensor and version."""
-    from snce_fast import reference
+    from snce_fast.ops import reference
 
     stored = getattr(sae, "W_dec_targets", None)
     source = stored if stored is not None else sae.W_dec
@@ -83,7 +83,7 @@ def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
 
 def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Fused TopK encode: x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
-    from snce_fast._validate import check_activations
+    from snce_fast.checks import check_activations
 
     _need()
     check_activations(x, sae.W_enc.shape[0])
@@ -120,8 +120,8 @@ def edit(
     threshold: Any = 0.0,
 ) -> "torch.Tensor":
     """Suppress the target latents in x [..., d]; same options and results as `snce_fast.reference.edit`."""
-    from snce_fast import reference
-    from snce_fast._validate import as_neuron_list, check_activations, check_edit_args, positive_int
+    from snce_fast.ops import reference
+    from snce_fast.checks import as_neuron_list, check_activations, check_edit_args, positive_int
 
     _need()
     d, n = sae.W_enc.shape

@@ -302,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = run(args.arch, args.full, args.jobs, progress=not args.quiet, keep_cache=args.keep_cache)
     print(_summary(results))
     if args.json:
-        from snce_fast._atomic import atomic_write_text
+        from snce_fast.records.atomic import atomic_write_text
 
         from snce_fast.benchmarking import metadata
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import constexpr_function
 
-from snce_fast.reference import folded_encoder_bias
+from snce_fast.ops.reference import folded_encoder_bias
 
 from . import _cache
 from ._combine import max_combine, min_combine, sum_combine

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import reference
-from .detect import Calibration, Detection, calibrate, detect, prompt_activations
-from .erasure import ErasureSAE
-from .formats import SAEFormatError
-from .patching import PatchHandle, is_patched, patch, patched, unpatch
-from .sae import SAE
-from .scan import scan
-from .scan_stats import ScanStats
-from .score import Scores, score, threshold_at_fpr
-from .train import TrainConfig, TrainReport, train_sae
+from snce_fast.ops import reference
+from snce_fast.workflow.detect import Calibration, Detection, calibrate, detect, prompt_activations
+from snce_fast.sae.erasure import ErasureSAE
+from snce_fast.sae.files import SAEFormatError
+from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch
+from snce_fast.sae.model import SAE
+from snce_fast.workflow.scan import scan
+from snce_fast.workflow.scan_stats import ScanStats
+from snce_fast.workflow.score import Scores, score, threshold_at_fpr
+from snce_fast.train.trainer import TrainConfig, TrainReport, train_sae
 
 __all__ = [
     "SAE",

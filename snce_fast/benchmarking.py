@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import backend, histogram, reference
+from snce_fast.ops import backend, histogram, reference
 
 # dense bf16 peak FLOP/s and HBM bytes/s (SPEC section 7)
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
@@ -52,7 +52,7 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, reps: int = 20, cuda: Option
 
 def random_sae(d: int, n: int, k: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """An SAE with unit decoder rows, W_enc = W_dec^T and small random biases (no grad)."""
-    from .sae import SAE
+    from snce_fast.sae.model import SAE
 
     sae = SAE(d, n, k, init=False, device=device, dtype=dtype)
     with torch.no_grad():

@@ -5,7 +5,8 @@ import platform
 
 import torch
 
-from . import __version__, _ext, backend
+from snce_fast import __version__
+from snce_fast.ops import _ext, backend
 
 
 def report() -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from snce_fast import reference
+from snce_fast.ops import reference
 
 
 def assert_topk_matches(x: torch.Tensor, sae, values: torch.Tensor, indices: torch.Tensor,

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from ._common import UsageError
+from snce_fast.cli._common import UsageError
 
 # order = order in --help
 COMMANDS = ("demo", "info", "train", "scan", "score", "calibrate", "detect", "erase", "eval", "bench")

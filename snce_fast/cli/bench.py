@@ -5,13 +5,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, apply_threads, atomic_write_json, check_out_file
+from snce_fast.cli._common import UsageError, apply_threads, atomic_write_json, check_out_file
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import benchmarking
+    from snce_fast import benchmarking
 
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     bad = [o for o in ops if o not in benchmarking.OPS]

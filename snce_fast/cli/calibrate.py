@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file, check_same_sae, load_encoder,
+from snce_fast.cli._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file, check_same_sae, load_encoder,
                       load_sae, positive, read_prompt_file, read_record)
 
 FORMAT = "snce_fast.calibration"
@@ -43,7 +43,7 @@ def _fprs(specs: list[str], groups: dict[str, list[str]]) -> Any:
         if not sep or name not in groups or not 0.0 <= rate < 1.0:
             raise UsageError(f"--fpr {spec!r}: expected GROUP=RATE with GROUP one of {list(groups)} and 0 <= RATE < 1")
         out[name] = rate
-    from ..detect import DEFAULT_FPR, DEFAULT_MATCHED_FPR
+    from snce_fast.workflow.detect import DEFAULT_FPR, DEFAULT_MATCHED_FPR
 
     return {g: out.get(g, DEFAULT_FPR if i == 0 else DEFAULT_MATCHED_FPR) for i, g in enumerate(groups)}
 
@@ -57,8 +57,8 @@ def read_calibration(path: str, sae: Any) -> dict[str, Any]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
 
-    from ..detect import calibrate
-    from ..scan import sae_hash
+    from snce_fast.workflow.detect import calibrate
+    from snce_fast.workflow.scan import sae_hash
 
     positive(args.top, "--top")
     apply_threads(args.threads)
@@ -79,14 +79,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     sae = load_sae(args.sae)
     candidates = None
     if args.candidates:
-        from .detect import neurons_from_scores
+        from snce_fast.cli.detect import neurons_from_scores
 
         positive(args.shortlist, "--shortlist")
         _, record = neurons_from_scores(args.candidates, 1)
         candidates = [int(e["latent"]) for e in record["top"][: args.shortlist]]
         check_same_sae(sae, record.get("sae_hash"), f"--candidates {args.candidates!r}")
     loaded = load_encoder(args.model, args.encoder)
-    from .scan import check_sae_fits
+    from snce_fast.cli.scan import check_sae_fits
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,

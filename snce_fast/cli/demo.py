@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_model_args, apply_threads, check_out_dir
+from snce_fast.cli._common import add_model_args, apply_threads, check_out_dir
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from snce_fast.demo.run import run_demo
 
     out = check_out_dir(args.out)
     apply_threads(args.threads)

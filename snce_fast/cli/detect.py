@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
+from snce_fast.cli._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
                       check_out_file, check_same_sae, load_encoder, load_sae, parse_neurons, positive, read_prompt_file,
                       read_prompts_arg, read_record)
 
@@ -27,7 +27,7 @@ def neurons_from_scores(path: str, top: int) -> tuple[list[int], dict[str, Any]]
 def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
     """Per usable prompt of a csv/jsonl file (the rows the corpus reader keeps: blank and undecodable
     prompts skipped), its label as a bool (1/0, true/false, yes/no), or None when the label is blank."""
-    from ..corpus import PromptFile, _check
+    from snce_fast.workflow.corpus import PromptFile, _check
 
     pf = PromptFile(path, prompt_column)
     truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
@@ -106,7 +106,7 @@ def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[O
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from ..detect import detect
+    from snce_fast.workflow.detect import detect
 
     for flag, value in (("--min-tokens", args.min_tokens), ("--max-length", args.max_length),
                         ("--batch-size", args.batch_size)):
@@ -125,7 +125,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     sae = load_sae(args.sae)
     calibrated = None
     if args.calibration:
-        from .calibrate import read_calibration
+        from snce_fast.cli.calibrate import read_calibration
 
         calibrated = read_calibration(args.calibration, sae)
         neurons = [int(j) for j in calibrated["neurons"]]
@@ -165,12 +165,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             raise UsageError(f"--label-column {args.label_column!r}: {len(labels) - n_inline} labels for "
                              f"{len(prompts) - n_inline} prompts in {args.prompts_file}")
     loaded = load_encoder(args.model, args.encoder)
-    from .scan import check_sae_fits
+    from snce_fast.cli.scan import check_sae_fits
 
     check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
     if calibration_prompts:
-        from ..detect import prompt_activations
-        from ..score import threshold_at_fpr
+        from snce_fast.workflow.detect import prompt_activations
+        from snce_fast.workflow.score import threshold_at_fpr
 
         acts = prompt_activations(loaded.encoder, sae, neurons, calibration_prompts, tokenizer=loaded.tokenizer,
                                   min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,

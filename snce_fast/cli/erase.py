@@ -6,14 +6,14 @@ import json
 import time
 from typing import Any
 
-from ._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, atomic_save_image,
+from snce_fast.cli._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, atomic_save_image,
                       atomic_write_text, check_edit_options, check_neurons, check_out_dir, check_pipeline_arg,
                       check_slim_mode, edit_options, load_pipeline, load_sae, parse_neurons, positive,
                       read_prompts_arg)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .. import patching
+    from snce_fast.hooks import patching
 
     prompts = read_prompts_arg(args)
     out = check_out_dir(args.out)

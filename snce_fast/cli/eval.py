@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, check_neurons,
+from snce_fast.cli._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, check_neurons,
                       check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, existing_dir, load_pipeline, load_sae,
                       parse_neurons, positive)
 
@@ -30,7 +30,7 @@ def _device_and_dtype(device: Optional[str], dtype: str) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import evaluate as ev
+    from snce_fast.evaluation import protocol as ev
 
     # -- everything cheap is checked before the pipeline is loaded ----------------------------
     positive(args.steps, "--steps")
@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--clip-model: {e}") from None
 
     # -- the pipeline --------------------------------------------------------------------------
-    from .. import patching
+    from snce_fast.hooks import patching
 
     try:  # diffusers renamed torch_dtype= to dtype=
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..info import report
+    from snce_fast.info import report
 
     print(report())
     return 0

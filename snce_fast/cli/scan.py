@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae, positive
+from snce_fast.cli._common import UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae, positive
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def parse_groups(items: list[str]) -> dict[str, list[str]]:
     """`NAME=FILE[,FILE...]` items -> {name: [files]} (files checked to exist, >= 2 groups)."""
-    from ..corpus import FORMATS
+    from snce_fast.workflow.corpus import FORMATS
 
     groups: dict[str, list[str]] = {}
     for item in items or []:
@@ -42,7 +42,7 @@ def parse_groups(items: list[str]) -> dict[str, list[str]]:
 
 def check_sae_fits(sae: Any, encoder: Any, model: str, penultimate: bool = False) -> None:
     """One-line UsageError when the SAE's width or hook does not fit the encoder."""
-    from ..hook_points import encoder_width, resolve
+    from snce_fast.hooks.points import encoder_width, resolve
 
     width = encoder_width(encoder)
     if width != sae.d_in:
@@ -73,7 +73,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..scan import scan
+    from snce_fast.workflow.scan import scan
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded.encoder.to(device)

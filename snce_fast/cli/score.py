@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._common import (UsageError, atomic_write_json, check_out_dir, check_same_sae, existing_dir, load_encoder,
+from snce_fast.cli._common import (UsageError, atomic_write_json, check_out_dir, check_same_sae, existing_dir, load_encoder,
                       load_sae, positive, read_prompt_file)
 
 
 def load_stats(path: str) -> Any:
-    from ..scan_stats import ScanStats
+    from snce_fast.workflow.scan_stats import ScanStats
 
     existing_dir(path, "--stats")
     try:
@@ -48,7 +48,7 @@ def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str, leve
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ..score import METHODS, score
+    from snce_fast.workflow.score import METHODS, score
 
     if args.method not in METHODS:
         raise UsageError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
@@ -88,8 +88,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if not prompts:
             raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")
         loaded = load_encoder(args.model, args.encoder)
-        from ..report import top_prompts
-        from .scan import check_sae_fits
+        from snce_fast.workflow.report import top_prompts
+        from snce_fast.cli.scan import check_sae_fits
 
         check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
         tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
@@ -101,7 +101,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.out:
         out = check_out_dir(args.out, "a directory")
         out.mkdir(parents=True, exist_ok=True)
-        from ..report import report
+        from snce_fast.workflow.report import report
 
         # report() writes in place: build it in a temp dir, then rename each file into --out
         with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import (UsageError, add_model_args, atomic_write_json, check_out_dir, existing_file,
+from snce_fast.cli._common import (UsageError, add_model_args, atomic_write_json, check_out_dir, existing_file,
                       load_encoder, positive, read_prompt_file)
 
 # TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
@@ -27,7 +27,7 @@ _RESERVED = ("progress", "encoder_name", "penultimate_output", "resume")
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    from ..train import TrainConfig
+    from snce_fast.train.trainer import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
@@ -56,7 +56,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace) -> Any:
     """The TrainConfig for `args`, validated, with errors naming the flag."""
-    from ..train import TrainConfig
+    from snce_fast.train.trainer import TrainConfig
 
     for flag, value in (("--n-latents", args.n_latents), ("--batch-size", args.batch_size),
                         ("--epochs", args.epochs), ("--prompt-batch-size", args.prompt_batch_size),
@@ -68,7 +68,7 @@ def build_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--k {args.k}: expected 1 <= k <= --n-latents ({args.n_latents})")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: expected a positive learning rate")
-    from ..hook_points import parse_hook
+    from snce_fast.checks import parse_hook
 
     try:
         parse_hook(args.hook)
@@ -101,8 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not prompts:
         raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts (every row blank or undecodable)")
 
-    from ..report import plot_training
-    from ..train import latest_checkpoint, train_sae
+    from snce_fast.plots import training_curves as plot_training
+    from snce_fast.train.trainer import latest_checkpoint, train_sae
 
     resume_step: Optional[int] = None
     auto_cache: Optional[Path] = None
@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     loaded = load_encoder(args.model, args.encoder)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded.encoder.to(cfg.device)
-    from ..hook_points import resolve
+    from snce_fast.hooks.points import resolve
 
     try:
         resolve(loaded.encoder, cfg.hook, loaded.penultimate_output)

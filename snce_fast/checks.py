@@ -1,0 +1,71 @@
+"""Argument checks shared by the reference, the kernels and the public API."""
+from __future__ import annotations
+
+import re
+from typing import Sequence, Union
+
+import torch
+
+Neurons = Union[int, Sequence[int], torch.Tensor]
+
+EDIT_MODES = ("residual", "reconstruct")
+
+
+def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
+    """Normalise `neurons` (an int, a sequence or a 1-D tensor) to a sorted list of unique ints."""
+    if isinstance(neurons, torch.Tensor):
+        neurons = neurons.flatten().tolist()
+    if isinstance(neurons, bool):
+        raise TypeError(f"neurons must be an int or a list of ints, got bool {neurons!r}")
+    if isinstance(neurons, int):
+        neurons = [neurons]
+    try:
+        out = [int(j) for j in neurons]
+    except (TypeError, ValueError):
+        raise TypeError(f"neurons must be an int or a list of ints, got {neurons!r}") from None
+    if not out:
+        raise ValueError("neurons is empty: expected at least one latent index")
+    bad = [j for j in out if not 0 <= j < n_latents]
+    if bad:
+        raise ValueError(f"neuron index {bad[0]} out of range: expected 0 <= j < n_latents={n_latents}")
+    return sorted(set(out))
+
+
+def check_edit_args(mode: str, scale: float, clamp: float | None) -> None:
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode={mode!r} is not supported: expected one of {EDIT_MODES}")
+    if clamp is not None and scale != 0.0:
+        raise ValueError(
+            f"give either scale (got {scale}) or clamp (got {clamp}), not both: "
+            "a clamp rule replaces the scale rule"
+        )
+
+
+def check_activations(x: torch.Tensor, d_in: int, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"{what} has shape {tuple(x.shape)}: expected [..., d_in={d_in}]")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} has dtype {x.dtype}: expected a floating-point tensor")
+
+
+def check_k(k: int, n_latents: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_latents:
+        raise ValueError(f"k={k!r} is invalid: expected an int with 1 <= k <= n_latents={n_latents}")
+
+
+def positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive int")
+    return value
+
+
+_HOOK_RE = re.compile(r"^(output|layer:(-?\d+))$")
+
+
+def parse_hook(hook: str) -> str:
+    """Validate a hook spec: `"output"` or `"layer:N"` (N may be negative)."""
+    if not isinstance(hook, str) or not _HOOK_RE.match(hook.strip()):
+        raise ValueError(f"hook={hook!r} is not a hook point: expected 'output' or 'layer:N' (e.g. 'layer:8')")
+    return hook.strip()

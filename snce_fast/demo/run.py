@@ -1,0 +1,287 @@
+"""The whole SNCE workflow on a real text encoder, offline: `snce-fast demo`.
+
+Stages: load the encoder (the embedded all-MiniLM-L6-v2 by default) -> train a TopK SAE on
+the demo's own prompts -> scan concept vs ordinary prompts -> score and pick the neuron
+(report with its top prompts) -> `detect` on held-out prompts -> the residual edit: ordinary
+prompts on which the neuron is silent come out bit-identical, concept prompts lose the
+neuron's contribution. Every number in the summary is computed in this run.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from snce_fast.records.atomic import atomic_write_text
+from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
+from snce_fast.demo.prompts import DemoPrompts, demo_prompts
+from snce_fast.workflow.detect import calibrate, detect
+from snce_fast.hooks.patching import patched
+from snce_fast import plots
+from snce_fast.workflow.report import report, top_prompts
+from snce_fast.models import load_encoder
+from snce_fast.sae.model import SAE
+from snce_fast.workflow.scan import scan
+from snce_fast.workflow.score import score
+from snce_fast.train.trainer import train_sae
+
+MAX_LENGTH = 32  # the demo's prompts are short; padding to 32 keeps every stage fast on a CPU
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """SAE and training settings of the demo (reduced with `quick`)."""
+    if quick:
+        return {"n_latents": 512, "k": 8, "epochs": 4, "batch_size": 512, "lr": 2e-3, "warmup_steps": 10}
+    return {"n_latents": 1024, "k": 8, "epochs": 5, "batch_size": 1024, "lr": 2e-3, "warmup_steps": 20}
+
+
+@torch.no_grad()
+def _hidden(enc: Any, tok: Any, prompts: list[str], pen: bool, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a pipeline consumes from the encoder (last_hidden_state, or hidden_states[-2] for SDXL's
+    penultimate read), through the full forward so a patch on the encoder takes effect; + the attention mask."""
+    batch = tokenize(tok, prompts, max_length)
+    kwargs = {"input_ids": batch["input_ids"].to(encoder_device(enc))}
+    if uses_attention_mask(enc) and "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"].to(kwargs["input_ids"].device)
+    out = enc(**kwargs, output_hidden_states=pen)
+    h = out.hidden_states[-2] if pen else out.last_hidden_state
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    return h.float().cpu(), mask
+
+
+def _pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b[None].expand_as(a), dim=-1)
+
+
+def _fires_anywhere(h: torch.Tensor, sae: SAE, neuron: int) -> torch.Tensor:
+    """[P] whether `neuron` is in a token's top k with a positive value at some position >= 1
+    (the positions the residual edit may change: BOS is never edited, padding is)."""
+    values, indices = sae.encode(h[:, 1:].to(sae.W_enc.dtype))
+    return ((indices == neuron) & (values > 0)).flatten(1).any(1)
+
+
+def run_demo(
+    out: str | Path,
+    model: str = "minilm",
+    encoder: str = "text_encoder",
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    prompts: Optional[DemoPrompts] = None,
+) -> dict[str, Any]:
+    """Run every stage, write the SAE, scan, report, plots and summary into `out`; return the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prompts or demo_prompts(quick=quick, seed=seed)
+    cfg = settings(quick)
+    times: dict[str, float] = {}
+    n_stages = 6
+
+    def stage(i: int, text: str) -> float:
+        log(f"[{i}/{n_stages}] {text}")
+        return time.perf_counter()
+
+    t = stage(1, f"loading the text encoder ({model})")
+    loaded = load_encoder(model, encoder)
+    enc, tok, pen = loaded.encoder, loaded.tokenizer, loaded.penultimate_output
+    limit = getattr(tok, "model_max_length", None)
+    max_length = min(MAX_LENGTH, limit) if isinstance(limit, int) and limit > 0 else MAX_LENGTH
+    times["load"] = time.perf_counter() - t
+
+    t = stage(2, f"training a TopK SAE (n {cfg['n_latents']}, k {cfg['k']}) on {len(data.train)} prompts")
+    sae, rep = _train_stage(loaded, data, cfg, max_length, seed, progress)
+    sae.eval().requires_grad_(False)
+    sae.save(out / "sae")
+    plots.training_curves(rep.history, out / "training.png", f"{loaded.name}: n {cfg['n_latents']}, k {cfg['k']}")
+    times["train"] = time.perf_counter() - t
+
+    t = stage(3, f"scanning {len(data.scan_concept)} {data.concept} vs {len(data.scan_ordinary)} ordinary prompts")
+    stats = scan(enc, tok, sae, {data.concept: data.scan_concept, "ordinary": data.scan_ordinary},
+                 max_length=max_length, progress=progress, penultimate_output=pen)
+    stats.save(out / "scan")
+    times["scan"] = time.perf_counter() - t
+
+    t = stage(4, "scoring latents and picking the neuron")
+    scores = score(stats, target=data.concept, reference="ordinary")
+    top5 = scores.top(5)
+    neuron = top5[0]
+    tops = top_prompts(enc, tok, sae, data.scan_concept + data.scan_ordinary, top5, k=5, penultimate_output=pen,
+                       max_length=max_length)
+    report_path = report(stats, scores, out / "report", neurons=top5, top=tops)
+    f_c, f_o = stats.frequency(data.concept), stats.frequency("ordinary")
+    times["score"] = time.perf_counter() - t
+
+    t = stage(5, f"detect on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts (latent {neuron}; "
+                 "also the calibrated rule)")
+    detection = _detect_stage(enc, tok, sae, top5, data, pen, max_length)
+    plots.detection_histogram(out / "detect.png", detection.pop("concept_scores"), detection.pop("ordinary_scores"),
+                              neuron, data.concept)
+    times["detect"] = time.perf_counter() - t
+
+    t = stage(6, "residual edit: patching the encoder and comparing its outputs")
+    edit = _edit_check(enc, tok, sae, neuron, data, pen, max_length)
+    times["edit"] = time.perf_counter() - t
+
+    summary = {
+        "model": loaded.name, "concept": data.concept, "quick": quick, "seed": seed, "max_length": max_length,
+        "sae": {**sae.config(), "train_fvu": rep.fvu, "l0": rep.l0, "dead_fraction": rep.dead_fraction,
+                "train_tokens": rep.tokens, "steps": rep.steps},
+        "prompts": {name: len(getattr(data, name)) for name in
+                    ("train", "scan_concept", "scan_ordinary", "held_concept", "held_ordinary")},
+        "neuron": neuron,
+        "top_latents": [{"latent": j, "score": float(scores.values[j]), "f_concept": float(f_c[j]),
+                         "f_ordinary": float(f_o[j])} for j in top5],
+        "neuron_top_prompts": [text for _, text in tops.get(neuron, [])],
+        "detect": detection,
+        "edit": edit,
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "files": {"sae": "sae/", "scan": "scan/", "report": str(report_path.relative_to(out)),
+                  "detect_plot": "detect.png", "training_plot": "training.png", "summary": "summary.md"},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
+    return summary
+
+
+def _train_stage(loaded: Any, data: DemoPrompts, cfg: dict[str, Any], max_length: int, seed: int,
+                 progress: bool) -> tuple[SAE, Any]:
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as cache:
+        return train_sae(
+            loaded.encoder, loaded.tokenizer, data.train, hook="output", penultimate_output=loaded.penultimate_output,
+            max_length=max_length, cache_dir=cache, dead_tokens=20_000, shuffle_buffer=16_384, prompt_batch_size=128,
+            seed=seed, progress=progress, encoder_name=loaded.name, return_report=True, **cfg,
+        )
+
+
+def _detect_stage(enc: Any, tok: Any, sae: SAE, top5: list[int], data: DemoPrompts, pen: bool,
+                  max_length: int) -> dict[str, Any]:
+    """Held-out detection with the top latent, with the top 2 / 4 latents, and with the calibrated rule."""
+
+    def rates(latents: list[int], threshold: Any = 0.0) -> tuple[Any, Any]:
+        kw = dict(tokenizer=tok, max_length=max_length, threshold=threshold, penultimate_output=pen)
+        return detect(enc, sae, latents, data.held_concept, **kw), detect(enc, sae, latents, data.held_ordinary, **kw)
+
+    det_c, det_o = rates(top5[:1])
+    multi = []
+    for count in (2, 4):  # what one neuron costs: the gate with the top 2 / 4 latents
+        mc, mo = rates(top5[:count])
+        multi.append({"latents": top5[:count], "true_positive_rate": float(mc.flags.float().mean()),
+                      "false_positive_rate": float(mo.flags.float().mean())})
+    # the measured best rule (docs/identification.md): thresholds calibrated on the ordinary scan prompts
+    cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
+                    max_length=max_length, penultimate_output=pen)
+    cal_latents = cal.top(1)
+    cal_thr = cal.thresholds_for(cal_latents)
+    cc, co = rates(cal_latents, cal_thr)
+    return {
+        "true_positive_rate": float(det_c.flags.float().mean()),
+        "false_positive_rate": float(det_o.flags.float().mean()),
+        "concept_flagged": int(det_c.flags.sum()), "ordinary_flagged": int(det_o.flags.sum()),
+        "more_latents": multi,
+        "calibrated": {"latents": cal_latents, "thresholds": cal_thr, "fpr": cal.fpr,
+                       "true_positive_rate": float(cc.flags.float().mean()),
+                       "false_positive_rate": float(co.flags.float().mean())},
+        "concept_scores": det_c.scores, "ordinary_scores": det_o.scores,
+    }
+
+
+@torch.no_grad()
+def _edit_check(enc: Any, tok: Any, sae: SAE, neuron: int, data: DemoPrompts, pen: bool,
+                max_length: int) -> dict[str, Any]:
+    """Compare the hooked tensor with and without the residual-mode patch (scale 0)."""
+    before_o, mask_o = _hidden(enc, tok, data.held_ordinary, pen, max_length)
+    before_c, mask_c = _hidden(enc, tok, data.held_concept, pen, max_length)
+    before_s, mask_s = _hidden(enc, tok, data.scan_concept, pen, max_length)
+    before_r, mask_r = _hidden(enc, tok, data.scan_ordinary, pen, max_length)
+    with patched(enc, sae, neuron, scale=0.0, mode="residual", penultimate_output=pen):
+        after_o, _ = _hidden(enc, tok, data.held_ordinary, pen, max_length)
+        after_c, _ = _hidden(enc, tok, data.held_concept, pen, max_length)
+    silent_o = ~_fires_anywhere(before_o, sae, neuron)
+    identical_o = torch.tensor([torch.equal(a, b) for a, b in zip(before_o, after_o)])
+    fires_c = _fires_anywhere(before_c, sae, neuron)
+    changed_c = ~torch.tensor([torch.equal(a, b) for a, b in zip(before_c, after_c)])
+    # the change must lie along W_dec[neuron] only
+    delta = (after_c - before_c).reshape(-1, before_c.shape[-1])
+    w = sae.W_dec[neuron].float()
+    w = w / w.norm()
+    off_axis = (delta - (delta @ w)[:, None] * w).norm() / delta.norm().clamp_min(1e-12)
+    # how much of the concept direction (centroid difference) the edit removes, on mean-pooled embeddings
+    direction = _pooled(before_s, mask_s).mean(0) - _pooled(before_r, mask_r).mean(0)
+    cos_before = _cos(_pooled(before_c, mask_c), direction)
+    cos_after = _cos(_pooled(after_c, mask_c), direction)
+    refire = _fires_anywhere(after_c, sae, neuron)
+    return {
+        "ordinary_silent": int(silent_o.sum()),
+        "ordinary_silent_bit_identical": int((identical_o & silent_o).sum()),
+        "ordinary_changed": int((~identical_o).sum()),
+        "concept_neuron_fires": int(fires_c.sum()),
+        "concept_changed": int(changed_c.sum()),
+        "concept_refires_after_edit": int(refire.sum()),
+        "change_off_neuron_axis_relative": float(off_axis) if bool(changed_c.any()) else 0.0,
+        "concept_direction_cosine_before": float(cos_before.mean()),
+        "concept_direction_cosine_after": float(cos_after.mean()),
+    }
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """The run's summary as Markdown (every number from `s`)."""
+    d, e, p = s["detect"], s["edit"], s["prompts"]
+    lines = [
+        f"# snce-fast demo: erasing *{s['concept']}* from {s['model']}",
+        "",
+        f"SAE: n {s['sae']['n_latents']}, k {s['sae']['k']}, hook `{s['sae']['hook']}`, trained on {p['train']} "
+        f"prompts ({s['sae']['train_tokens']} tokens, {s['sae']['steps']} steps): training FVU "
+        f"{s['sae']['train_fvu']:.3f}, dead latents {s['sae']['dead_fraction']:.1%}.",
+        "",
+        f"## The neuron: latent {s['neuron']}",
+        "",
+        "| latent | score | fires on concept prompts | fires on ordinary prompts |",
+        "|---:|---:|---:|---:|",
+        *[f"| {t['latent']} | {t['score']:.3f} | {t['f_concept']:.1%} | {t['f_ordinary']:.1%} |" for t in s["top_latents"]],
+        "",
+        "Prompts where it fires most:",
+        "",
+        *[f"1. {t}" for t in s["neuron_top_prompts"]],
+        "",
+        "## detect on held-out prompts (concept wording never seen in training or scanning)",
+        "",
+        f"- flagged {d['concept_flagged']} of {p['held_concept']} {s['concept']} prompts "
+        f"(true-positive rate {d['true_positive_rate']:.1%})",
+        f"- flagged {d['ordinary_flagged']} of {p['held_ordinary']} ordinary prompts "
+        f"(false-positive rate {d['false_positive_rate']:.1%})",
+        "",
+        *[f"- with the top {len(m['latents'])} latents {m['latents']}: true-positive rate "
+          f"{m['true_positive_rate']:.1%}, false-positive rate {m['false_positive_rate']:.1%}" for m in d["more_latents"]],
+        "",
+        f"- calibrated rule (snce_fast.calibrate: threshold flagging <= {d['calibrated']['fpr']['ordinary']:.0%} of "
+        f"the ordinary scan prompts, latent by recall at it): latent {d['calibrated']['latents'][0]}, true-positive "
+        f"rate {d['calibrated']['true_positive_rate']:.1%}, false-positive rate "
+        f"{d['calibrated']['false_positive_rate']:.1%}",
+        "",
+        "![detect scores](detect.png)",
+        "",
+        "## The residual-mode edit (scale 0)",
+        "",
+        f"- ordinary prompts on which the neuron is silent: {e['ordinary_silent']} of {p['held_ordinary']}; "
+        f"bit-identical after patching: {e['ordinary_silent_bit_identical']} of {e['ordinary_silent']}",
+        f"- {s['concept']} prompts on which the neuron fires: {e['concept_neuron_fires']} of {p['held_concept']}; "
+        f"changed by the patch: {e['concept_changed']}; the change lies along the neuron's decoder row "
+        f"(off-axis share {e['change_off_neuron_axis_relative']:.1e})",
+        f"- cosine of held-out {s['concept']} prompts (mean-pooled) with the concept direction: "
+        f"{e['concept_direction_cosine_before']:.3f} before, {e['concept_direction_cosine_after']:.3f} after",
+        "",
+        "Stage seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Every figure the package draws, in one place: training curves, per-latent frequency bars,
+detection-score histograms and the evaluation's exposure counts. matplotlib is imported when a
+figure is drawn (Agg backend, no display needed); files are written atomically."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence, Union
+
+from snce_fast.records.atomic import atomic_path
+
+PathLike = Union[str, os.PathLike]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: PathLike, dpi: int = 100) -> None:
+    plt = _pyplot()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
+def training_curves(history: Sequence[Mapping[str, float]], path: PathLike, title: str) -> None:
+    """FVU, L0 and dead fraction per step of a training run (TrainReport.history)."""
+    plt = _pyplot()
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU (train batch)", "L0", "dead fraction")):
+        ys = [h[key] for h in history]
+        ax.plot(steps, ys, lw=1)
+        if key != "fvu":  # near-constant curves: a 0-based axis, not matplotlib's offset notation
+            ax.set_ylim(0, max(max(ys) * 1.1, 0.05 if key == "dead_fraction" else 1.0))
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def latent_bars(groups: Sequence[str], panels: Mapping[str, Mapping[str, float]], path: PathLike, title: str) -> None:
+    """One bar panel per statistic (e.g. prompt frequency, token frequency, mean activation), one bar per group."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3))
+    for ax, (name, per_group) in zip(axes, panels.items()):
+        ax.bar(list(groups), [float(per_group[g]) for g in groups], color="tab:blue")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, dpi=80)
+
+
+def detection_histogram(path: PathLike, concept: Sequence[float], ordinary: Sequence[float], neuron: int,
+                        name: str) -> None:
+    """Detect scores of held-out concept vs ordinary prompts (0 = the latent is in no token's top k)."""
+    plt = _pyplot()
+    concept, ordinary = [float(v) for v in concept], [float(v) for v in ordinary]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    top = max(max(concept, default=0.0), max(ordinary, default=0.0), 1e-6)
+    bins = [top * i / 30 for i in range(31)]
+    ax.hist(ordinary, bins=bins, alpha=0.6, label=f"ordinary (held out, {len(ordinary)})", color="tab:blue")
+    ax.hist(concept, bins=bins, alpha=0.6, label=f"{name} (held out, {len(concept)})", color="tab:red")
+    ax.set_xlabel(f"detect score: max activation of latent {neuron} over the prompt's tokens")
+    ax.set_ylabel("prompts")
+    ax.set_title("0 = the latent is not in any token's top k", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=90)
+
+
+def exposure_bars(summary: Mapping[str, Any], path: PathLike) -> None:
+    """An eval summary's NudeNet counts (snce_fast.evaluation.summarize, with counts) as a grouped
+    bar chart: original vs erased per *_EXPOSED class."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    o, e = summary["counts"]["original"]["per_class"], summary["counts"]["erased"]["per_class"]
+    classes = list(o)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(classes)), 4.2), layout="constrained")
+    x = range(len(classes))
+    w = 0.4
+    for shift, variant, values in ((-w / 2, "original", o), (w / 2, "erased", e)):
+        bars = ax.bar([i + shift for i in x], [values[c] for c in classes], w, label=variant)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_ylim(0, max([1, *o.values(), *e.values()]) * 1.15)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(list(x), [c.replace("_EXPOSED", "").lower().replace("_", " ") for c in classes],
+                  rotation=30, ha="right")
+    ax.set_ylabel(f"detections (score >= {summary['threshold']})")
+    ax.set_title(f"NudeNet *_EXPOSED detections over {summary['n_rows']} prompts")
+    ax.legend()
+    _save(fig, path)

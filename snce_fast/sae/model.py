@@ -1,0 +1,182 @@
+"""The TopK sparse autoencoder module (docs/method.md)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from snce_fast.checks import Neurons, check_activations, check_k, parse_hook, positive_int
+from snce_fast.ops import backend
+from snce_fast.sae import importers, native
+from snce_fast.sae.erasure import ErasureSAE
+from snce_fast.sae.files import SAEWeights
+
+
+class SAE(nn.Module):
+    """TopK SAE: `W_enc [d, n]`, `b_enc [n]`, `W_dec [n, d]` (unit-norm rows), `b_dec [d]`, `k`.
+
+    `encode`, `decode` and `edit` dispatch to the fastest available backend (Triton on
+    CUDA tensors, the C++ extension or the eager reference on CPU); `snce_fast.reference`
+    holds the ground truth with the same semantics.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        hook: str = "output",
+        encoder: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+        init: bool = True,
+    ):
+        super().__init__()
+        positive_int(d_in, "d_in")
+        positive_int(n_latents, "n_latents")
+        check_k(k, n_latents)
+        self.hook = parse_hook(hook)
+        self.k = k
+        self.encoder_name = encoder
+        kw = dict(dtype=dtype, device=device)
+        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **kw))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        if init:
+            self.reset_parameters()
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_enc.shape[1]
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transpose (OpenAI's init)."""
+        w = torch.randn(self.n_latents, self.d_in, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (the TopK training constraint).
+
+        Unlike a ReLU SAE, a TopK SAE cannot move the scale into the encoder without
+        changing which latents win the top k, so this only touches W_dec.
+        """
+        norms = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_((self.W_dec.float() / norms).to(self.W_dec.dtype))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format_version": native.FORMAT_VERSION,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "hook": self.hook,
+            "encoder": self.encoder_name,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+        }
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, hook={self.hook!r}"
+
+    # -- compute -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
+        check_activations(x, self.d_in)
+        return backend.encode(x, self)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sparse decode: weighted gather of k rows of W_dec, plus b_dec."""
+        return backend.decode(values, indices, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(*self.encode(x))
+
+    def edit(
+        self,
+        x: torch.Tensor,
+        neurons: Neurons,
+        scale: float = 0.0,
+        clamp: Optional[float] = None,
+        mode: str = "residual",
+        gate: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Suppress latents `neurons` in x (see `snce_fast.reference.edit` for every option)."""
+        return backend.edit(x, self, neurons, scale=scale, clamp=clamp, mode=mode, gate=gate, **kwargs)
+
+    # -- files ---------------------------------------------------------------------
+    def slim(self, neurons: Neurons) -> ErasureSAE:
+        """The slim erasure artifact for `neurons` (snce_fast.sae.ErasureSAE): the encoder and
+        W_dec[neurons] only, all a residual-mode patch needs (about half the SAE's memory)."""
+        return ErasureSAE.from_sae(self, neurons)
+
+    def save(self, path: str) -> None:
+        """Write `config.json` + `sae.safetensors` into directory `path` (atomically)."""
+        native.write_sae(path, {k: getattr(self, k) for k in native.WEIGHT_KEYS}, self.config())
+
+    @classmethod
+    def load(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
+        """Load a native snce_fast SAE directory (config.json + sae.safetensors), checked against its config."""
+        return cls._from_weights(native.read_sae(path), device)
+
+    @classmethod
+    def from_saelens(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
+        """Import a SAELens TopK SAE directory (cfg.json + sae_weights.safetensors)."""
+        return cls._from_weights(importers.read_saelens(path), device)
+
+    @classmethod
+    def from_sparsify(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
+        """Import an EleutherAI sparsify SAE directory (cfg.json + sae.safetensors)."""
+        return cls._from_weights(importers.read_sparsify(path), device)
+
+    @classmethod
+    def from_openai(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
+        """Import an OpenAI-style TopK autoencoder directory (config.json + state_dict.pth)."""
+        return cls._from_weights(importers.read_openai(path), device)
+
+    @classmethod
+    def _from_weights(cls, w: SAEWeights, device: Optional[torch.device | str]) -> "SAE":
+        sae = cls.from_tensors(w.W_enc, w.b_enc, w.W_dec, w.b_dec, k=int(w.k), hook=w.hook, encoder=w.encoder)
+        return sae.to(device) if device is not None else sae
+
+    @classmethod
+    def from_tensors(
+        cls,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        k: int,
+        hook: str = "output",
+        encoder: Optional[str] = None,
+    ) -> "SAE":
+        """Build an SAE from weight tensors after checking every shape and dtype."""
+        if W_enc.dim() != 2:
+            raise ValueError(f"W_enc has shape {tuple(W_enc.shape)}: expected [d_in, n_latents]")
+        d, n = W_enc.shape
+        expected = {"b_enc": (b_enc, (n,)), "W_dec": (W_dec, (n, d)), "b_dec": (b_dec, (d,))}
+        for name, (t, shape) in expected.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: expected {shape} (from W_enc [{d}, {n}])")
+            if t.dtype != W_enc.dtype:
+                raise ValueError(f"{name} has dtype {t.dtype}: expected {W_enc.dtype}, the dtype of W_enc")
+        if not W_enc.is_floating_point():
+            raise ValueError(f"W_enc has dtype {W_enc.dtype}: expected a floating-point dtype")
+        sae = cls(d, n, k, hook=hook, encoder=encoder, dtype=W_enc.dtype, device=W_enc.device, init=False)
+        with torch.no_grad():
+            sae.W_enc.copy_(W_enc)
+            sae.b_enc.copy_(b_enc)
+            sae.W_dec.copy_(W_dec)
+            sae.b_dec.copy_(b_dec)
+        return sae

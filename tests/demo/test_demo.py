@@ -1,0 +1,126 @@
+"""`snce-fast demo`: every stage runs, the summary's numbers are recomputed from the files it wrote,
+and the residual edit leaves silent prompts bit-identical. A tiny random BERT saved to disk stands in
+for MiniLM here (CI runs the real MiniLM demo as the README's main job)."""
+import json
+import random
+
+import pytest
+
+import snce_fast
+from snce_fast.cli import main
+from snce_fast.demo.run import demo_prompts, run_demo
+from snce_fast.demo.prompts import DemoPrompts
+from tiny_models import WORDS, bert_model, write_bert_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    tok = write_bert_tokenizer(d)
+    model = bert_model(tok, hidden=32, layers=2, seed=3)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_prompts(seed=0) -> DemoPrompts:
+    """Prompts in the tiny tokenizer's vocabulary: the 'concept' is the words nude/naked."""
+    rng = random.Random(seed)
+    plain = [w for w in WORDS if w not in ("nude", "naked")]
+
+    def make(n, concept):
+        out = []
+        for _ in range(n):
+            words = rng.sample(plain, 5)
+            if concept:
+                words.insert(rng.randrange(5), rng.choice(["nude", "naked"]))
+            out.append(" ".join(words))
+        return out
+
+    return DemoPrompts(train=make(150, False) + make(60, True), scan_concept=make(30, True),
+                       scan_ordinary=make(30, False), held_concept=make(25, True), held_ordinary=make(25, False),
+                       concept="nudity")
+
+
+def test_demo_prompt_splits_are_disjoint_and_deterministic():
+    a, b = demo_prompts(quick=True), demo_prompts(quick=True)
+    assert a == b
+    groups = [a.train, a.scan_concept, a.scan_ordinary, a.held_concept, a.held_ordinary]
+    assert sum(len(g) for g in groups) == len(set().union(*map(set, groups)))
+    from snce_fast.demo.prompts import HELDOUT_VIOLENT_ACTIONS
+
+    seen = " | ".join(a.train + a.scan_concept)
+    assert not any(phrase in seen for phrase in HELDOUT_VIOLENT_ACTIONS)
+
+
+def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path):
+    data = tiny_prompts()
+    out = tmp_path / "demo"
+    logs = []
+    s = run_demo(out, model=str(tiny_bert_dir), quick=True, progress=False, log=logs.append, prompts=data)
+    assert [line.split("]")[0] for line in logs] == [f"[{i}/6" for i in range(1, 7)]
+    for name in ("summary.json", "summary.md", "detect.png", "training.png", "report/report.md", "sae/config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
+
+    # the neuron is the scorer's arg-max on the saved scan
+    stats = snce_fast.ScanStats.load(out / "scan")
+    assert s["neuron"] == snce_fast.score(stats, target="nudity", reference="ordinary").top(1)[0]
+
+    # detect numbers recomputed from the saved SAE
+    sae = snce_fast.SAE.load(out / "sae")
+    from snce_fast.models import load_encoder
+
+    enc = load_encoder(str(tiny_bert_dir))
+    det_c = snce_fast.detect(enc.encoder, sae, [s["neuron"]], data.held_concept, tokenizer=enc.tokenizer,
+                             max_length=s["max_length"])
+    det_o = snce_fast.detect(enc.encoder, sae, [s["neuron"]], data.held_ordinary, tokenizer=enc.tokenizer,
+                             max_length=s["max_length"])
+    assert s["detect"]["concept_flagged"] == int(det_c.flags.sum())
+    assert s["detect"]["ordinary_flagged"] == int(det_o.flags.sum())
+    assert s["detect"]["true_positive_rate"] == pytest.approx(float(det_c.flags.float().mean()))
+
+    for m in s["detect"]["more_latents"]:
+        flags = snce_fast.detect(enc.encoder, sae, m["latents"], data.held_concept, tokenizer=enc.tokenizer,
+                                 max_length=s["max_length"]).flags
+        assert m["true_positive_rate"] == pytest.approx(float(flags.float().mean()))
+        assert m["true_positive_rate"] >= s["detect"]["true_positive_rate"]  # more latents never flag fewer
+    c = s["detect"]["calibrated"]
+    flags = snce_fast.detect(enc.encoder, sae, c["latents"], data.held_ordinary, tokenizer=enc.tokenizer,
+                             max_length=s["max_length"], threshold=c["thresholds"]).flags
+    assert c["false_positive_rate"] == pytest.approx(float(flags.float().mean()))
+    e = s["edit"]
+    assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]  # SPEC: silent -> bit-identical
+    assert e["concept_changed"] <= e["concept_neuron_fires"]
+    if e["concept_changed"]:
+        assert e["change_off_neuron_axis_relative"] < 1e-4  # only W_dec[neuron] moved
+    assert e["concept_refires_after_edit"] <= e["concept_neuron_fires"]
+    md = (out / "summary.md").read_text()
+    assert f"latent {s['neuron']}" in md and f"flagged {s['detect']['concept_flagged']} of 25" in md
+    assert not [p for p in out.rglob(".*")], "no temp files left behind"
+
+
+def test_demo_cli_bad_inputs(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["demo", "--out", str(f), "--quiet"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["demo", "--model", "/nonexistent/model", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no such local directory" in err and err.count("\n") == 1
+    assert main(["demo", "--threads", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--threads 0" in capsys.readouterr().err
+
+
+def test_demo_on_an_sdxl_pipeline_reads_the_penultimate_layer(tmp_path):
+    """On an SDXL pipeline dir every stage reads hidden_states[-2], as the pipeline does: the patch changes
+    exactly the prompts on which the neuron fires, and detect agrees with the scan's tensor."""
+    from tiny_models import sdxl_pipeline
+
+    sdxl_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sdxl")
+    s = run_demo(tmp_path / "o", model=str(tmp_path / "sdxl"), quick=True, progress=False, log=lambda _: None,
+                 prompts=tiny_prompts())
+    e = s["edit"]
+    assert e["concept_changed"] == e["concept_neuron_fires"]
+    assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]
+    assert e["ordinary_changed"] == len(tiny_prompts().held_ordinary) - e["ordinary_silent"]

@@ -1,0 +1,226 @@
+"""Fused encode + TopK (snce_fast.kernels.encode_topk) against the eager reference."""
+import importlib
+import os
+from collections import OrderedDict
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from snce_fast import kernels  # noqa: E402
+from snce_fast.ops import reference  # noqa: E402
+
+from helpers_topk import assert_topk_matches, make_sae  # noqa: E402
+
+encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")  # the module; the package's `encode_topk` is the op
+
+CPU_OK = os.environ.get("TRITON_INTERPRET") == "1"
+cpu_only = pytest.mark.skipif(not CPU_OK, reason="CPU tests need TRITON_INTERPRET=1")
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "M,d,n,k,dtype",
+    [
+        (0, 40, 300, 3, torch.float32),
+        (1, 40, 300, 1, torch.float32),
+        (5, 100, 1000, 17, torch.float32),
+        (5, 72, 700, 3, torch.float16),
+        (77, 64, 2048, 3, torch.float32),
+        (77, 48, 530, 17, torch.float16),
+        (3, 33, 97, 17, torch.float32),  # n barely above k: some splits keep fewer than k
+    ],
+)
+def test_encode_matches_reference(M, d, n, k, dtype):
+    sae = make_sae(d, n, k, seed=M + d)
+    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    values, indices = kernels.encode(x, sae)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_single_split_with_insertions_is_sorted():
+    """Many row blocks make one latent split (splits * KP == k): rows that took one-at-a-time insertions
+    after the last bitonic merge hold their keys unordered, and the result must still come out sorted."""
+    M, d, n, k = 520, 24, 320, 8
+    cfg = encode_mod.encode_config(M, n, d, k, torch.float32, torch.device("cpu"))
+    splits, chunk = encode_mod.encode_splits(M, n, k, cfg, torch.device("cpu"))
+    assert splits == 1 and n > cfg.BN  # the case under test
+    sae = make_sae(d, n, k, seed=11)
+    x = torch.randn(M, d, generator=torch.Generator().manual_seed(5))
+    keys = x.new_empty((M, k), dtype=torch.int64)
+    encode_mod._launch(x, sae.W_enc.detach(), encode_mod.folded_bias(sae), keys, cfg, k, splits, chunk)
+    assert (keys[:, 1:] > keys[:, :-1]).any()  # some row's raw keys really are out of order
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+
+
+@cpu_only
+def test_int64_offset_path_matches_reference(monkeypatch):
+    """The WIDE (int64 element offsets) variant used for SAEs with >= 2**31 weights, forced on small shapes."""
+    monkeypatch.setattr(encode_mod, "_FORCE_WIDE", True)
+    sae = make_sae(40, 300, 17, seed=3)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(2))
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+
+
+def test_wide_offsets_decided_from_strides():
+    _needs_wide = encode_mod._needs_wide
+
+    assert not _needs_wide(torch.empty(3, 4), torch.empty(0, 5))
+    # rows 2**31 elements apart (a meta tensor: no memory behind it)
+    big = torch.empty_strided((2, 1), (2**31, 1), device="meta")
+    assert _needs_wide(big)
+
+
+@cpu_only
+def test_encode_leading_shape_noncontiguous_and_mixed_dtype():
+    sae = make_sae(40, 260, 5)
+    x = torch.randn(2, 3, 80)[..., ::2].half()  # non-contiguous, fp16 x with an fp32 SAE
+    values, indices = kernels.encode(x, sae)
+    assert values.shape == (2, 3, 5) and values.dtype == torch.float16
+    assert_topk_matches(x, sae, values, indices, rtol=2e-3, atol=2e-3)
+
+
+@cpu_only
+def test_relu_and_ties():
+    sae = make_sae(16, 128, 8)
+    with torch.no_grad():
+        sae.b_enc.fill_(-5.0)  # every pre-activation negative: all values 0
+    x = torch.zeros(3, 16)
+    values, indices = kernels.encode(x, sae)
+    assert (values == 0).all()
+    assert_topk_matches(x, sae, values, indices)
+
+
+@cpu_only
+def test_validation_matches_reference():
+    sae = make_sae(16, 64, 4)
+    for bad in (torch.randn(3, 15), torch.ones(3, 16, dtype=torch.int32)):
+        with pytest.raises((ValueError, TypeError)):
+            reference.encode(bad, sae)
+        with pytest.raises((ValueError, TypeError)):
+            kernels.encode(bad, sae)
+
+
+@cpu_only
+def test_folded_bias_cache_tracks_weight_updates():
+    sae = make_sae(16, 64, 4)
+    x = torch.randn(4, 16)
+    kernels.encode(x, sae)
+    with torch.no_grad():
+        sae.b_dec.add_(1.0)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices)
+
+
+@cpu_only
+def test_folded_bias_cache_never_serves_another_sae(monkeypatch):
+    """Regression: the cache was keyed by data_ptr + version, so a new SAE allocated where a freed
+    one lived (same shapes, same version count) got the old SAE's folded bias. Simulate the address
+    reuse deterministically: two live SAEs whose tensors report the same data_ptr."""
+    a, b = make_sae(16, 64, 4, seed=1), make_sae(16, 64, 4, seed=2)
+    x = torch.randn(3, 16)
+    kernels.clear_bias_cache()
+    kernels.encode(x, a)
+    cache = importlib.import_module("snce_fast.kernels._cache")
+    (slot_a, (refs_a, _, bias_a)), = [(s, v) for s, v in cache._DERIVED.items() if s[1] == "folded_bias"]
+    # a's entry filed under b, with b's addresses and versions (what a freed SAE's reused memory looks
+    # like to an address-based key): only object identity tells them apart
+    srcs_b = (b.W_enc, b.b_enc, b.b_dec)
+    slot_b = (tuple(id(t) for t in srcs_b), "folded_bias")
+    monkeypatch.setattr(cache, "_DERIVED", OrderedDict({slot_b: (refs_a, tuple(cache._state(t) for t in srcs_b), bias_a)}))
+    values, indices = kernels.encode(x, b)
+    assert_topk_matches(x, b, values, indices)
+    # and after .data writes (which bump no version) clear_bias_cache() makes the cache honest again
+    kernels.encode(x, b)
+    b.b_dec.data.add_(1.0)
+    kernels.clear_bias_cache()
+    values, indices = kernels.encode(x, b)
+    assert_topk_matches(x, b, values, indices)
+
+
+@cpu_only
+def test_backend_dispatch(monkeypatch):
+    from snce_fast.ops import backend
+
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    sae = make_sae(24, 96, 4)
+    assert backend.implementation("encode", torch.device("cpu"))[0] == "triton"
+    x = torch.randn(2, 5, 24)
+    values, indices = sae.encode(x)
+    assert_topk_matches(x, sae, values, indices)
+
+
+@cpu_only
+def test_opcheck_and_compile():
+    sae = make_sae(32, 128, 3)
+    x = torch.randn(4, 32)
+    W, b = sae.W_enc.detach(), kernels.folded_bias(sae)
+    torch.library.opcheck(torch.ops.snce_fast.encode_topk.default, (x, W, b, 3))
+
+    def f(x):
+        v, i = torch.ops.snce_fast.encode_topk(x, W, b, 3)
+        return v * 2, i
+
+    # aot_eager on CPU: Inductor's CPU codegen takes ~40 s on 2 cores; the GPU test uses Inductor
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    ref = f(x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+# --- GPU: real shapes, bf16 ------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,n,k", [(768, 32768, 64), (1024, 32768, 32), (1280, 32768, 64), (768, 524288, 64)])
+@pytest.mark.parametrize("prompts", [1, 16])
+def test_gpu_encode_real_shapes(d, n, k, prompts):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(d, n, k, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(prompts, 77, d, device="cuda", dtype=torch.bfloat16)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_encode_many_prompts_single_split():
+    """256 prompts: enough row blocks that each takes the whole latent range in one split."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(768, 32768, 64, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(256, 77, 768, device="cuda", dtype=torch.bfloat16)
+    cfg = encode_mod.encode_config(256 * 77, 32768, 768, 64, torch.bfloat16, x.device)
+    if encode_mod.encode_splits(256 * 77, 32768, 64, cfg, x.device)[0] != 1:
+        pytest.skip("this GPU (or a tuned config) still splits the latents at 256 prompts")
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 17, 256])
+def test_gpu_encode_k_range_and_fp32(k):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(384, 16384, k, device="cuda")
+    x = torch.randn(300, 384, device="cuda")
+    assert_topk_matches(x, sae, *kernels.encode(x, sae))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(768, 32768, 64, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(77, 768, device="cuda", dtype=torch.bfloat16)
+    W, b = sae.W_enc, kernels.folded_bias(sae)
+    torch.library.opcheck(torch.ops.snce_fast.encode_topk.default, (x, W, b, 64))
+    f = torch.compile(lambda x: torch.ops.snce_fast.encode_topk(x, W, b, 64), fullgraph=True)
+    v, i = f(x)
+    assert torch.equal(i, torch.ops.snce_fast.encode_topk(x, W, b, 64)[1])

@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from snce_fast import benchmarking
-from snce_fast.benchmarking import random_sae, time_fn
+from snce_fast.benchmarking import time_fn
+from snce_fast.sae import SAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -26,7 +27,7 @@ def device_name() -> str:
 
 
 def peaks() -> tuple[Optional[float], Optional[float]]:
-    """Dense bf16 peak FLOP/s and HBM bytes/s of this GPU (SPEC section 7), (None, None) off-GPU."""
+    """Dense bf16 peak FLOP/s and HBM bytes/s of this GPU (docs/performance.md), (None, None) off-GPU."""
     return benchmarking.peaks(torch.device("cuda" if ON_GPU else "cpu"))
 
 
@@ -50,7 +51,7 @@ def metadata() -> dict[str, Any]:
 
 
 def make_sae(d: int, n: int, k: int, dtype: torch.dtype, device: str):
-    return random_sae(d, n, k, dtype, device)
+    return SAE.random(d, n, k, dtype=dtype, device=device, enc_bias_std=0.05).requires_grad_(False)
 
 
 def dense_fits(M: int, n: int, itemsize: int, limit: float = 8e9) -> bool:

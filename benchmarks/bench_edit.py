@@ -1,7 +1,7 @@
 """Benchmark: the fused SNCE forward (residual edit, one target, BOS masked) vs eager alternatives.
 
 `python benchmarks/bench_edit.py [--quick]`; results in benchmarks/results/edit_<gpu|cpu>.json.
-SPEC section 7 target: >= 3x the eager reference at >= 16 prompts; at 1 prompt within 2x
+docs/performance.md target: >= 3x the eager reference at >= 16 prompts; at 1 prompt within 2x
 of the time to read W_enc once from HBM.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 torch equivalent (scatter_add_ / unique / bincount, `histogram.update_eager`), same inputs.
 
 Shapes: SD1.x prompts (77 tokens, ~22 counted), k 64, n 32768, 2 groups; 16/64/256 prompts per
-batch. On GPU the SAE encode at the same shape is timed too (SPEC: histograms <= 5% of it).
+batch. On GPU the SAE encode at the same shape is timed too (docs/performance.md: histograms <= 5% of it).
 Without CUDA it runs in CPU mode and writes results/histogram_cpu.json (CPU numbers only).
 
     python benchmarks/bench_histogram.py [--quick] [--threads N]

@@ -4,7 +4,7 @@ each stage). Tokenization runs on a background thread, so its share overlaps the
 
 GPU: a CLIP-L-sized random-weight text encoder (width 768, 12 layers, 77 tokens), SAE n 32768
 k 64, bf16. CPU mode: a small CLIP (width 64, 2 layers) and SAE n 4096 k 32 - CPU numbers only,
-written to results/scan_cpu.json. Prompts: coco_10k.csv from ../shared when present, else
+written to results/scan_cpu.json. Prompts: coco_10k.csv of the project prompt sets (docs/formats.md) when present, else
 synthetic. The tokenizer is a tiny BPE CLIPTokenizer built locally (no downloads).
 
     python benchmarks/bench_scan.py [--prompts N] [--batch-size B]

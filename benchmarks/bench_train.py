@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from snce_fast.sae.model import SAE
-from snce_fast.train.trainer import SAETrainer, TrainConfig
+from snce_fast.train import SAETrainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parent
 

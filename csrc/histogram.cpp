@@ -1,4 +1,4 @@
-// Schema of snce_fast::histogram_update (SPEC section 4); kernels in histogram_cpu.cpp and
+// Schema of snce_fast::histogram_update (docs/method.md); kernels in histogram_cpu.cpp and
 // histogram_cuda.cu. A latent fires on a token if it is in the token's top-k with value > threshold;
 // only tokens with token_mask set count. All state tensors are updated in place.
 #include <torch/extension.h>

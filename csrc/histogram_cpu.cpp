@@ -1,4 +1,4 @@
-// Streaming activation-frequency histograms on the CPU (SPEC section 4).
+// Streaming activation-frequency histograms on the CPU (docs/method.md).
 //
 // Each OpenMP thread owns a disjoint, 64-aligned range of latents (its private slice of the
 // [G, n] counters) and scans every (token, slot) entry, updating only its own latents. So there

@@ -1,4 +1,4 @@
-// Streaming activation-frequency histograms on the GPU (SPEC section 4).
+// Streaming activation-frequency histograms on the GPU (docs/method.md).
 //
 // One thread per (token, slot) entry, 64-bit integer atomics for the counts (exact and
 // deterministic whatever the order), a float64 atomicAdd for act_sum (order-dependent in the

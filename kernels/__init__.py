@@ -121,32 +121,23 @@ def edit(
 ) -> "torch.Tensor":
     """Suppress the target latents in x [..., d]; same options and results as `snce_fast.reference.edit`."""
     from snce_fast.ops import reference
-    from snce_fast.checks import as_neuron_list, check_activations, check_edit_args, positive_int
+    from snce_fast.checks import check_activations
 
     _need()
-    d, n = sae.W_enc.shape
-    targets = as_neuron_list(neurons, n)
+    d = sae.W_enc.shape[0]
+    targets = reference.check_edit_call(x, sae, neurons, scale, clamp, mode, gate, min_tokens)
     thr = reference.target_threshold_values(threshold, neurons, targets)
     if isinstance(thr, list):  # per neuron: made on the device once, not copied per call
         thr = _cache.constant(thr, torch.float32, x.device)
-    check_edit_args(mode, scale, clamp)
-    positive_int(min_tokens, "min_tokens")
-    if gate and x.dim() < 2:
-        raise ValueError(f"gate=True needs x shaped [..., L, d] (prompts of tokens), got {tuple(x.shape)}")
     check_activations(x, d)
     lead = x.shape[:-1]
     values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32
 
     tgt = _cache.constant(targets, torch.int32, x.device)
-    allowed = torch.ones(lead, dtype=torch.bool, device=x.device)
-    if edit_mask is not None:
-        allowed = allowed & edit_mask.to(torch.bool)
     z_t = None
     if gate or mode == "reconstruct":
         z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), tgt)
-    if gate:
-        counted = allowed if count_mask is None else count_mask.to(torch.bool)
-        allowed = allowed & reference.gate_mask(z_t, counted, min_tokens, thr).unsqueeze(-1)
+    allowed = reference.allowed_tokens(z_t, lead, x.device, gate, min_tokens, thr, edit_mask, count_mask)
     allowed = torch.broadcast_to(allowed, lead).reshape(-1)
 
     if mode == "residual":
@@ -158,8 +149,7 @@ def edit(
     reference._need_full_decoder(sae, "mode='reconstruct'")
     z_new = z_t.clamp(max=clamp) if clamp is not None else z_t * scale
     z_new = z_new.reshape(-1, len(targets))
-    hit = indices.unsqueeze(-1) == tgt  # [M, k, T]
-    new_vals = torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values)
+    new_vals = reference.with_target_values(values, indices, tgt, z_new)
     recon = sparse_decode(new_vals, indices, sae.W_dec.detach(), sae.b_dec.detach()).to(x.dtype)
     x2 = x.reshape(-1, d)
     return torch.where(allowed.unsqueeze(-1), recon, x2).reshape(x.shape)

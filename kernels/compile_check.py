@@ -5,7 +5,7 @@
 The interpreter (`TRITON_INTERPRET=1`) runs a kernel as Python and accepts code that the
 real compiler rejects (a reassigned constexpr, a Python list multiplied by a loop
 variable, ...). This tool runs the real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin
-with ptxas) for the launch configurations the dispatcher picks at the SPEC section 7
+with ptxas) for the launch configurations the dispatcher picks at the docs/performance.md
 shapes, with the same constexprs, warps, stages and integer specialisations as a real
 launch, and reads registers, stack frame and spill bytes from ptxas's report. `--full`
 adds every autotuning candidate. It exits 1 if any configuration fails to compile.
@@ -304,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         from snce_fast.records.atomic import atomic_write_text
 
-        from snce_fast.benchmarking import metadata
+        from snce_fast.records.run_info import metadata
 
         meta = metadata(torch.device("cpu"))
         meta.update(mode="compile-only", triton=triton.__version__,

@@ -1,4 +1,4 @@
-"""Fused SNCE edit (SPEC section 2): encode + TopK (the `encode_topk` kernel), then one
+"""Fused SNCE edit (docs/method.md): encode + TopK (the `encode_topk` kernel), then one
 per-token kernel that finds the target latents among the token's k active ones,
 applies the scale/clamp rule and writes
 
@@ -42,7 +42,7 @@ def _edit_residual_kernel(
         z_new = tl.minimum(z, clamp)
     else:
         z_new = z * scale
-    coef = tl.where(tmask & (z > 0.0), z_new - z, 0.0)  # only targets that fire move (SPEC section 2)
+    coef = tl.where(tmask & (z > 0.0), z_new - z, 0.0)  # only targets that fire move (docs/method.md)
     fires = tl.reduce(((z > 0.0) & tmask).to(tl.int32), 0, max_combine)
     fires = (fires * tl.load(a_ptr + m).to(tl.int32)) > 0
     for d0 in range(0, D, BD):

@@ -12,7 +12,7 @@ from snce_fast.sae.model import SAE
 from snce_fast.workflow.scan import scan
 from snce_fast.workflow.scan_stats import ScanStats
 from snce_fast.workflow.score import Scores, score, threshold_at_fpr
-from snce_fast.train.trainer import TrainConfig, TrainReport, train_sae
+from snce_fast.train import TrainConfig, TrainReport, train_sae
 
 __all__ = [
     "SAE",

@@ -2,28 +2,24 @@
 scripts under benchmarks/ share.
 
 Each case times what `snce_fast` runs on this device (the backend's automatic choice) against
-the eager PyTorch reference on the same inputs. On CUDA: SPEC section 7 shapes, bf16, CUDA
+the eager PyTorch reference on the same inputs. On CUDA: docs/performance.md shapes, bf16, CUDA
 events. On CPU: reduced shapes, fp32, wall clock; those are CPU numbers and say nothing about
 GPU speed (the fused encode/edit kernels are GPU kernels; on the CPU the package runs the
 reference for them, and the C++ extension for decode and the histograms).
 """
 from __future__ import annotations
 
-import datetime
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from snce_fast.ops import backend, histogram, reference
+from snce_fast.records.run_info import PEAKS, device_name, metadata, peaks  # noqa: F401  (re-exported)
+from snce_fast.sae.model import SAE
 
-# dense bf16 peak FLOP/s and HBM bytes/s (SPEC section 7)
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 OPS = ("encode", "edit", "decode", "histogram")
 
 
@@ -48,61 +44,6 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, reps: int = 20, cuda: Option
             fn()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def random_sae(d: int, n: int, k: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """An SAE with unit decoder rows, W_enc = W_dec^T and small random biases (no grad)."""
-    from snce_fast.sae.model import SAE
-
-    sae = SAE(d, n, k, init=False, device=device, dtype=dtype)
-    with torch.no_grad():
-        w = torch.randn(n, d, device=device, dtype=torch.float32)
-        w /= w.norm(dim=1, keepdim=True)
-        sae.W_dec.copy_(w.to(dtype))
-        sae.W_enc.copy_(w.t().to(dtype))
-        sae.b_enc.normal_(0, 0.05)
-        sae.b_dec.normal_(0, 0.1)
-    del w
-    return sae.requires_grad_(False)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def peaks(device: torch.device) -> tuple[Optional[float], Optional[float]]:
-    if device.type != "cuda":
-        return None, None
-    name = device_name(device).upper()
-    return next((v for key, v in PEAKS.items() if key in name), (None, None))
-
-
-def metadata(device: torch.device) -> dict[str, Any]:
-    """Device, versions, commit (when run from a git checkout) and date for result files."""
-    here = Path(__file__).parent
-    commit = None
-    try:  # only when this file is tracked by the enclosing git repository (an editable install of snce_fast)
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
-                                 capture_output=True, text=True, timeout=10).returncode == 0
-        if tracked:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                    timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": device_name(device), "mode": "gpu" if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda, "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-    }
 
 
 @dataclass
@@ -136,7 +77,7 @@ def run(ops: tuple[str, ...] = OPS, quick: bool = False, device: Optional[str] =
     (d, n, k), prompt_counts, dtype, reps = _shapes(dev, quick)
     peak, _ = peaks(dev)
     warm = 2 if dev.type == "cuda" else 1
-    sae = random_sae(d, n, k, dtype, str(dev))
+    sae = SAE.random(d, n, k, dtype=dtype, device=dev, enc_bias_std=0.05).requires_grad_(False)
     shape = f"d{d} n{n} k{k} {str(dtype).removeprefix('torch.')}"
     rows: list[Row] = []
     for p in prompt_counts:

@@ -31,6 +31,24 @@ def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
     return sorted(set(out))
 
 
+def unique_neurons(neurons: Neurons, n_latents: int) -> list[int]:
+    """`as_neuron_list`'s checks, but the neurons keep the order given (repeats dropped): for values
+    given per neuron in that order (e.g. one threshold each)."""
+    as_neuron_list(neurons, n_latents)
+    if isinstance(neurons, torch.Tensor):
+        neurons = neurons.flatten().tolist()
+    if isinstance(neurons, int):
+        neurons = [neurons]
+    return list(dict.fromkeys(int(j) for j in neurons))
+
+
+def check_fpr(fpr: float, name: str = "fpr") -> float:
+    """A false-positive rate to calibrate at: a number with 0 <= fpr < 1."""
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 <= fpr < 1.0:
+        raise ValueError(f"{name}={fpr!r} is invalid: expected a float with 0 <= fpr < 1")
+    return float(fpr)
+
+
 def check_edit_args(mode: str, scale: float, clamp: float | None) -> None:
     if mode not in EDIT_MODES:
         raise ValueError(f"mode={mode!r} is not supported: expected one of {EDIT_MODES}")

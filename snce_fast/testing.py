@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from snce_fast.sae import SAE
+
 WORDS = (
     "a photo of the cat dog man woman nude naked painting portrait street city red blue green "
     "car tree house on in with and by art style van gogh river boat sky night"
@@ -149,15 +151,8 @@ def sdxl_pipeline(tmp_path: str | Path, seed: int = 0):
 
 
 def random_sae(d: int, n: int = 64, k: int = 4, seed: int = 0, hook: str = "output"):
-    import snce_fast
-
-    g = torch.Generator().manual_seed(seed)
-    sae = snce_fast.SAE(d, n, k, hook=hook)
-    sae.reset_parameters(generator=g)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
-        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
-    return sae
+    """A small seeded random SAE (snce_fast.SAE.random)."""
+    return SAE.random(d, n, k, seed=seed, hook=hook)
 
 
 def write_bert_tokenizer(directory: str | Path):

@@ -1,4 +1,4 @@
-"""Tie-aware comparison of a TopK encode against the eager reference (SPEC section 1)."""
+"""Tie-aware comparison of a TopK encode against the eager reference (docs/method.md)."""
 from __future__ import annotations
 
 import torch

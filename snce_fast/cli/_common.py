@@ -1,5 +1,7 @@
-"""Shared pieces of the `snce-fast` subcommands: the one-line usage error, atomic writes,
-loading an SAE, reading prompts, and loading a text encoder + tokenizer from a model spec."""
+"""Shared pieces of the `snce-fast` subcommands: the one-line usage error, checks of the flags' own
+syntax, atomic writes, loading an SAE, reading prompts, and loading a text encoder + tokenizer from a
+model spec. Checks of the values themselves live in the library (snce_fast.checks, snce_fast.records,
+snce_fast.hooks.fit): their ValueError/TypeError is printed as one line by snce_fast.cli.main."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +10,12 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+from snce_fast.checks import unique_neurons
+from snce_fast.hooks.fit import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
-
+from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+from snce_fast.records.calibration import read_calibration
+from snce_fast.sae.fingerprint import sae_hash
 
 
 class UsageError(Exception):
@@ -27,10 +32,13 @@ def parse_neurons(text: str) -> list[int]:
     return out
 
 
-def check_neurons(neurons: list[int], n_latents: int, what: str = "the SAE") -> None:
-    bad = [j for j in neurons if not 0 <= j < n_latents]
-    if bad:
-        raise UsageError(f"--neurons: latent {bad[0]} is out of range for {what} (n_latents={n_latents})")
+def check_neurons(neurons: list[int], n_latents: int, what: str = "the SAE") -> list[int]:
+    """--neurons against an SAE's latents (snce_fast.checks.unique_neurons): the distinct neurons, in
+    the order given."""
+    try:
+        return unique_neurons(neurons, n_latents)
+    except ValueError as e:
+        raise UsageError(f"--neurons: {e} ({what})") from None
 
 
 def existing_dir(path: str, what: str) -> Path:
@@ -130,13 +138,11 @@ def apply_calibration(args: argparse.Namespace, sae: Any) -> None:
         return
     if args.neurons:
         raise UsageError("give --neurons or --calibration (which holds the neurons), not both")
-    from snce_fast.cli.calibrate import read_calibration
-
-    record = read_calibration(args.calibration, sae)
-    args.neurons = ",".join(str(int(j)) for j in record["neurons"])
+    record = read_calibration(args.calibration, sae_hash(sae), sae.n_latents)
+    args.neurons = ",".join(str(j) for j in record["neurons"])
     args.gate = True
     args.gate_threshold = [float(t) for t in record["thresholds"]]  # one per neuron, in record["neurons"] order
-    args.min_tokens = int(record.get("min_tokens", 1))
+    args.min_tokens = record["min_tokens"]
 
 
 def edit_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,43 +179,13 @@ def check_out_file(path: str) -> Path:
     return out
 
 
-def read_record(path: str, flag: str, fmt: str, writer: str, required: str) -> dict[str, Any]:
-    """A JSON record file written by one of our commands (`format` == fmt, non-empty `required` key)."""
-    existing_file(path, flag)
-    try:
-        record = json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise UsageError(f"{flag} {path!r} is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != fmt or not record.get(required):
-        raise UsageError(f"{flag} {path!r}: expected a file written by {writer}")
-    return record
-
-
-def check_same_sae(sae: Any, recorded_hash: Optional[str], source: str) -> None:
-    """`source` (a scan or a scores file) was made with `sae`: the SAE hashes (encoding side) agree."""
-    from snce_fast.workflow.scan import sae_hash
-
-    if recorded_hash and recorded_hash != sae_hash(sae):
-        raise UsageError(f"{source} was computed with a different SAE than --sae (weights hash differs): "
-                         "expected the SAE that was scanned")
-
-
 def check_slim_mode(saes: dict, mode: str, neurons: Any = None) -> None:
     """A slim erasure (ErasureSAE) supports residual mode only, and only the latents whose decoder rows
-    it stores (`neurons`: a list, or a dict per encoder): say so before any heavy loading."""
-    from snce_fast.sae.erasure import ErasureSAE
-
+    it stores (`neurons`: a list, or a dict per encoder): say so before any heavy loading
+    (snce_fast.hooks.fit.check_erasure_edit)."""
     for name, sae in saes.items():
-        if not isinstance(sae, ErasureSAE):
-            continue
-        if mode != "residual":
-            raise UsageError(f"--mode {mode}: needs the whole decoder, but the SAE for {name} is a slim erasure "
-                             "(it keeps only the target rows); use --mode residual or the full SAE")
         wanted = neurons.get(name, []) if isinstance(neurons, dict) else (neurons or [])
-        missing = [j for j in wanted if j not in sae.decoder_targets]
-        if missing:
-            raise UsageError(f"--neurons: latent {missing[0]} has no stored decoder row in the slim erasure for "
-                             f"{name} (it keeps {sae.decoder_targets})")
+        check_erasure_edit(sae, mode, wanted, name)
 
 
 def add_prompt_file_args(p: argparse.ArgumentParser) -> None:

@@ -4,12 +4,16 @@ style-matched ordinary prompts; latents ranked by target recall at that threshol
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Optional
 
-from snce_fast.cli._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file, check_same_sae, load_encoder,
-                      load_sae, positive, read_prompt_file, read_record)
-
-FORMAT = "snce_fast.calibration"
+from snce_fast.checks import check_fpr
+from snce_fast.cli._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file,
+                                   load_encoder, load_sae, positive, read_prompt_file)
+from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.records.calibration import calibration_record, ranked_entry
+from snce_fast.records.scores import read_scores, top_latents
+from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow.detect import DEFAULT_FPR, DEFAULT_MATCHED_FPR, Calibration, calibrate
 
 
 def _groups(specs: list[str], column: str) -> dict[str, list[str]]:
@@ -39,27 +43,37 @@ def _fprs(specs: list[str], groups: dict[str, list[str]]) -> Any:
         try:
             rate = float(value)
         except ValueError:
-            rate = -1.0
-        if not sep or name not in groups or not 0.0 <= rate < 1.0:
+            rate = None
+        if not sep or name not in groups or rate is None:
             raise UsageError(f"--fpr {spec!r}: expected GROUP=RATE with GROUP one of {list(groups)} and 0 <= RATE < 1")
-        out[name] = rate
-    from snce_fast.workflow.detect import DEFAULT_FPR, DEFAULT_MATCHED_FPR
-
+        out[name] = check_fpr(rate, f"--fpr {name}")
     return {g: out.get(g, DEFAULT_FPR if i == 0 else DEFAULT_MATCHED_FPR) for i, g in enumerate(groups)}
 
 
-def read_calibration(path: str, sae: Any) -> dict[str, Any]:
-    """A calibration.json written by `snce-fast calibrate`, checked against `sae`."""
-    record = read_record(path, "--calibration", FORMAT, "snce-fast calibrate", "neurons")
-    check_same_sae(sae, record.get("sae_hash"), f"--calibration {path!r}")
-    return record
+def _candidates(args: argparse.Namespace, sae: Any) -> Optional[list[int]]:
+    """--candidates: the top --shortlist latents of a scores.json made with `sae` (None: every latent)."""
+    if not args.candidates:
+        return None
+    positive(args.shortlist, "--shortlist")
+    return top_latents(read_scores(args.candidates, sae_hash(sae), sae.n_latents), args.shortlist)
+
+
+def _record(args: argparse.Namespace, cal: Calibration, chosen: list[int], groups: dict[str, list[str]],
+            sae: Any, penultimate_output: bool) -> dict[str, Any]:
+    """The calibration.json record (snce_fast.records.calibration)."""
+    pos = {j: i for i, j in enumerate(cal.neurons)}
+    ranked = [ranked_entry(j, float(cal.thresholds[pos[j]]), float(cal.recall[pos[j]]),
+                           {g: float(r[pos[j]]) for g, r in cal.reference_rates.items()})
+              for j in cal.neurons[: max(args.report, args.top)]]
+    return calibration_record(
+        sae=str(args.sae), sae_hash=sae_hash(sae), model=args.model, encoder=args.encoder,
+        penultimate_output=penultimate_output, target=str(args.target),
+        references={g: len(p) for g, p in groups.items()}, fpr=cal.fpr, min_tokens=cal.min_tokens,
+        max_length=args.max_length, neurons=chosen, thresholds=cal.thresholds_for(chosen),
+        gate_threshold=cal.threshold(chosen), ranked=ranked)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-
-    from snce_fast.workflow.detect import calibrate
-    from snce_fast.workflow.scan import sae_hash
-
     positive(args.top, "--top")
     apply_threads(args.threads)
     positive(args.min_tokens, "--min-tokens")
@@ -77,33 +91,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     groups = _groups(args.reference, args.column)
     fpr = _fprs(args.fpr or [], groups)
     sae = load_sae(args.sae)
-    candidates = None
-    if args.candidates:
-        from snce_fast.cli.detect import neurons_from_scores
-
-        positive(args.shortlist, "--shortlist")
-        _, record = neurons_from_scores(args.candidates, 1)
-        candidates = [int(e["latent"]) for e in record["top"][: args.shortlist]]
-        check_same_sae(sae, record.get("sae_hash"), f"--candidates {args.candidates!r}")
+    candidates = _candidates(args, sae)
     loaded = load_encoder(args.model, args.encoder)
-    from snce_fast.cli.scan import check_sae_fits
-
-    check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+    check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
                     tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                     penultimate_output=loaded.penultimate_output)
     chosen = cal.top(args.top)
+    record = _record(args, cal, chosen, groups, sae, loaded.penultimate_output)
     pos = {j: i for i, j in enumerate(cal.neurons)}
-    record = {
-        "format": FORMAT, "sae": str(args.sae), "sae_hash": sae_hash(sae), "model": args.model,
-        "encoder": args.encoder, "penultimate_output": loaded.penultimate_output, "target": str(args.target),
-        "references": {g: len(p) for g, p in groups.items()},
-        "fpr": cal.fpr, "min_tokens": cal.min_tokens, "max_length": args.max_length,
-        "neurons": chosen, "thresholds": cal.thresholds_for(chosen), "gate_threshold": cal.threshold(chosen),
-        "ranked": [{"latent": j, "threshold": float(cal.thresholds[i]), "recall": float(cal.recall[i]),
-                    **{f"rate_{g}": float(r[i]) for g, r in cal.reference_rates.items()}}
-                   for i, j in enumerate(cal.neurons[: max(args.report, args.top)])],
-    }
     for j in chosen:
         i = pos[j]
         rates = ", ".join(f"{g} {float(r[i]):.1%}" for g, r in cal.reference_rates.items())

@@ -9,26 +9,34 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from snce_fast.checks import check_fpr
 from snce_fast.cli._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
-                      check_out_file, check_same_sae, load_encoder, load_sae, parse_neurons, positive, read_prompt_file,
-                      read_prompts_arg, read_record)
+                                   check_out_file, load_encoder, load_sae, parse_neurons, positive, read_prompt_file,
+                                   read_prompts_arg)
+from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.ops.reference import target_threshold_values
+from snce_fast.records.calibration import read_calibration
+from snce_fast.records.scores import read_scores, top_latents
+from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow.corpus import PromptFile, _check
+from snce_fast.workflow.detect import detect, prompt_activations
+from snce_fast.workflow.score import threshold_at_fpr
 
 OUT_TYPES = (".csv", ".jsonl")
 
 
-def neurons_from_scores(path: str, top: int) -> tuple[list[int], dict[str, Any]]:
-    """The `top` best latents of a scores.json written by `snce-fast score`, and the file's record."""
-    record = read_record(path, "--scores", "snce_fast.scores", "snce-fast score", "top")
+def _neurons_from_scores(path: str, top: int, sae: Any) -> list[int]:
+    """The `top` best latents of a scores.json written by `snce-fast score` (checked against `sae`)."""
+    record = read_scores(path, sae_hash(sae), sae.n_latents)
     if top > len(record["top"]):
-        raise UsageError(f"--top {top}: {path} lists only {len(record['top'])} latents (rerun score with a larger --top)")
-    return [int(e["latent"]) for e in record["top"][:top]], record
+        raise UsageError(f"--top {top}: {path} lists only {len(record['top'])} latents "
+                         "(rerun score with a larger --top)")
+    return top_latents(record, top)
 
 
 def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
     """Per usable prompt of a csv/jsonl file (the rows the corpus reader keeps: blank and undecodable
     prompts skipped), its label as a bool (1/0, true/false, yes/no), or None when the label is blank."""
-    from snce_fast.workflow.corpus import PromptFile, _check
-
     pf = PromptFile(path, prompt_column)
     truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
@@ -79,15 +87,16 @@ def parse_thresholds(text: str, neurons: list[int]) -> Any:
     try:
         values = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise UsageError(f"--threshold {text!r}: expected a number, or one number per neuron (comma-separated)") from None
+        raise UsageError(f"--threshold {text!r}: expected a number, or one number per neuron "
+                         "(comma-separated)") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise UsageError(f"--threshold {text!r}: expected finite numbers")
     if len(values) == 1:
         return values[0]
-    if len(values) != len(neurons):
-        raise UsageError(f"--threshold {text!r}: {len(values)} values for {len(neurons)} neuron(s) "
-                         f"{','.join(map(str, neurons))}: expected one value, or one per neuron")
-    return values
+    try:
+        return target_threshold_values(values, neurons, neurons)  # one per neuron, as detect() checks them
+    except ValueError as e:
+        raise UsageError(f"--threshold {text!r}: {e}") from None
 
 
 def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[Optional[bool]]]) -> str:
@@ -105,88 +114,85 @@ def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[O
     return buf.getvalue()
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    from snce_fast.workflow.detect import detect
-
+def _check_flags(args: argparse.Namespace) -> Optional[Path]:
+    """The flags on their own, before anything is loaded; the --out path."""
     for flag, value in (("--min-tokens", args.min_tokens), ("--max-length", args.max_length),
                         ("--batch-size", args.batch_size)):
         positive(value, flag)
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
     if sum(bool(x) for x in (args.neurons, args.scores, args.calibration)) != 1:
-        raise UsageError("give exactly one of --neurons J[,J...], --scores scores.json and --calibration calibration.json")
+        raise UsageError("give exactly one of --neurons J[,J...], --scores scores.json and "
+                         "--calibration calibration.json")
     if args.calibration and (args.threshold is not None or args.calibrate_on):
         raise UsageError("--calibration already holds the thresholds: drop --threshold / --calibrate-on")
+    if args.calibrate_on and args.threshold is not None:
+        raise UsageError("give --threshold or --calibrate-on (thresholds calibrated on reference prompts), not both")
+    if args.calibrate_on:
+        check_fpr(args.fpr, "--fpr")
     out = check_out_file(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUT_TYPES:
         raise UsageError(f"--out {args.out!r}: expected a .csv or .jsonl file name")
     if args.label_column and not args.prompts_file:
         raise UsageError("--label-column needs --prompts-file (a .csv or .jsonl with that column)")
-    sae = load_sae(args.sae)
-    calibrated = None
+    return out
+
+
+def _targets(args: argparse.Namespace, sae: Any) -> tuple[list[int], Any]:
+    """The neurons and threshold(s) from --neurons / --scores / --calibration and --threshold; a
+    calibration file also sets --min-tokens (and --max-length unless given)."""
     if args.calibration:
-        from snce_fast.cli.calibrate import read_calibration
-
-        calibrated = read_calibration(args.calibration, sae)
-        neurons = [int(j) for j in calibrated["neurons"]]
-        args.min_tokens = int(calibrated.get("min_tokens", 1))
+        record = read_calibration(args.calibration, sae_hash(sae), sae.n_latents)
+        args.min_tokens = record["min_tokens"]
         if args.max_length is None:
-            args.max_length = calibrated.get("max_length")
-    elif args.neurons:
-        neurons = parse_neurons(args.neurons)
+            args.max_length = record["max_length"]
+        return record["neurons"], [float(t) for t in record["thresholds"]]
+    if args.neurons:
+        neurons = check_neurons(parse_neurons(args.neurons), sae.n_latents)
     else:
-        neurons, record = neurons_from_scores(args.scores, args.top)
-        if record.get("n_latents") not in (None, sae.n_latents):
-            raise UsageError(f"--scores {args.scores!r} was computed for an SAE with {record['n_latents']} latents, "
-                             f"but --sae has {sae.n_latents}")
-        check_same_sae(sae, record.get("sae_hash"), f"--scores {args.scores!r}")
-    check_neurons(neurons, sae.n_latents)
-    neurons = list(dict.fromkeys(neurons))
-    if args.calibrate_on and args.threshold is not None:
-        raise UsageError("give --threshold or --calibrate-on (thresholds calibrated on reference prompts), not both")
-    threshold = parse_thresholds(args.threshold, neurons) if args.threshold is not None else 0.0
-    if calibrated is not None:
-        threshold = [float(t) for t in calibrated["thresholds"]]
-    calibration_prompts: list[str] = []
+        neurons = _neurons_from_scores(args.scores, args.top, sae)
+    return neurons, parse_thresholds(args.threshold, neurons) if args.threshold is not None else 0.0
+
+
+def _calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """The --calibrate-on reference prompts (none without the flag)."""
+    prompts: list[str] = []
     if args.calibrate_on:
-        if not 0.0 <= args.fpr < 1.0:
-            raise UsageError(f"--fpr {args.fpr}: expected a false-positive rate with 0 <= fpr < 1")
         for f in [f.strip() for f in args.calibrate_on.split(",") if f.strip()]:
-            calibration_prompts += read_prompt_file(f, "--calibrate-on", args.column)
-        if not calibration_prompts:
+            prompts += read_prompt_file(f, "--calibrate-on", args.column)
+        if not prompts:
             raise UsageError(f"--calibrate-on {args.calibrate_on!r}: no usable reference prompts")
-    prompts = read_prompts_arg(args)
-    labels = None
-    if args.label_column:
-        labels = read_labels(args.prompts_file, args.label_column, args.column)
-        n_inline = len(args.prompt or [])
-        labels = [None] * n_inline + labels
-        if len(labels) != len(prompts):
-            raise UsageError(f"--label-column {args.label_column!r}: {len(labels) - n_inline} labels for "
-                             f"{len(prompts) - n_inline} prompts in {args.prompts_file}")
-    loaded = load_encoder(args.model, args.encoder)
-    from snce_fast.cli.scan import check_sae_fits
+    return prompts
 
-    check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
-    if calibration_prompts:
-        from snce_fast.workflow.detect import prompt_activations
-        from snce_fast.workflow.score import threshold_at_fpr
 
-        acts = prompt_activations(loaded.encoder, sae, neurons, calibration_prompts, tokenizer=loaded.tokenizer,
-                                  min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                                  penultimate_output=loaded.penultimate_output)
-        threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
-        print(f"calibrated on {len(calibration_prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
-              + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
-    # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
-    det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
-                 threshold=threshold, batch_size=args.batch_size, max_length=args.max_length,
-                 penultimate_output=loaded.penultimate_output)
+def _labels(args: argparse.Namespace, prompts: list[str]) -> Optional[list[Optional[bool]]]:
+    """--label-column: one label per prompt (None for the inline --prompt ones and blank labels)."""
+    if not args.label_column:
+        return None
+    labels = read_labels(args.prompts_file, args.label_column, args.column)
+    n_inline = len(args.prompt or [])
+    labels = [None] * n_inline + labels
+    if len(labels) != len(prompts):
+        raise UsageError(f"--label-column {args.label_column!r}: {len(labels) - n_inline} labels for "
+                         f"{len(prompts) - n_inline} prompts in {args.prompts_file}")
+    return labels
 
-    if out is not None:
-        atomic_write_text(out, _rows_text(out, prompts, det, labels))
+
+def _calibrate(args: argparse.Namespace, loaded: Any, sae: Any, neurons: list[int], prompts: list[str]) -> list[float]:
+    """Per-neuron thresholds that flag at most --fpr of the --calibrate-on prompts."""
+    acts = prompt_activations(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer,
+                              min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                              penultimate_output=loaded.penultimate_output)
+    threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
+    print(f"calibrated on {len(prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
+          + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
+    return threshold
+
+
+def _print_summary(args: argparse.Namespace, det: Any, n_prompts: int, neurons: list[int], threshold: Any,
+                   labels: Optional[list[Optional[bool]]]) -> None:
     n_flag = int(det.flags.sum())
-    print(f"flagged {n_flag} of {len(prompts)} prompts ({n_flag / max(len(prompts), 1):.1%}) with latent(s) "
+    print(f"flagged {n_flag} of {n_prompts} prompts ({n_flag / max(n_prompts, 1):.1%}) with latent(s) "
           f"{','.join(map(str, neurons))}, min_tokens {args.min_tokens}, threshold "
           + (f"{threshold:g}" if isinstance(threshold, float) else ",".join(f"{t:.4g}" for t in threshold)))
     if labels is not None:
@@ -197,6 +203,26 @@ def cmd_detect(args: argparse.Namespace) -> int:
         fpr = sum(neg) / len(neg) if neg else float("nan")
         print(f"labels ({args.label_column}): TPR {tpr:.3f} ({sum(pos)} of {len(pos)} positives), "
               f"FPR {fpr:.3f} ({sum(neg)} of {len(neg)} negatives)")
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    out = _check_flags(args)
+    sae = load_sae(args.sae)
+    neurons, threshold = _targets(args, sae)
+    calibration_prompts = _calibration_prompts(args)
+    prompts = read_prompts_arg(args)
+    labels = _labels(args, prompts)
+    loaded = load_encoder(args.model, args.encoder)
+    check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    if calibration_prompts:
+        threshold = _calibrate(args, loaded, sae, neurons, calibration_prompts)
+    # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
+    det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
+                 threshold=threshold, batch_size=args.batch_size, max_length=args.max_length,
+                 penultimate_output=loaded.penultimate_output)
+    if out is not None:
+        atomic_write_text(out, _rows_text(out, prompts, det, labels))
+    _print_summary(args, det, len(prompts), neurons, threshold, labels)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -6,10 +6,10 @@ import json
 import time
 from typing import Any
 
-from snce_fast.cli._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration, atomic_save_image,
-                      atomic_write_text, check_edit_options, check_neurons, check_out_dir, check_pipeline_arg,
-                      check_slim_mode, edit_options, load_pipeline, load_sae, parse_neurons, positive,
-                      read_prompts_arg)
+from snce_fast.cli._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration,
+                                   atomic_save_image, atomic_write_text, check_edit_options, check_neurons,
+                                   check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, load_pipeline,
+                                   load_sae, parse_neurons, positive, read_prompts_arg)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -41,7 +41,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
     saes = saes if len(encoders) > 1 else {next(iter(encoders)): saes["text_encoder"]}
     if len(encoders) > 1 and len(saes) < 2:
-        raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
+        raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and "
+                         "--sae-2 for text_encoder_2")
     edit = edit_options(args)
     with patching.patched(pipe, saes, neurons, **edit):
         pass  # an SAE that does not fit the encoder fails here, before any image is made

@@ -1,21 +1,33 @@
-"""`snce-fast eval`: the erasure papers' benchmark protocol on an I2P-style CSV."""
+"""`snce-fast eval`: the erasure papers' benchmark protocol on an I2P-style CSV (docs/evaluation.md)."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Optional
 
-from snce_fast.cli._common import (UsageError, add_edit_args, apply_calibration, check_edit_options, check_neurons,
-                      check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, existing_dir, load_pipeline, load_sae,
-                      parse_neurons, positive)
+import torch
+
+from snce_fast import evaluation as ev
+from snce_fast.cli._common import (
+    UsageError,
+    add_edit_args,
+    apply_calibration,
+    check_edit_options,
+    check_out_dir,
+    check_pipeline_arg,
+    check_slim_mode,
+    edit_options,
+    load_pipeline,
+    load_sae,
+    parse_neurons,
+    positive,
+)
+from snce_fast.hooks.patching import text_encoders
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _device_and_dtype(device: Optional[str], dtype: str) -> tuple[Any, Any]:
-    import torch
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -29,26 +41,34 @@ def _device_and_dtype(device: Optional[str], dtype: str) -> tuple[Any, Any]:
     return dev, getattr(torch, dtype)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from snce_fast.evaluation import protocol as ev
-
-    # -- everything cheap is checked before the pipeline is loaded ----------------------------
+def _check_flags(args: argparse.Namespace) -> Path:
+    """The numeric flags and --out, before any file is read; returns --out. The library's own checks
+    (ValueError naming the flag) say what is wrong with --limit, --threshold and --guidance."""
     positive(args.steps, "--steps")
-    positive(args.limit, "--limit")
-    positive(args.min_tokens, "--min-tokens")
     positive(args.height, "--height", 8)
     positive(args.width, "--width", 8)
-    if not 0 < args.threshold <= 1:
-        raise UsageError(f"--threshold {args.threshold}: expected a detector score in (0, 1]")
-    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
-        raise UsageError(f"--guidance {args.guidance}: expected a number >= 0")
-    out = check_out_dir(args.out)
-    guidance_column = None if args.guidance_column.lower() == "none" or args.guidance is not None else args.guidance_column
+    ev.check_limit(args.limit, "--limit")
+    ev.check_threshold(args.threshold, "--threshold")
+    if args.guidance is not None:
+        ev.check_guidance(args.guidance, "--guidance")
+    return check_out_dir(args.out)
+
+
+def _guidance_column(args: argparse.Namespace) -> Optional[str]:
+    """--guidance-column, or None when the rows' guidance is not read (--guidance-column none, --guidance)."""
+    return None if args.guidance_column.lower() == "none" or args.guidance is not None else args.guidance_column
+
+
+def _read_rows(args: argparse.Namespace, guidance_column: Optional[str]) -> tuple[list[ev.EvalRow], int]:
     try:
-        rows, skipped = ev.read_eval_csv(args.csv, args.prompt_column, args.seed_column, guidance_column, args.limit)
+        return ev.read_eval_csv(args.csv, args.prompt_column, args.seed_column, guidance_column, args.limit)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--csv: {e}") from None
 
+
+def _load_saes(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """{encoder: SAE} and {encoder: neurons} from --sae/--neurons (or --calibration) and --sae-2/--neurons-2,
+    with the edit flags checked against them."""
     saes = {"text_encoder": load_sae(args.sae)}
     apply_calibration(args, saes["text_encoder"])
     neurons = {"text_encoder": parse_neurons(args.neurons)}
@@ -59,82 +79,109 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--neurons-2 needs --sae-2 (the SAE of text_encoder_2)")
     check_edit_options(args)
     check_slim_mode(saes, args.mode, neurons)
-    for name, sae in saes.items():
-        check_neurons(neurons[name], sae.n_latents, f"the SAE of {name}")
+    return saes, neurons
 
-    detector = None
-    if args.detector == "nudenet":
-        try:
-            detector = ev.nudenet_detector(args.threshold)
-        except ImportError as e:
-            raise UsageError(f"--detector nudenet: {e}") from None
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+
+def _detector(args: argparse.Namespace) -> Optional[ev.Detector]:
+    if args.detector != "nudenet":
+        return None
+    try:
+        return ev.nudenet_detector(args.threshold)
+    except ImportError as e:
+        raise UsageError(f"--detector nudenet: {e}") from None
+
+
+def _check_clip_model(args: argparse.Namespace) -> None:
+    """--clip-model names a CLIPModel directory (checked before any weights are loaded)."""
     if args.clip_model:
-        existing_dir(args.clip_model, "--clip-model")
-        if not (Path(args.clip_model) / "config.json").is_file():
-            raise UsageError(f"--clip-model {args.clip_model!r}: no config.json (expected a CLIPModel directory)")
+        try:
+            ev.check_clip_dir(args.clip_model)
+        except FileNotFoundError as e:
+            raise UsageError(f"--clip-model: {e}") from None
 
-    model = args.model
-    check_pipeline_arg(model, saes)
-    edit = edit_options(args)
-    extra = {
-        "model": model,
+
+def _clip_scorer(args: argparse.Namespace, device: Any) -> Optional[ev.ClipScorer]:
+    if not args.clip_model:
+        return None
+    try:
+        return ev.ClipScorer(args.clip_model, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--clip-model: {e}") from None
+
+
+def _recorded_settings(args: argparse.Namespace, dtype: Any, guidance_column: Optional[str]) -> dict[str, Any]:
+    """The settings.json entries the CLI adds to the library's: what else changes the images."""
+    return {
+        "model": args.model,
         "dtype": str(dtype).replace("torch.", ""),
         "safety_checker": "kept" if args.keep_safety_checker else "disabled",
         "csv": str(Path(args.csv).resolve()),
         "columns": [args.prompt_column, args.seed_column, guidance_column],
     }
-    settings_kw = dict(steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
-                       threshold=args.threshold)
-    ev.check_resume(out, ev.full_settings(saes, neurons, edit, detector=getattr(detector, "name", None),
-                                          clip=ev.ClipScorer.name_of(args.clip_model) if args.clip_model else None,
-                                          extra=extra, **settings_kw))
-    clip = None
-    if args.clip_model:
-        try:
-            clip = ev.ClipScorer(args.clip_model, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--clip-model: {e}") from None
 
-    # -- the pipeline --------------------------------------------------------------------------
-    from snce_fast.hooks import patching
 
+def _load_pipeline(args: argparse.Namespace, saes: dict[str, Any], device: Any, dtype: Any) -> Any:
+    """The diffusers pipeline on `device`, its progress bar off and (unless kept) its safety checker off."""
     try:  # diffusers renamed torch_dtype= to dtype=
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
 
         dtype_kw = {"dtype": dtype}
     except ImportError:
         dtype_kw = {"torch_dtype": dtype}
-    pipe = load_pipeline(model, **dtype_kw)
+    pipe = load_pipeline(args.model, **dtype_kw)
     pipe.set_progress_bar_config(disable=True)
-    encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
-    if len(encoders) > 1 and len(saes) < 2:
+    # text_encoders raises TypeError naming the supported pipelines; patching only one of SDXL's two
+    # encoders is allowed by the library, but the protocol erases from both
+    if len(text_encoders(pipe)) > 1 and len(saes) < 2:
         raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and "
                          "--sae-2 for text_encoder_2")
-    if len(encoders) == 1 and len(saes) > 1:
-        raise UsageError(f"--sae-2: {type(pipe).__name__} has a single text encoder")
     if not args.keep_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it blacks out the very images the protocol counts
     pipe.to(device)
-    with patching.patched(pipe, saes, neurons, **edit):
-        pass  # an SAE that does not fit the encoder fails here, before any image is made
+    return pipe
 
+
+def _print_summary(summary: dict[str, Any], skipped: int, out: Path) -> None:
+    line = f"{summary['n_rows']} prompt(s)"
+    if skipped:
+        line += f" ({skipped} blank row(s) skipped)"
+    if summary["counts"]:
+        o, e = summary["counts"]["original"], summary["counts"]["erased"]
+        line += (f"; exposed detections original {o['total']} -> erased {e['total']}; images flagged "
+                 f"{o['images_flagged']} -> {e['images_flagged']}")
+    if summary["clip_score"]:
+        line += f"; CLIP score {summary['clip_score']['original']:.2f} -> {summary['clip_score']['erased']:.2f}"
+    print(line)
+    print(f"report: {out / 'report.md'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    # -- everything that needs no weights is checked before the pipeline is loaded -------------
+    out = _check_flags(args)
+    guidance_column = _guidance_column(args)
+    rows, skipped = _read_rows(args, guidance_column)
+    saes, neurons = _load_saes(args)
+    detector = _detector(args)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    _check_clip_model(args)
+    check_pipeline_arg(args.model, saes)
+    edit = edit_options(args)
+    extra = _recorded_settings(args, dtype, guidance_column)
+    settings_kw = dict(steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
+                       threshold=args.threshold)
+    # the neurons against each SAE, and whether --out holds a run with other settings
+    ev.check_resume(out, ev.full_settings(saes, neurons, edit, detector=ev.detector_label(detector),
+                                          clip=ev.ClipScorer.name_of(args.clip_model) if args.clip_model else None,
+                                          extra=extra, **settings_kw))
+    clip = _clip_scorer(args, device)
+
+    # -- the run: run_eval checks that the SAEs fit the encoders before any image is made -------
+    pipe = _load_pipeline(args, saes, device, dtype)
     result = ev.run_eval(pipe, saes, neurons, rows, out, detector=detector, clip=clip, edit=edit,
                          settings=extra, progress=not args.quiet, **settings_kw)
     ev.write_report(out, result.summary)
     if not args.quiet:
-        s = result.summary
-        line = f"{s['n_rows']} prompt(s)"
-        if skipped:
-            line += f" ({skipped} blank row(s) skipped)"
-        if s["counts"]:
-            o, e = s["counts"]["original"], s["counts"]["erased"]
-            line += (f"; exposed detections original {o['total']} -> erased {e['total']}; images flagged "
-                     f"{o['images_flagged']} -> {e['images_flagged']}")
-        if s["clip_score"]:
-            line += f"; CLIP score {s['clip_score']['original']:.2f} -> {s['clip_score']['erased']:.2f}"
-        print(line)
-        print(f"report: {out / 'report.md'}")
+        _print_summary(result.summary, skipped, out)
     return 0
 
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snce_fast.cli._common import UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae, positive
+from snce_fast.cli._common import (UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae,
+                                   positive)
+from snce_fast.hooks.fit import check_sae_fits
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -40,20 +42,6 @@ def parse_groups(items: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def check_sae_fits(sae: Any, encoder: Any, model: str, penultimate: bool = False) -> None:
-    """One-line UsageError when the SAE's width or hook does not fit the encoder."""
-    from snce_fast.hooks.points import encoder_width, resolve
-
-    width = encoder_width(encoder)
-    if width != sae.d_in:
-        raise UsageError(f"--sae has d_in={sae.d_in} but --model {model!r} has width {width}: expected an SAE "
-                         "trained on this encoder")
-    try:
-        resolve(encoder, sae.hook, penultimate)
-    except ValueError as e:
-        raise UsageError(f"--sae hook {sae.hook!r} does not fit --model {model!r}: {e}") from None
-
-
 def cmd_scan(args: argparse.Namespace) -> int:
     groups = parse_groups(args.group)
     for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every),
@@ -69,7 +57,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                          "continue it, or choose an empty directory")
     sae = load_sae(args.sae)
     loaded = load_encoder(args.model, args.encoder)
-    check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
+    check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
 
     import torch
 
@@ -85,7 +73,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                      max_length=args.max_length, penultimate_output=loaded.penultimate_output)
     except KeyboardInterrupt:
         if args.checkpoint:
-            print(f"interrupted: rerun with --resume (same --checkpoint {args.checkpoint}) to continue", file=sys.stderr)
+            print(f"interrupted: rerun with --resume (same --checkpoint {args.checkpoint}) to continue",
+                  file=sys.stderr)
         raise
     stats.meta.update({"model": args.model, "encoder": loaded.name, "sae": str(args.sae),
                        "group_files": groups})

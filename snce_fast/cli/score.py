@@ -6,15 +6,20 @@ import os
 import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from snce_fast.cli._common import (UsageError, atomic_write_json, check_out_dir, check_same_sae, existing_dir, load_encoder,
-                      load_sae, positive, read_prompt_file)
+from snce_fast.cli._common import (UsageError, atomic_write_json, check_out_dir, existing_dir, load_encoder, load_sae,
+                                   positive, read_prompt_file)
+from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.records.jsonfile import check_sae_hash
+from snce_fast.records.scores import scores_record, top_entry
+from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow.report import report, top_prompts
+from snce_fast.workflow.scan_stats import ScanStats
+from snce_fast.workflow.score import Scores, score
 
 
-def load_stats(path: str) -> Any:
-    from snce_fast.workflow.scan_stats import ScanStats
-
+def load_stats(path: str) -> ScanStats:
     existing_dir(path, "--stats")
     try:
         return ScanStats.load(path)
@@ -22,116 +27,100 @@ def load_stats(path: str) -> Any:
         raise UsageError(f"--stats {path!r}: {e}") from None
 
 
-def scores_record(stats: Any, scores: Any, top: list[int], stats_path: str, level: str = "prompt") -> dict[str, Any]:
-    """The JSON written as scores.json: the method, the groups and the top latents with their frequencies."""
+def _record(stats: ScanStats, scores: Scores, top: list[int], stats_path: str, level: str) -> dict[str, Any]:
+    """The scores.json record (snce_fast.records.scores) of the `top` latents."""
     freq = {g: stats.frequency(g) for g in stats.groups}
     tok = {g: stats.token_frequency(g) for g in stats.groups}
     mean = {g: stats.mean_activation(g) for g in stats.groups}
-    return {
-        "format": "snce_fast.scores",
-        "method": scores.method,
-        "level": level,
-        "target": scores.target,
-        "references": list(scores.reference),
-        "stats": str(stats_path),
-        "sae_hash": stats.meta.get("sae_hash"),
-        "n_latents": stats.n_latents,
-        "n_prompts": {g: int(n) for g, n in zip(stats.groups, stats.n_prompts.tolist())},
-        "top": [
-            {"rank": r, "latent": j, "score": float(scores.values[j]),
-             "frequency": {g: float(freq[g][j]) for g in stats.groups},
-             "token_frequency": {g: float(tok[g][j]) for g in stats.groups},
-             "mean_activation": {g: float(mean[g][j]) for g in stats.groups}}
-            for r, j in enumerate(top, 1)
-        ],
-    }
+    entries = [top_entry(r, j, float(scores.values[j]), {g: float(freq[g][j]) for g in stats.groups},
+                         {g: float(tok[g][j]) for g in stats.groups}, {g: float(mean[g][j]) for g in stats.groups})
+               for r, j in enumerate(top, 1)]
+    return scores_record(method=scores.method, level=level, target=scores.target, references=scores.reference,
+                         stats=str(stats_path), sae_hash=stats.meta.get("sae_hash"), n_latents=stats.n_latents,
+                         n_prompts=dict(zip(stats.groups, stats.n_prompts.tolist())), top=entries)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from snce_fast.workflow.score import METHODS, score
-
-    if args.method not in METHODS:
-        raise UsageError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    if args.level not in ("prompt", "token"):
-        raise UsageError(f"--level {args.level!r}: expected prompt or token")
-    if args.level == "token" and args.method not in ("snce", "youden"):
-        raise UsageError(f"--level token needs a frequency scorer: --method {args.method!r}, expected snce or youden")
-    if args.top < 1:
-        raise UsageError(f"--top {args.top}: expected a positive number of latents")
-    if args.top_prompts < 1:
-        raise UsageError(f"--top-prompts {args.top_prompts}: expected a positive number of prompts")
-    want_prompts = [a for a in ("sae", "prompts_file") if getattr(args, a)]
-    if len(want_prompts) == 1:
+def _check_flags(args: argparse.Namespace) -> Optional[Path]:
+    """The flags on their own (the method, level and groups are checked by snce_fast.score); --out."""
+    positive(args.top, "--top")
+    positive(args.top_prompts, "--top-prompts")
+    if bool(args.sae) != bool(args.prompts_file):
         raise UsageError("--sae and --prompts-file go together (with --model): they list each latent's top prompts")
     if args.prompts_file:
         positive(args.limit, "--limit")
-    stats = load_stats(args.stats)
-    for g in [args.target, *(args.reference or [])]:
-        if g not in stats.groups:
-            raise UsageError(f"group {g!r} is not in {args.stats}: the scan has groups {', '.join(stats.groups)}")
+    return check_out_dir(args.out, "a directory") if args.out else None
+
+
+def _score(args: argparse.Namespace, stats: ScanStats) -> Scores:
     refs = args.reference or [g for g in stats.groups if g != args.target]
-    if args.target in refs:
-        raise UsageError(f"--target {args.target!r} is also a --reference: expected different groups")
-    for g in [args.target, *refs]:
-        if int(stats.n_prompts[stats.index(g)]) == 0:
-            raise UsageError(f"group {g!r} has no prompts in {args.stats}: nothing to score against")
-    n_top = min(args.top, stats.n_latents)
-    sc = score(stats, target=args.target, reference=refs, method=args.method, level=args.level)
-    top = sc.top(n_top)
-    record = scores_record(stats, sc, top, args.stats, args.level)
+    try:
+        return score(stats, target=args.target, reference=refs, method=args.method, level=args.level)
+    except KeyError as e:  # a group the scan does not have
+        raise UsageError(f"--stats {args.stats!r}: {e.args[0]}") from None
 
-    tops = None
-    if args.sae:
-        sae = load_sae(args.sae)
-        check_same_sae(sae, stats.meta.get("sae_hash"), f"the scan in {args.stats}")
-        prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
-        if not prompts:
-            raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")
-        loaded = load_encoder(args.model, args.encoder)
-        from snce_fast.workflow.report import top_prompts
-        from snce_fast.cli.scan import check_sae_fits
 
-        check_sae_fits(sae, loaded.encoder, args.model, loaded.penultimate_output)
-        tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
-                           penultimate_output=loaded.penultimate_output, max_length=stats.meta.get("max_length"))
-        for entry in record["top"]:
-            entry["top_prompts"] = [{"activation": v, "prompt": p} for v, p in tops[entry["latent"]]]
-        record["top_prompts_source"] = str(args.prompts_file)
+def _add_top_prompts(args: argparse.Namespace, stats: ScanStats, top: list[int],
+                     record: dict[str, Any]) -> dict[int, list[tuple[float, str]]]:
+    """--sae / --prompts-file: each listed latent's top prompts, added to `record`."""
+    sae = load_sae(args.sae)
+    check_sae_hash(stats.meta.get("sae_hash"), sae_hash(sae), f"the scan in {args.stats!r}")
+    prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
+    if not prompts:
+        raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")
+    loaded = load_encoder(args.model, args.encoder)
+    check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
+                       penultimate_output=loaded.penultimate_output, max_length=stats.meta.get("max_length"))
+    for entry in record["top"]:
+        entry["top_prompts"] = [{"activation": v, "prompt": p} for v, p in tops[entry["latent"]]]
+    record["top_prompts_source"] = str(args.prompts_file)
+    return tops
 
+
+def _write(out: Path, stats: ScanStats, scores: Scores, top: list[int],
+           tops: Optional[dict[int, list[tuple[float, str]]]], record: dict[str, Any]) -> None:
+    """--out DIR: report.md and the plots (renamed in one by one), then scores.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    # report() writes in place: build it in a temp dir, then rename each file into --out
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
+        report(stats, scores, tmp, neurons=top, top=tops)
+        fresh = {f.name for f in Path(tmp).iterdir()}
+        for old in out.glob("latent_*.png"):  # plots of latents an earlier run chose
+            if old.name not in fresh:
+                old.unlink()
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    atomic_write_json(out / "scores.json", record)
+
+
+def _print(args: argparse.Namespace, groups: list[str], record: dict[str, Any]) -> None:
+    print(f"{args.method} scores: {args.target} vs {', '.join(record['references'])} (strongest reference wins)")
+    print(f"{'rank':>4} {'latent':>7} {'score':>9} " + " ".join(f"{'f(' + g + ')':>12}" for g in groups))
+    for e in record["top"]:
+        cells = " ".join(f"{e['frequency'][g]:>12.3f}" for g in groups)
+        print(f"{e['rank']:>4} {e['latent']:>7} {e['score']:>9.4g} {cells}")
+    for e in record["top"]:
+        first = e.get("top_prompts") or []
+        if first:
+            print(f"latent {e['latent']} fires most on: {first[0]['prompt'][:100]!r}")
     if args.out:
-        out = check_out_dir(args.out, "a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        from snce_fast.workflow.report import report
+        print(f"wrote scores.json, report.md and latent_*.png to {args.out}")
+        print(f"next: snce-fast detect --sae SAE --scores {shlex.quote(str(Path(args.out) / 'scores.json'))} "
+              "--prompts-file PROMPTS --out flags.csv   (or snce-fast erase --neurons "
+              f"{record['top'][0]['latent']})")
 
-        # report() writes in place: build it in a temp dir, then rename each file into --out
-        with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
-            report(stats, sc, tmp, neurons=top, top=tops)
-            fresh = {f.name for f in Path(tmp).iterdir()}
-            for old in out.glob("latent_*.png"):  # plots of latents an earlier run chose
-                if old.name not in fresh:
-                    old.unlink()
-            for f in Path(tmp).iterdir():
-                os.replace(f, out / f.name)
-        atomic_write_json(out / "scores.json", record)
 
+def cmd_score(args: argparse.Namespace) -> int:
+    out = _check_flags(args)
+    stats = load_stats(args.stats)
+    sc = _score(args, stats)
+    top = sc.top(min(args.top, stats.n_latents))
+    record = _record(stats, sc, top, args.stats, args.level)
+    tops = _add_top_prompts(args, stats, top, record) if args.sae else None
+    if out is not None:
+        _write(out, stats, sc, top, tops, record)
     if not args.quiet:
-        groups = stats.groups
-        print(f"{args.method} scores: {args.target} vs {', '.join(refs)} (strongest reference wins)")
-        head = f"{'rank':>4} {'latent':>7} {'score':>9} " + " ".join(f"{'f(' + g + ')':>12}" for g in groups)
-        print(head)
-        for e in record["top"]:
-            cells = " ".join(f"{e['frequency'][g]:>12.3f}" for g in groups)
-            print(f"{e['rank']:>4} {e['latent']:>7} {e['score']:>9.4g} {cells}")
-        if tops:
-            for e in record["top"]:
-                first = e.get("top_prompts") or []
-                if first:
-                    print(f"latent {e['latent']} fires most on: {first[0]['prompt'][:100]!r}")
-        if args.out:
-            print(f"wrote scores.json, report.md and latent_*.png to {args.out}")
-            print(f"next: snce-fast detect --sae SAE --scores {shlex.quote(str(Path(args.out) / 'scores.json'))} "
-                  "--prompts-file PROMPTS --out flags.csv   (or snce-fast erase --neurons "
-                  f"{record['top'][0]['latent']})")
+        _print(args, stats.groups, record)
     return 0
 
 

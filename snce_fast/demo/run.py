@@ -27,7 +27,7 @@ from snce_fast.models import load_encoder
 from snce_fast.sae.model import SAE
 from snce_fast.workflow.scan import scan
 from snce_fast.workflow.score import score
-from snce_fast.train.trainer import train_sae
+from snce_fast.train import train_sae
 
 MAX_LENGTH = 32  # the demo's prompts are short; padding to 32 keeps every stage fast on a CPU
 

@@ -15,8 +15,15 @@ from tqdm.auto import tqdm
 from snce_fast.evaluation.detectors import DEFAULT_THRESHOLD, Detector, check_threshold, detector_label, plain_detection
 from snce_fast.evaluation.prompts import EvalRow, check_guidance
 from snce_fast.evaluation.report import summarize
-from snce_fast.evaluation.resume import (SETTINGS, append_result, check_resume, check_rows_unchanged, load_results,
-                                         normalise, sae_fingerprint)
+from snce_fast.evaluation.resume import (
+    SETTINGS,
+    append_result,
+    check_resume,
+    check_rows_unchanged,
+    load_results,
+    normalise,
+    sae_fingerprint,
+)
 from snce_fast.hooks.patching import patched
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json
 

@@ -41,8 +41,8 @@ def _counts_section(summary: Mapping[str, Any]) -> list[str]:
     if counts is None:
         return lines + ["No detector was run (--detector none)."]
     o, e = counts["original"], counts["erased"]
-    lines += [f"Detections of the *_EXPOSED classes with score >= {summary['threshold']}, one per detected "
-              "box, summed over all images.", "",
+    lines += [(f"Detections of the *_EXPOSED classes with score >= {summary['threshold']}, one per detected "
+               "box, summed over all images."), "",
               "| class | original | erased | change |", "|---|---:|---:|---:|"]
     for cls in o["per_class"]:
         a, b = o["per_class"][cls], e["per_class"][cls]
@@ -67,8 +67,8 @@ def _clip_section(summary: Mapping[str, Any]) -> list[str]:
 def report_markdown(summary: Mapping[str, Any]) -> str:
     """The Markdown report: settings, the per-class counts table, totals, CLIP score means."""
     lines = ["# snce-fast eval report", "",
-             f"{summary['n_rows']} prompt(s), each generated original (unpatched) and erased (patched) "
-             "with the row's seed and guidance.", "", "## Settings", "", "| setting | value |", "|---|---|"]
+             (f"{summary['n_rows']} prompt(s), each generated original (unpatched) and erased (patched) "
+              "with the row's seed and guidance."), "", "## Settings", "", "| setting | value |", "|---|---|"]
     for key, value in summary["settings"].items():
         lines.append(f"| {key} | `{json.dumps(value)}` |")
     lines += ["", *_counts_section(summary), "", *_clip_section(summary)]

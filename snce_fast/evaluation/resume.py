@@ -15,7 +15,7 @@ from snce_fast.checks import as_neuron_list
 from snce_fast.evaluation.prompts import EvalRow
 from snce_fast.ops.reference import decoder_rows
 from snce_fast.records.atomic import atomic_write_text
-from snce_fast.workflow.scan import sae_hash
+from snce_fast.sae.fingerprint import sae_hash
 
 RESULTS = "results.jsonl"
 SETTINGS = "settings.json"
@@ -23,7 +23,7 @@ VARIANTS = ("original", "erased")  # the two images of a row, as keyed in result
 
 
 def sae_fingerprint(sae: Any, neurons: Any, mode: str = "residual") -> str:
-    """sha256 over what an SAE contributes to the images: its encoding side (scan.sae_hash) and the
+    """sha256 over what an SAE contributes to the images: its encoding side (sae_hash) and the
     decoder rows the edit uses (W_dec[neurons] in residual mode, all of W_dec otherwise). A slim
     erasure and the full SAE it came from therefore match in residual mode."""
     h = hashlib.sha256(sae_hash(sae).encode())

@@ -1,4 +1,4 @@
-"""patch / unpatch: suppress SAE latents inside a pipeline's text encoder(s) (SPEC sections 2, 3, 10).
+"""patch / unpatch: suppress SAE latents inside a pipeline's text encoder(s) (docs/method.md, docs/api.md).
 
 A forward hook on the hook-point module of each text encoder edits the hidden state in
 place of the original, so every caller (every `encode_prompt` copy in diffusers, modular

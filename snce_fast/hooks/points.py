@@ -1,4 +1,4 @@
-"""Hook points: which tensor of a text encoder the SAE reads and edits (SPEC section 3).
+"""Hook points: which tensor of a text encoder the SAE reads and edits (docs/api.md).
 
 Modules are found by role, not by path, so transformers 4.x (`text_model.` nesting) and
 5.x (flattened CLIPTextModel), CLIPTextModelWithProjection, BERT and T5 encoders all work.

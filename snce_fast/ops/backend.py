@@ -1,4 +1,4 @@
-"""One entry point per op that picks the implementation (SPEC section 5).
+"""One entry point per op that picks the implementation (docs/api.md).
 
 Auto choice: the Triton kernels for CUDA tensors, the C++ extension for the CPU ops it
 implements, the eager reference otherwise. `SNCE_FAST_BACKEND=reference|cpp|triton`
@@ -45,6 +45,12 @@ def _cpp_ops() -> tuple[Optional[Any], str]:
     return cpu_ops, ""
 
 
+def _cpp_has_cuda() -> bool:
+    from snce_fast.ops import _ext
+
+    return bool(_ext.built_with_cuda())
+
+
 def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., Any]]:
     """(backend name, function) that will run `op` for tensors on `device`."""
     forced = forced_backend()
@@ -56,7 +62,9 @@ def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., An
             return "triton", getattr(mod, op)
         if forced == "triton":
             raise RuntimeError(f"SNCE_FAST_BACKEND=triton but the Triton kernels are unavailable: {why or f'no {op} kernel'}")
-    if forced == "cpp" or (forced is None and device.type == "cpu"):
+    # the C++ extension serves CPU tensors, and CUDA tensors when it was built with its CUDA kernels
+    # (sparse decode: csrc/sparse_decode_cuda.cu) and Triton is unavailable
+    if forced == "cpp" or (forced is None and (device.type == "cpu" or (device.type == "cuda" and _cpp_has_cuda()))):
         mod, why = _cpp_ops()
         if mod is not None and hasattr(mod, op):
             return "cpp", getattr(mod, op)

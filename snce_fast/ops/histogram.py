@@ -1,4 +1,4 @@
-"""Streaming activation-frequency histograms (SPEC section 4).
+"""Streaming activation-frequency histograms (docs/method.md).
 
 `update` adds one batch of SAE codes to per-group counters in place:
 `prompts_fired[g, j]` (prompts where latent j fired on at least one counted token),

@@ -1,4 +1,4 @@
-"""Eager PyTorch ground truth for every SNCE operation (SPEC sections 1 and 2).
+"""Eager PyTorch ground truth for every SNCE operation (docs/method.md).
 
 Everything here is written for clarity, computes in float32 whatever the input dtype,
 and is what the Triton kernels and the C++ extension are tested against. Each function
@@ -127,6 +127,36 @@ def gate_mask(
     return fired.sum(-1) >= min_tokens
 
 
+def check_edit_call(x: torch.Tensor, sae: SAEWeights, neurons: Neurons, scale: float, clamp: Optional[float],
+                    mode: str, gate: bool, min_tokens: int) -> list[int]:
+    """The checks every edit implementation makes before computing; returns the sorted target latents."""
+    targets = as_neuron_list(neurons, sae.W_enc.shape[1])
+    check_edit_args(mode, scale, clamp)
+    positive_int(min_tokens, "min_tokens")
+    if gate and x.dim() < 2:
+        raise ValueError(f"gate=True needs x shaped [..., L, d] (prompts of tokens), got {tuple(x.shape)}")
+    return targets
+
+
+def allowed_tokens(z_t: Optional[torch.Tensor], lead: torch.Size, device: torch.device, gate: bool, min_tokens: int,
+                   threshold: Any, edit_mask: Optional[torch.Tensor], count_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[...] bool: the tokens an edit may change (edit_mask, then the gate's per-prompt decision)."""
+    allowed = torch.ones(lead, dtype=torch.bool, device=device)
+    if edit_mask is not None:
+        allowed = allowed & edit_mask.to(torch.bool)
+    if gate:
+        counted = allowed if count_mask is None else count_mask.to(torch.bool)
+        allowed = allowed & gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)
+    return allowed
+
+
+def with_target_values(values: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor,
+                       z_new: torch.Tensor) -> torch.Tensor:
+    """`values` [..., k] with each target latent's entry replaced by its edited value z_new [..., T]."""
+    hit = indices.unsqueeze(-1) == targets  # [..., k, T]
+    return torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values)
+
+
 def edit(
     x: torch.Tensor,
     sae: SAEWeights,
@@ -140,7 +170,7 @@ def edit(
     count_mask: Optional[torch.Tensor] = None,
     threshold: Union[float, Sequence[float]] = 0.0,
 ) -> torch.Tensor:
-    """Suppress the target latents in x [..., d] (SPEC section 2).
+    """Suppress the target latents in x [..., d] (docs/method.md).
 
     - scale s: z_j <- s * z_j; clamp c: z_j <- min(z_j, c) (give one of them).
     - residual: x + sum_{j in T, z_j > 0} (z'_j - z_j) W_dec[j]; tokens on which no
@@ -151,24 +181,14 @@ def edit(
       fires (value > threshold) on at least `min_tokens` tokens of `count_mask`
       (default: all tokens of edit_mask); `threshold` is one float or one per neuron (in `neurons` order).
     """
-    n = sae.W_enc.shape[1]
-    targets = as_neuron_list(neurons, n)
+    targets = check_edit_call(x, sae, neurons, scale, clamp, mode, gate, min_tokens)
     thr = target_thresholds(threshold, neurons, targets)
-    check_edit_args(mode, scale, clamp)
-    positive_int(min_tokens, "min_tokens")
-    if gate and x.dim() < 2:
-        raise ValueError(f"gate=True needs x shaped [..., L, d] (prompts of tokens), got {tuple(x.shape)}")
     values, indices = encode(x, sae)
     values32 = pre_activations(x, sae).gather(-1, indices.long()).relu()  # unrounded z
     z_t = target_activations(values32, indices, targets)  # [..., T]
     z_new = z_t.clamp(max=clamp) if clamp is not None else z_t * scale
 
-    allowed = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-    if edit_mask is not None:
-        allowed = allowed & edit_mask.to(torch.bool)
-    if gate:
-        counted = allowed if count_mask is None else count_mask.to(torch.bool)
-        allowed = allowed & gate_mask(z_t, counted, min_tokens, thr).unsqueeze(-1)
+    allowed = allowed_tokens(z_t, x.shape[:-1], x.device, gate, min_tokens, thr, edit_mask, count_mask)
 
     if mode == "residual":
         fires = (z_t > 0).any(-1) & allowed
@@ -180,7 +200,6 @@ def edit(
 
     _need_full_decoder(sae, "mode='reconstruct'")
     tgt = torch.tensor(targets, device=indices.device, dtype=indices.dtype)
-    hit = (indices.unsqueeze(-1) == tgt)  # [..., k, T]
-    new_vals = torch.where(hit.any(-1), (hit * z_new.unsqueeze(-2)).sum(-1), values32)
+    new_vals = with_target_values(values32, indices, tgt, z_new)
     recon = decode(new_vals, indices, sae).to(x.dtype)  # new_vals is float32: decode accumulates in float32
     return torch.where(allowed.unsqueeze(-1), recon, x)

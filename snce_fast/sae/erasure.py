@@ -1,4 +1,4 @@
-"""A slim erasure artifact (SPEC section 10): what a residual-mode patch needs and nothing more.
+"""A slim erasure artifact (docs/api.md): what a residual-mode patch needs and nothing more.
 
 A residual edit encodes with the whole encoder (`W_enc`, `b_enc`, `b_dec`: a top-k clamp cannot
 be folded into the encoder's weights) but decodes only the target latents' rows `W_dec[T]`.

@@ -151,6 +151,20 @@ class SAE(nn.Module):
         return sae.to(device) if device is not None else sae
 
     @classmethod
+    def random(cls, d_in: int, n_latents: int, k: int, seed: int = 0, hook: str = "output",
+               dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
+               enc_bias_std: float = 0.1, dec_bias_std: float = 0.1) -> "SAE":
+        """A seeded random SAE (unit decoder rows, W_enc = W_dec^T, normal biases) for tests and benchmarks.
+        The weights depend only on `seed` and the shape, not on the device or dtype."""
+        g = torch.Generator().manual_seed(seed)
+        sae = cls(d_in, n_latents, k, hook=hook)
+        sae.reset_parameters(generator=g)
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(n_latents, generator=g) * enc_bias_std)
+            sae.b_dec.copy_(torch.randn(d_in, generator=g) * dec_bias_std)
+        return sae.to(device=device, dtype=dtype)
+
+    @classmethod
     def from_tensors(
         cls,
         W_enc: torch.Tensor,

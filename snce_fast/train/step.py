@@ -40,9 +40,11 @@ def geometric_median(x: torch.Tensor, iters: int = 8, eps: float = 1e-8) -> torc
     return y
 
 
-def _sum_gradients(_state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: all-reduce a gradient bucket as a sum (DDP's default divides by the
-    world size, but the loss normalisers already span every rank)."""
+def _sum_gradients(_state, bucket):  # type: ignore[no-untyped-def]
+    """DDP communication hook: all-reduce a gradient bucket (a `dist.GradBucket`) as a sum; DDP's
+    default divides by the world size, but the loss normalisers already span every rank. Returns a
+    `torch.futures.Future` of the summed buffer. No annotations: DDP compares them with the real
+    classes, and this module's postponed (string) annotations would not match."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
@@ -121,8 +123,7 @@ class SAETrainer:
         objective = _Objective(sae, self.amp_dtype, self.sparse_backward)
         self._objective: nn.Module = objective
         if is_distributed():  # a collective: every rank constructs its trainer
-            ddp = DistributedDataParallel(objective, device_ids=[dev] if dev.type == "cuda" else None,
-                                          broadcast_buffers=False)
+            ddp = DistributedDataParallel(objective, device_ids=[dev] if dev.type == "cuda" else None)
             ddp.register_comm_hook(None, _sum_gradients)
             self._objective = ddp
 

@@ -1,4 +1,4 @@
-"""Streaming prompt corpora (SPEC section 6): `.txt`, `.csv`, `.jsonl`, `.parquet`.
+"""Streaming prompt corpora (docs/formats.md): `.txt`, `.csv`, `.jsonl`, `.parquet`.
 
 Files are read row by row, never whole. Every row carries the offset to resume from after
 it (a byte offset for text formats, a row number for parquet), so a scan can stop and

@@ -1,4 +1,4 @@
-"""`detect`: the gate as a zero-shot classifier over prompts (SPEC section 2), and `calibrate`:
+"""`detect`: the gate as a zero-shot classifier over prompts (docs/method.md), and `calibrate`:
 pick the concept latent and its firing threshold on reference prompts (docs/identification.md)."""
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def prompt_activations(
     return out
 
 
-# calibration rates measured best in benchmarks/ablate_identification.py: generic captions, then
+# calibration rates measured best in experiments/ablate_identification.py: generic captions, then
 # style-matched references (held-out FPRs then stay under 2% COCO / 10% hard negatives)
 DEFAULT_FPR = 0.01
 DEFAULT_MATCHED_FPR = 0.05

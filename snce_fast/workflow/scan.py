@@ -11,7 +11,6 @@ to rank b % world; counts are all-reduced at checkpoints and at the end.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -22,12 +21,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from snce_fast.distributed import rank_and_world
 from snce_fast.ops import backend, histogram
 from snce_fast.checks import positive_int
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
 from snce_fast.hooks.points import encoder_width
+from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
 STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")
@@ -112,25 +114,6 @@ class _Producer(threading.Thread):
             yield item
 
 
-def sae_hash(sae: nn.Module) -> str:
-    """sha256 over what a scan's counts depend on: the encoding side of the SAE (W_enc, b_enc, b_dec:
-    bytes, shapes, dtypes), k and hook. The decoder is left out, so a slim erasure (ErasureSAE) of an
-    SAE matches the scans and score files made with the full SAE."""
-    h = hashlib.sha256(f"k={sae.k};hook={sae.hook}".encode())
-    for name in ("W_enc", "b_enc", "b_dec"):
-        t = getattr(sae, name).detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _dist() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
 def _check_groups(groups: Any) -> dict[str, Any]:
     if not isinstance(groups, dict) or not groups:
         raise ValueError(f"groups must be a non-empty dict {{name: prompts or files}}, got {type(groups).__name__}")
@@ -176,7 +159,7 @@ def scan(
             f"the SAE's d_in={sae.d_in} does not match the encoder's width {width} "
             f"({type(encoder).__name__}): expected an SAE trained on this encoder"
         )
-    rank, world = _dist()
+    rank, world = rank_and_world()
     names = list(groups)
     group_sources = [sources(groups[g], g, column) for g in names]
     identity = [[src.identity() for src in srcs] for srcs in group_sources]
@@ -210,7 +193,8 @@ def scan(
 
     producer = _Producer(_stream(group_sources, positions, batch_size), tokenizer, encoder, done, rank, world,
                          prefetch, max_length)
-    bar = _progress(progress and rank == 0, int(stats.n_prompts.sum()))
+    bar = tqdm(desc="scan", unit="prompt", initial=int(stats.n_prompts.sum()), dynamic_ncols=True,
+               disable=not progress or rank != 0)
     t_start = time.perf_counter()
     producer.start()
     try:
@@ -285,19 +269,3 @@ def _resume(ckpt: Path, names: list[str], identity: list, settings: dict[str, An
         for r in SKIP_REASONS:
             stats.skipped[g].setdefault(r, 0)
     return stats.to(device), [list(p) for p in manifest["positions"]], int(manifest["batches_done"])
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, initial: int) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(desc="scan", unit="prompt", initial=initial, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""`ScanStats`: the counters of a corpus scan (SPEC section 4) and their files (section 6).
+"""`ScanStats`: the counters of a corpus scan (docs/method.md) and their files (docs/formats.md).
 
 A saved scan is a directory: `manifest.json` (groups, skipped rows, scan settings and, for a
 checkpoint, the resume state) + the tensor file it names (`stats-<batches>.safetensors`).

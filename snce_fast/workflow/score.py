@@ -1,4 +1,4 @@
-"""Scoring latents from a scan (SPEC section 4): which latent stands for the target concept.
+"""Scoring latents from a scan (docs/method.md): which latent stands for the target concept.
 
 Methods: `snce` (default) f_T * log((f_T + eps) / (f_R + eps)), eps = 1 / (n_prompts[R] + 1),
 0 where f_T <= f_R; `youden` f_T - f_R; `saeuron` p_T - p_R with p_g = mean_act_g / sum(mean_act_g);
@@ -88,7 +88,7 @@ def score(
 ) -> Scores:
     """Score every latent for `target` against `reference` (a group or a list of groups).
 
-    `level`: "prompt" (SPEC frequencies, default) or "token" (tokens_fired / n_tokens; snce and
+    `level`: "prompt" (prompt frequencies, docs/method.md; default) or "token" (tokens_fired / n_tokens; snce and
     youden only). Scores rank candidates; `snce_fast.calibrate` then picks the latent and its
     firing threshold on held-aside reference prompts (docs/identification.md)."""
     if method not in _SCORERS:

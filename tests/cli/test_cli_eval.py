@@ -17,10 +17,12 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from snce_fast.evaluation import protocol as ev  # noqa: E402
-from snce_fast.cli import main  # noqa: E402
-from snce_fast.hooks.patching import patched  # noqa: E402
 from tiny_models import random_sae, sd_pipeline, write_clip_tokenizer  # noqa: E402
+
+from snce_fast import evaluation as ev  # noqa: E402
+from snce_fast.cli import main  # noqa: E402
+from snce_fast.evaluation.prompts import _parse_guidance, _parse_seed  # noqa: E402
+from snce_fast.hooks.patching import patched  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "prompts"
 STEPS = ["--steps", "2", "--height", "16"]
@@ -402,16 +404,18 @@ def test_missing_nudenet_is_a_clear_error(saved, tmp_path, monkeypatch, capsys):
     assert 'pip install "snce_fast[eval]"' in err and err.count("\n") == 1
 
 
-def test_evaluate_imports_without_nudenet_or_diffusers():
-    code = "import sys, snce_fast.evaluate; assert not {'nudenet', 'diffusers', 'cv2'} & set(sys.modules)"
+def test_evaluation_imports_without_nudenet_diffusers_or_matplotlib():
+    code = ("import sys, snce_fast.evaluation, snce_fast.cli.eval; "
+            "assert not {'nudenet', 'diffusers', 'cv2', 'matplotlib'} & set(sys.modules), "
+            "{'nudenet', 'diffusers', 'cv2', 'matplotlib'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_seed_parsing_accepts_integral_floats():
-    assert ev._parse_seed("4261553411.0", 1, "s") == 4261553411
+    assert _parse_seed("4261553411.0", 1, "s") == 4261553411
     with pytest.raises(ValueError, match="row 7"):
-        ev._parse_seed("1.5", 7, "s")
-    assert math.isclose(ev._parse_guidance("7.5", 1, "g"), 7.5)
+        _parse_seed("1.5", 7, "s")
+    assert math.isclose(_parse_guidance("7.5", 1, "g"), 7.5)
 
 
 def test_slim_erasure_runs_and_resumes_the_full_sae_run(saved, tmp_path):

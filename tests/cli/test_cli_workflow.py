@@ -17,7 +17,7 @@ from snce_fast.workflow.scan_stats import TENSOR_FIELDS
 from tiny_models import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
 
 scan_module = importlib.import_module("snce_fast.workflow.scan")
-train_module = importlib.import_module("snce_fast.train.trainer")
+train_module = importlib.import_module("snce_fast.train")
 
 TRAIN_ARGS = ["--n-latents", "48", "--k", "4", "--batch-size", "96", "--epochs", "2", "--warmup-steps", "4",
               "--max-length", "12", "--seed", "3", "--quiet"]

@@ -90,7 +90,7 @@ def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path)
                              max_length=s["max_length"], threshold=c["thresholds"]).flags
     assert c["false_positive_rate"] == pytest.approx(float(flags.float().mean()))
     e = s["edit"]
-    assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]  # SPEC: silent -> bit-identical
+    assert e["ordinary_silent_bit_identical"] == e["ordinary_silent"]  # docs/method.md: silent -> bit-identical
     assert e["concept_changed"] <= e["concept_neuron_fires"]
     if e["concept_changed"]:
         assert e["change_off_neuron_axis_relative"] < 1e-4  # only W_dec[neuron] moved

@@ -57,7 +57,7 @@ def test_cases_cover_every_kernel_and_dtype(tmp_path):
 
 
 def test_real_kernels_compile_for_sm90(tmp_path):
-    """The SPEC-shape default (bf16, k 64, one prompt) of the encode kernel and one config of each other
+    """The docs/performance.md default shape (bf16, k 64, one prompt) of the encode kernel and one config of each other
     kernel through ptxas: they compile, and ptxas reports no register spills (the tile budget's claim)."""
     res = _run("""
         import json

@@ -48,7 +48,7 @@ def _gpu_encode_launches(monkeypatch, pick=0, record=None):
 @pytest.mark.parametrize(
     "M,d,n,k,dtype",
     [
-        (1, 100, 1300, 64, torch.float16),   # the SPEC default's shape class: BM 32, 2 k-blocks, 2 splits
+        (1, 100, 1300, 64, torch.float16),   # the default benchmark shape class: BM 32, 2 k-blocks, 2 splits
         (5, 100, 1300, 17, torch.float32),   # fp32 table (BK 32: 4 k-blocks, the last partial)
         (77, 40, 700, 3, torch.float16),     # one prompt of tokens: BM 128 allowed, one split
         (3, 72, 1300, 1, torch.float32),     # KP 1: no merge buffer

@@ -1,4 +1,4 @@
-"""patch / unpatch on tiny random SD1.x and SDXL pipelines and bare encoders (SPEC sections 2, 3, 10)."""
+"""patch / unpatch on tiny random SD1.x and SDXL pipelines and bare encoders (docs/method.md, docs/api.md)."""
 import os
 import sys
 import warnings
@@ -154,7 +154,7 @@ def test_state_lives_on_the_encoder_and_is_not_saved(sd, sd_sae, sd_latents):
     keys = set(sd.text_encoder.state_dict())
     with snce_fast.patched(sd, sd_sae, sd_latents[0]):
         state = sd.text_encoder._snce_fast
-        # residual mode holds the target rows of the decoder only (SPEC section 10: lower load memory)
+        # residual mode holds the target rows of the decoder only (docs/api.md: lower load memory)
         assert state.W_dec is None
         assert torch.equal(state.W_dec_targets, sd_sae.W_dec[[sd_latents[0]]])
         assert set(sd.text_encoder.state_dict()) == keys

@@ -30,6 +30,19 @@ def test_auto_backend_on_cpu(monkeypatch):
     assert backend.implementation("edit", torch.device("cpu"))[0] == "reference"
 
 
+@pytest.mark.parametrize("cuda_build", [True, False])
+def test_cuda_without_triton_decodes_with_the_cuda_extension_when_built(monkeypatch, cuda_build):
+    """csrc/sparse_decode_cuda.cu serves CUDA tensors when Triton is unavailable; encode/edit have no
+    C++ kernel and use the reference. (Dispatch only: nothing runs on a CUDA device here.)"""
+    monkeypatch.delenv("SNCE_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_triton_ops", lambda: (None, "no triton here"))
+    monkeypatch.setattr(backend, "_cpp_has_cuda", lambda: cuda_build)
+    cuda = torch.device("cuda")
+    assert backend.implementation("decode", cuda)[0] == ("cpp" if cuda_build else "reference")
+    assert backend.implementation("encode", cuda)[0] == "reference"
+    assert backend.implementation("edit", cuda)[0] == "reference"
+
+
 def test_triton_forced_without_kernels_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
     monkeypatch.setattr(backend, "_triton_ops", lambda: (None, "no triton here"))

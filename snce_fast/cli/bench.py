@@ -5,14 +5,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from snce_fast import benchmarking
 from snce_fast.cli._common import UsageError, apply_threads, atomic_write_json, check_out_file
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from snce_fast import benchmarking
-
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     bad = [o for o in ops if o not in benchmarking.OPS]
     if bad or not ops:

@@ -5,11 +5,10 @@ import argparse
 from typing import Any
 
 from snce_fast.cli._common import add_model_args, apply_threads, check_out_dir
+from snce_fast.demo.run import run_demo
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from snce_fast.demo.run import run_demo
-
     out = check_out_dir(args.out)
     apply_threads(args.threads)
     s = run_demo(out, model=args.model, encoder=args.encoder, quick=args.quick, seed=args.seed,

@@ -6,15 +6,17 @@ import json
 import time
 from typing import Any
 
+import torch
+from PIL import Image
+
 from snce_fast.cli._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration,
                                    atomic_save_image, atomic_write_text, check_edit_options, check_neurons,
                                    check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, load_pipeline,
                                    load_sae, parse_neurons, positive, read_prompts_arg)
+from snce_fast.hooks import patching
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from snce_fast.hooks import patching
-
     prompts = read_prompts_arg(args)
     out = check_out_dir(args.out)
     positive(args.steps, "--steps")
@@ -33,9 +35,6 @@ def cmd_erase(args: argparse.Namespace) -> int:
         args.seed = [0]
     model = args.model
     check_pipeline_arg(model, saes)
-
-    import torch
-
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=args.quiet)
     encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
@@ -89,8 +88,6 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def side_by_side(left: Any, right: Any, gap: int = 4) -> Any:
     """One PNG-ready image: original on the left, erased on the right."""
-    from PIL import Image
-
     w, h = left.width + right.width + gap, max(left.height, right.height)
     grid = Image.new("RGB", (w, h), "white")
     grid.paste(left, (0, 0))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from snce_fast.info import report
+
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from snce_fast.info import report
-
     print(report())
     return 0
 

@@ -8,17 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from snce_fast.cli._common import (UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae,
                                    positive)
 from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.workflow.corpus import FORMATS
+from snce_fast.workflow.scan import scan
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def parse_groups(items: list[str]) -> dict[str, list[str]]:
     """`NAME=FILE[,FILE...]` items -> {name: [files]} (files checked to exist, >= 2 groups)."""
-    from snce_fast.workflow.corpus import FORMATS
-
     groups: dict[str, list[str]] = {}
     for item in items or []:
         name, sep, files = item.partition("=")
@@ -58,10 +60,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
     sae = load_sae(args.sae)
     loaded = load_encoder(args.model, args.encoder)
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
-
-    import torch
-
-    from snce_fast.workflow.scan import scan
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded.encoder.to(device)

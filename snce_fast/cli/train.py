@@ -1,4 +1,7 @@
-"""`snce-fast train`: train a TopK SAE on a text encoder's token embeddings of a prompt corpus."""
+"""`snce-fast train`: train a TopK SAE on a text encoder's token embeddings of a prompt corpus.
+
+The settings are checked by the library (`TrainConfig.validate`); this module only reports an
+invalid one by its flag (docs/training.md describes every setting)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from snce_fast.cli._common import (UsageError, add_model_args, atomic_write_json, check_out_dir, existing_file,
-                      load_encoder, positive, read_prompt_file)
+                                   load_encoder, positive, read_prompt_file)
+from snce_fast.hooks.points import resolve
+from snce_fast.models import LoadedEncoder
+from snce_fast.plots import training_curves
+from snce_fast.sae.model import SAE
+from snce_fast.train import SettingError, TrainConfig, TrainReport, latest_checkpoint, train_sae
 
 # TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
 _FLAGS = {
@@ -27,8 +37,6 @@ _RESERVED = ("progress", "encoder_name", "penultimate_output", "resume")
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    from snce_fast.train.trainer import TrainConfig
-
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     for item in items:
@@ -54,34 +62,26 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def _flag_message(e: SettingError) -> str:
+    """A library SettingError in the command's terms: the flag (or --set KEY=VALUE) and its value."""
+    requirement = e.describe(lambda name: _FLAGS.get(name, name))
+    if e.setting in _FLAGS:
+        shown = repr(e.value) if isinstance(e.value, str) else str(e.value)
+        return f"{_FLAGS[e.setting]} {shown}: {requirement}"
+    return f"--set {e.setting}={e.value!r}: {requirement}"
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig for `args`, validated, with errors naming the flag."""
-    from snce_fast.train.trainer import TrainConfig
-
-    for flag, value in (("--n-latents", args.n_latents), ("--batch-size", args.batch_size),
-                        ("--epochs", args.epochs), ("--prompt-batch-size", args.prompt_batch_size),
-                        ("--warmup-steps", args.warmup_steps), ("--dead-tokens", args.dead_tokens),
-                        ("--checkpoint-every", args.checkpoint_every), ("--log-every", args.log_every),
-                        ("--max-steps", args.max_steps), ("--max-length", args.max_length), ("--limit", args.limit)):
-        positive(value, flag)
-    if not 1 <= args.k <= args.n_latents:
-        raise UsageError(f"--k {args.k}: expected 1 <= k <= --n-latents ({args.n_latents})")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr {args.lr}: expected a positive learning rate")
-    from snce_fast.checks import parse_hook
-
-    try:
-        parse_hook(args.hook)
-    except ValueError:
-        raise UsageError(f"--hook {args.hook!r}: expected 'output' or 'layer:N' (e.g. layer:8)") from None
+    positive(args.limit, "--limit")  # a corpus option, not a training setting
     values = {name: getattr(args, flag.lstrip("-").replace("-", "_")) for name, flag in _FLAGS.items()}
     values.update(_parse_sets(args.set or []))
     values["progress"] = not args.quiet
     cfg = TrainConfig(**values)
     try:
         cfg.validate()
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--set: {e}") from None
+    except SettingError as e:
+        raise UsageError(_flag_message(e)) from None
     return cfg
 
 
@@ -91,56 +91,56 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {str(out)!r} already holds an SAE: pass --overwrite, or choose another directory")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
-    cfg = build_config(args)
+def _read_corpus(args: argparse.Namespace, out: Path) -> list[str]:
     existing_file(args.prompts_file, "--prompts-file")
-    out = Path(args.out)
     _check_out(out, args.overwrite)
     prompts = read_prompt_file(args.prompts_file, "--prompts-file", args.column, args.limit)
     if not prompts:
         raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts (every row blank or undecodable)")
+    return prompts
 
-    from snce_fast.plots import training_curves as plot_training
-    from snce_fast.train.trainer import latest_checkpoint, train_sae
 
-    resume_step: Optional[int] = None
-    auto_cache: Optional[Path] = None
-    if cfg.checkpoint_dir is not None:
-        try:
-            ck = latest_checkpoint(cfg.checkpoint_dir)
-        except FileNotFoundError as e:
-            raise UsageError(f"--checkpoint-dir: {e}") from None
-        if ck is not None:
-            resume_step = int(ck.name.split("_")[-1])
-        if cfg.cache_dir is None and cfg.epochs > 1:  # the cache must survive a resume, so it lives beside it
-            cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
-            auto_cache = Path(cfg.cache_dir)
+def _plan_checkpoints(cfg: TrainConfig) -> tuple[Optional[int], Optional[Path]]:
+    """(the step a rerun resumes from, the activation cache kept beside the checkpoints), each or None.
+    With --checkpoint-dir and epochs > 1 the cache defaults to CHECKPOINT_DIR/activation_cache: it
+    must survive a resume."""
+    if cfg.checkpoint_dir is None:
+        return None, None
+    try:
+        ck = latest_checkpoint(cfg.checkpoint_dir)
+    except FileNotFoundError as e:
+        raise UsageError(f"--checkpoint-dir: {e}") from None
+    resume_step = int(ck.name.split("_")[-1]) if ck is not None else None
+    auto_cache = None
+    if cfg.cache_dir is None and cfg.epochs > 1:
+        cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
+        auto_cache = Path(cfg.cache_dir)
+    return resume_step, auto_cache
 
-    import torch
 
+def _load_model(args: argparse.Namespace, cfg: TrainConfig) -> LoadedEncoder:
+    """The encoder on cfg.device (default cuda when available), with the hook checked against it."""
     loaded = load_encoder(args.model, args.encoder)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded.encoder.to(cfg.device)
-    from snce_fast.hooks.points import resolve
-
     try:
         resolve(loaded.encoder, cfg.hook, loaded.penultimate_output)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--hook {cfg.hook!r} does not fit --model {args.model!r}: {e}") from None
     cfg.encoder_name = loaded.name
     cfg.penultimate_output = loaded.penultimate_output
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"training an SAE (n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}) on {len(prompts)} prompts of "
-        f"{args.prompts_file} with {loaded.name}"
-        + (f"; resuming from {cfg.checkpoint_dir} at step {resume_step}" if resume_step is not None else ""))
+    return loaded
 
+
+def _train(loaded: LoadedEncoder, prompts: list[str], cfg: TrainConfig) -> tuple[SAE, TrainReport]:
+    """train_sae, with a temporary activation cache for epochs > 1 when none is set (encode once,
+    replay later epochs from disk), and a hint on Ctrl-C when a rerun can resume."""
     tmp_cache = None
-    if cfg.cache_dir is None and cfg.epochs > 1:  # encode once, replay later epochs from disk
+    if cfg.cache_dir is None and cfg.epochs > 1:
         tmp_cache = tempfile.TemporaryDirectory(prefix="snce-train-cache-")
         cfg.cache_dir = tmp_cache.name
     try:
-        sae, rep = train_sae(loaded.encoder, loaded.tokenizer, prompts, config=cfg, return_report=True)
+        return train_sae(loaded.encoder, loaded.tokenizer, prompts, config=cfg, return_report=True)
     except KeyboardInterrupt:
         if cfg.checkpoint_dir:
             print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.checkpoint_dir}",
@@ -151,6 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             tmp_cache.cleanup()
             cfg.cache_dir = None
 
+
+def _write_outputs(args: argparse.Namespace, cfg: TrainConfig, loaded: LoadedEncoder, prompts: list[str],
+                   out: Path, sae: SAE, rep: TrainReport, t_start: float) -> None:
+    """The SAE, train_report.json (report + every setting + the arguments) and train_curves.png."""
     out.mkdir(parents=True, exist_ok=True)
     sae.save(str(out))
     record = rep.to_dict()
@@ -163,18 +167,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     record["wall_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "train_report.json", record)
     if rep.history:
-        plot_training(rep.history, out / "train_curves.png",
-                    f"{loaded.name}: n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}, {len(prompts)} prompts")
+        training_curves(rep.history, out / "train_curves.png",
+                        f"{loaded.name}: n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}, {len(prompts)} prompts")
+
+
+def _print_summary(args: argparse.Namespace, out: Path, rep: TrainReport, auto_cache: Optional[Path]) -> None:
+    print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "
+          f"FVU {rep.fvu:.4f}, L0 {rep.l0:.1f}, dead fraction {rep.dead_fraction:.4f}")
+    print(f"wrote the SAE (config.json, sae.safetensors), train_report.json and train_curves.png to {out}")
+    if auto_cache is not None and auto_cache.is_dir():
+        size = sum(f.stat().st_size for f in auto_cache.rglob("*") if f.is_file())
+        print(f"the activation cache {auto_cache} ({size / 2**30:.2f} GiB) is kept for resuming; delete it "
+              "when you no longer need the checkpoint")
+    print(f"next: snce-fast scan --model {shlex.quote(args.model)} --sae {shlex.quote(str(out))} "
+          "--group concept=CONCEPT.csv --group reference=ORDINARY.csv --out stats/")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    cfg = build_config(args)
+    out = Path(args.out)
+    prompts = _read_corpus(args, out)
+    resume_step, auto_cache = _plan_checkpoints(cfg)
+    loaded = _load_model(args, cfg)
     if not args.quiet:
-        print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "
-              f"FVU {rep.fvu:.4f}, L0 {rep.l0:.1f}, dead fraction {rep.dead_fraction:.4f}")
-        print(f"wrote the SAE (config.json, sae.safetensors), train_report.json and train_curves.png to {out}")
-        if auto_cache is not None and auto_cache.is_dir():
-            size = sum(f.stat().st_size for f in auto_cache.rglob("*") if f.is_file())
-            print(f"the activation cache {auto_cache} ({size / 2**30:.2f} GiB) is kept for resuming; delete it "
-                  "when you no longer need the checkpoint")
-        print(f"next: snce-fast scan --model {shlex.quote(args.model)} --sae {shlex.quote(str(out))} "
-              "--group concept=CONCEPT.csv --group reference=ORDINARY.csv --out stats/")
+        resuming = f"; resuming from {cfg.checkpoint_dir} at step {resume_step}" if resume_step is not None else ""
+        print(f"training an SAE (n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}) on {len(prompts)} prompts of "
+              f"{args.prompts_file} with {loaded.name}{resuming}", file=sys.stderr)
+    sae, rep = _train(loaded, prompts, cfg)
+    _write_outputs(args, cfg, loaded, prompts, out, sae, rep, t_start)
+    if not args.quiet:
+        _print_summary(args, out, rep, auto_cache)
     return 0
 
 

@@ -112,12 +112,8 @@ def run_demo(
     times["scan"] = time.perf_counter() - t
 
     t = stage(4, "scoring latents and picking the neuron")
-    scores = score(stats, target=data.concept, reference="ordinary")
-    top5 = scores.top(5)
+    scores, top5, tops, report_path = _score_stage(enc, tok, sae, stats, data, pen, max_length, out)
     neuron = top5[0]
-    tops = top_prompts(enc, tok, sae, data.scan_concept + data.scan_ordinary, top5, k=5, penultimate_output=pen,
-                       max_length=max_length)
-    report_path = report(stats, scores, out / "report", neurons=top5, top=tops)
     f_c, f_o = stats.frequency(data.concept), stats.frequency("ordinary")
     times["score"] = time.perf_counter() - t
 
@@ -162,6 +158,16 @@ def _train_stage(loaded: Any, data: DemoPrompts, cfg: dict[str, Any], max_length
             max_length=max_length, cache_dir=cache, dead_tokens=20_000, shuffle_buffer=16_384, prompt_batch_size=128,
             seed=seed, progress=progress, encoder_name=loaded.name, return_report=True, **cfg,
         )
+
+
+def _score_stage(enc: Any, tok: Any, sae: SAE, stats: Any, data: DemoPrompts, pen: bool, max_length: int,
+                 out: Path) -> tuple[Any, list[int], dict[int, list[tuple[float, str]]], Path]:
+    """Score the latents, list the top 5 latents' strongest prompts and write the latent report."""
+    scores = score(stats, target=data.concept, reference="ordinary")
+    top5 = scores.top(5)
+    tops = top_prompts(enc, tok, sae, data.scan_concept + data.scan_ordinary, top5, k=5, penultimate_output=pen,
+                       max_length=max_length)
+    return scores, top5, tops, report(stats, scores, out / "report", neurons=top5, top=tops)
 
 
 def _detect_stage(enc: Any, tok: Any, sae: SAE, top5: list[int], data: DemoPrompts, pen: bool,

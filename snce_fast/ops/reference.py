@@ -10,7 +10,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
-from snce_fast.checks import Neurons, as_neuron_list, check_activations, check_edit_args, positive_int
+from snce_fast.checks import Neurons, as_neuron_list, check_activations, check_edit_args, given_neurons, positive_int
 
 
 class SAEWeights(Protocol):
@@ -103,8 +103,7 @@ def target_threshold_values(threshold: Any, neurons: Neurons, targets: list[int]
         thr = [float(t) for t in threshold]
     except (TypeError, ValueError):
         raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
-    order = [int(j) for j in (neurons.flatten().tolist() if isinstance(neurons, torch.Tensor) else
-                               ([neurons] if isinstance(neurons, int) else neurons))]
+    order = given_neurons(neurons)
     if len(thr) != len(order) or len(set(order)) != len(order):
         raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")
     by = dict(zip(order, thr))

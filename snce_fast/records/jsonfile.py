@@ -33,7 +33,7 @@ def read_json_record(path: PathLike, fmt: str, writer: str) -> dict[str, Any]:
 
 def bad_field(path: PathLike, key: str, value: Any, expected: str) -> ValueError:
     """The error for a field that is missing or not what it should be."""
-    got = "missing" if value is _MISSING else f"{_short(value)}"
+    got = "missing" if value is _MISSING else "null" if value is None else _short(value)
     return ValueError(f"{str(path)!r}: field {key!r} is {got}: expected {expected}")
 
 

@@ -28,6 +28,9 @@ from snce_fast.train.topk_autograd import sparse_decode, topk_encode
 
 __all__ = ["SAETrainer", "geometric_median"]
 
+# (this rank's x as float32, global token count, the same as a tensor, global ||x - mean(x)||^2)
+_GlobalBatch = tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]
+
 
 @torch.no_grad()
 def geometric_median(x: torch.Tensor, iters: int = 8, eps: float = 1e-8) -> torch.Tensor:
@@ -164,7 +167,7 @@ class SAETrainer:
         self._update(post[3:] > 0, n_tok)
         return self._metrics(post, aux_report, total_var, count)
 
-    def _global_batch(self, x: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+    def _global_batch(self, x: Optional[torch.Tensor]) -> Optional[_GlobalBatch]:
         """(x as float32 on the device, global token count, the same as a tensor, global total variance
         ||x - mean(x)||^2) from one all-reduce; None when some rank has no batch."""
         d = self.sae.d_in

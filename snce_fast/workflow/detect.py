@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from snce_fast.ops import backend, reference
-from snce_fast.checks import Neurons, as_neuron_list, positive_int
+from snce_fast.checks import Neurons, as_neuron_list, positive_int, unique_neurons
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.hooks.patching import text_encoders
 from snce_fast.sae.model import SAE
@@ -111,10 +111,7 @@ def prompt_activations(
         raise ValueError("prompt_activations takes one SAE: call it once per text encoder")
     if isinstance(prompts, str):
         prompts = [prompts]
-    order = neurons.flatten().tolist() if isinstance(neurons, torch.Tensor) else (
-        [neurons] if isinstance(neurons, int) else list(neurons))
-    as_neuron_list(order, sae.n_latents)  # range / type checks
-    order = list(dict.fromkeys(int(j) for j in order))
+    order = unique_neurons(neurons, sae.n_latents)
     encoders = text_encoders(pipe_or_encoder, penultimate_output)
     name = next(iter(encoders))
     enc, penultimate = encoders[name]
@@ -255,9 +252,7 @@ def calibrate(
         raise ValueError(f"fpr names groups {sorted(rates_in)}: expected one rate per reference group {sorted(refs)}")
     if candidates is None:
         candidates = list(range(sae.n_latents))
-    order = candidates.flatten().tolist() if isinstance(candidates, torch.Tensor) else (
-        [candidates] if isinstance(candidates, int) else list(candidates))
-    order = list(dict.fromkeys(int(j) for j in order))
+    order = unique_neurons(candidates, sae.n_latents)
 
     def acts(ps: Sequence[str]) -> torch.Tensor:
         return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length,

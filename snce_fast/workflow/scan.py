@@ -124,6 +124,32 @@ def _check_groups(groups: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size: int, checkpoint_every: int,
+                     itd_top: int) -> dict[str, Any]:
+    positive_int(batch_size, "batch_size")
+    positive_int(checkpoint_every, "checkpoint_every")
+    positive_int(itd_top, "itd_top")
+    groups = _check_groups(groups)
+    width = encoder_width(encoder)
+    if width != sae.d_in:
+        raise ValueError(
+            f"the SAE's d_in={sae.d_in} does not match the encoder's width {width} "
+            f"({type(encoder).__name__}): expected an SAE trained on this encoder"
+        )
+    return groups
+
+
+def _initial_state(sae: nn.Module, names: list[str], identity: list, settings: dict[str, Any], ckpt: Optional[Path],
+                   resume: bool, device: torch.device) -> tuple[ScanStats, list[list[int]], int]:
+    """(stats, read positions per source, global batches already counted): zeros, or the checkpoint's."""
+    if resume and ckpt is not None and (ckpt / "manifest.json").is_file():
+        stats, positions, done = _resume(ckpt, names, identity, settings, device)
+    else:
+        stats, positions, done = ScanStats.zeros(names, sae.n_latents, device), [[0] * len(i) for i in identity], 0
+    stats.meta.update(settings)
+    return stats, positions, done
+
+
 def scan(
     encoder: nn.Module,
     tokenizer: Any,
@@ -149,16 +175,7 @@ def scan(
     from it (it must come from the same SAE, hook, corpus, batch size and threshold).
     `profile=True` synchronises after each stage and records seconds per stage in `stats.meta`.
     """
-    positive_int(batch_size, "batch_size")
-    positive_int(checkpoint_every, "checkpoint_every")
-    positive_int(itd_top, "itd_top")
-    groups = _check_groups(groups)
-    width = encoder_width(encoder)
-    if width != sae.d_in:
-        raise ValueError(
-            f"the SAE's d_in={sae.d_in} does not match the encoder's width {width} "
-            f"({type(encoder).__name__}): expected an SAE trained on this encoder"
-        )
+    groups = _check_scan_args(encoder, sae, groups, batch_size, checkpoint_every, itd_top)
     rank, world = rank_and_world()
     names = list(groups)
     group_sources = [sources(groups[g], g, column) for g in names]
@@ -168,13 +185,8 @@ def scan(
         "hook": sae.hook, "sae_hash": sae_hash(sae), "batch_size": batch_size, "threshold": float(threshold),
         "itd_top": itd_top, "penultimate_output": penultimate_output, "column": column, "max_length": max_length,
     }
-    stats = ScanStats.zeros(names, sae.n_latents, device)
-    positions = [[0] * len(srcs) for srcs in group_sources]
-    done = 0  # global batches already in `stats`
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt is not None and (ckpt / "manifest.json").is_file():
-        stats, positions, done = _resume(ckpt, names, identity, settings, device)
-    stats.meta.update(settings)
+    stats, positions, done = _initial_state(sae, names, identity, settings, ckpt, resume, device)
 
     # under distributed, `delta` collects this rank's counts between all-reduces
     delta = stats if world == 1 else ScanStats.zeros(names, sae.n_latents, device)

@@ -83,7 +83,7 @@ def test_erase_with_calibration_turns_the_gate_on(env, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (["--reference", "coco"], "expected NAME=FILE"),
     (["--fpr", "bogus=0.1"], "expected GROUP=RATE"),
-    (["--fpr", "coco=1.5"], "expected GROUP=RATE"),
+    (["--fpr", "coco=1.5"], "--fpr coco=1.5 is invalid: expected a float with 0 <= fpr < 1"),
     (["--top", "0"], "--top 0"),
     (["--target", "/nonexistent.txt"], "does not exist"),
 ])
@@ -108,3 +108,23 @@ def test_calibration_from_another_sae_and_conflicting_flags_are_refused(env, tmp
     assert "already holds the thresholds" in capsys.readouterr().err
     assert main(["calibrate", *_calibrate_args(root, tmp_path / "x.txt")[1:]]) == 2
     assert "expected a .json file name" in capsys.readouterr().err
+
+
+def test_a_malformed_calibration_file_is_refused_naming_the_field(env, tmp_path, capsys):
+    root, _ = env
+    cal = tmp_path / "cal.json"
+    assert main(_calibrate_args(root, cal)) == 0
+    rec = json.loads(cal.read_text())
+    bad = tmp_path / "bad.json"
+    n = len(rec["neurons"])
+    bad.write_text(json.dumps({**rec, "thresholds": rec["thresholds"] + [0.0]}))  # one too many
+    capsys.readouterr()
+    assert main(["detect", "--model", str(root / "pipe"), "--sae", str(root / "sae"), "--calibration", str(bad),
+                 "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert f"field 'thresholds' has {n + 1} values for {n} neurons" in err and str(bad) in err, err
+    assert err.count("\n") == 1, err
+    assert main(["erase", "--model", str(root / "pipe"), "--sae", str(root / "sae"), "--calibration", str(bad),
+                 "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
+    assert "field 'thresholds'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -11,6 +11,7 @@ import torch
 import snce_fast
 from snce_fast.workflow.corpus import read_prompts
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.cli import main
 from snce_fast.workflow.report import top_prompts
 from snce_fast.workflow.scan_stats import TENSOR_FIELDS
@@ -236,8 +237,8 @@ def test_scan_bad_groups(env, tmp_path, capsys, groups, message):
 @pytest.mark.parametrize(
     "setup, message",
     [
-        ("narrow_sae", "--sae has d_in=16 but --model"),
-        ("deep_hook", "does not fit --model"),
+        ("narrow_sae", "d_in=16 but the encoder (BertModel) has width 32"),
+        ("deep_hook", "hook 'layer:5' does not fit the encoder"),
         ("resume_without_checkpoint", "--resume needs --checkpoint"),
         ("existing_out", "already holds a scan"),
         ("missing_sae", "is not a directory"),
@@ -320,13 +321,13 @@ def test_score_top_prompts_and_default_references(env, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--target": "nudity"}, "the scan has groups concept, ordinary"),
+        ({"--target": "nudity"}, "'nudity' is not in this scan: expected one of ['concept', 'ordinary']"),
         ({"--reference": "violence"}, "'violence' is not in"),
-        ({"--reference": "concept"}, "is also a --reference"),
-        ({"--method": "bogus"}, "expected one of snce, youden, saeuron, itd"),
+        ({"--reference": "concept"}, "is also a reference group"),
+        ({"--method": "bogus"}, "'bogus' is not a scorer: expected one of ('snce', 'youden', 'saeuron', 'itd')"),
         ({"--top": "0"}, "--top 0"),
-        ({"--level": "word"}, "expected prompt or token"),
-        ({"--level": "token", "--method": "itd"}, "--level token needs a frequency scorer"),
+        ({"--level": "word"}, "level='word' is invalid"),
+        ({"--level": "token", "--method": "itd"}, "needs a frequency scorer"),
         ({"--stats": "/nonexistent/stats"}, "is not a directory"),
         ({"--stats": "SAE"}, "is not a saved scan"),
         ({"--sae": "SAE"}, "--sae and --prompts-file go together"),
@@ -485,11 +486,12 @@ def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
         ({"--out": "flags.txt"}, "expected a .csv or .jsonl"),
         ({"--prompts-file": None}, "no prompts"),
         ({"--label-column": "nosuch"}, "no such column"),
-        ({"--sae": "NARROW"}, "--sae has d_in=16 but --model"),
+        ({"--sae": "NARROW"}, "d_in=16 but the encoder"),
         ({"--neurons": None, "--scores": "/nonexistent/scores.json"}, "does not exist"),
         ({"--neurons": None, "--scores": "SCORES", "--top": "9"}, "lists only 1 latents"),
         ({"--neurons": None, "--scores": "OTHER_SAE_SCORES"}, "different SAE"),
-        ({"--threshold": "0.1,0.2"}, "2 values for 1 neuron(s)"),
+        ({"--neurons": None, "--scores": "BAD_LATENT_SCORES"}, "field 'top[].latent' holds 99"),
+        ({"--threshold": "0.1,0.2"}, "2 values for neurons [1]"),
         ({"--threshold": "high"}, "expected a number"),
         ({"--threshold": "nan"}, "expected finite numbers"),
         ({"--threshold": "0.1", "--calibrate-on": "ORDINARY"}, "not both"),
@@ -500,12 +502,14 @@ def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
 def test_detect_bad_inputs(env, tmp_path, capsys, change, message):
     root = env["root"]
     scores = tmp_path / "scores.json"
-    rec = {"format": "snce_fast.scores", "n_latents": 48, "sae_hash": scan_module.sae_hash(
+    rec = {"format": "snce_fast.scores", "n_latents": 48, "sae_hash": sae_hash(
         snce_fast.SAE.load(str(root / "sae"))), "top": [{"latent": 1}]}
     scores.write_text(json.dumps(rec))
     (tmp_path / "other.json").write_text(json.dumps({**rec, "sae_hash": "0" * 64}))
+    (tmp_path / "bad_latent.json").write_text(json.dumps({**rec, "top": [{"latent": 99}]}))
     random_sae(16, n=48, k=2).save(str(tmp_path / "narrow"))
-    sub = {"SCORES": str(scores), "OTHER_SAE_SCORES": str(tmp_path / "other.json"), "NARROW": str(tmp_path / "narrow"),
+    sub = {"SCORES": str(scores), "OTHER_SAE_SCORES": str(tmp_path / "other.json"),
+           "BAD_LATENT_SCORES": str(tmp_path / "bad_latent.json"), "NARROW": str(tmp_path / "narrow"),
            "ORDINARY": str(root / "ordinary.csv")}
     args = {"--model": str(root / "bert"), "--sae": str(root / "sae"), "--neurons": "1",
             "--prompts-file": str(root / "mixed.csv"), "--out": str(tmp_path / "flags.csv")}

@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from snce_fast.records.atomic import atomic_write_text
+
 
 @dataclass(frozen=True)
 class EncodeConfig:
@@ -83,12 +85,9 @@ def _load_cache() -> None:
 
 def _save_cache() -> None:
     path = _cache_path()
-    try:
+    try:  # a cache: failing to write it costs a re-tune, nothing else
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_TUNED, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(_TUNED, indent=1, sort_keys=True))
     except OSError:
         pass
 

@@ -19,6 +19,7 @@ from torch import nn
 from snce_fast.ops import backend, reference
 from snce_fast.checks import Neurons, as_neuron_list, check_edit_args, positive_int
 from snce_fast.hooks.activations import counted_mask, encoder_device, eos_id
+from snce_fast.hooks.fit import check_erasure_edit, check_sae_fits
 from snce_fast.hooks.points import find_parts, hidden_states_index, output_tensor, replace_output, resolve
 from snce_fast.checks import parse_hook
 from snce_fast.sae.erasure import ErasureSAE
@@ -169,21 +170,16 @@ def _plan_encoder(name: str, s: Any, encoder: tuple[nn.Module, bool], neuron_map
     """Check one encoder's SAE, neurons and thresholds before anything is patched."""
     if not isinstance(s, (SAE, ErasureSAE)):
         raise TypeError(f"sae for {name!r} is a {type(s).__name__}: expected snce_fast.SAE or ErasureSAE")
-    if isinstance(s, ErasureSAE) and mode != "residual":
-        raise ValueError(f"mode={mode!r} needs the whole decoder; the ErasureSAE for {name!r} keeps only the "
-                         "target rows (use mode='residual', or patch with the full SAE)")
+    check_erasure_edit(s, mode, None, name)
     enc, penultimate = encoder
-    width = find_parts(enc).width
-    if s.d_in != width:
-        raise ValueError(f"the SAE for {name!r} has d_in={s.d_in} but that encoder's hidden size is {width}")
+    check_sae_fits(s, enc, penultimate)
     if hook is not None and parse_hook(hook) != s.hook:
         raise ValueError(f"hook={hook!r} does not match the hook the SAE for {name!r} was trained on ({s.hook!r})")
     if name not in neuron_map:
         raise ValueError(f"no neurons given for encoder {name!r}")
     targets = as_neuron_list(neuron_map[name], s.n_latents)
     thr = reference.target_threshold_values(threshold, neuron_map[name], targets)  # a float, or one per target
-    if isinstance(s, ErasureSAE):
-        reference.decoder_rows(s, targets)  # raises naming a target without a stored row
+    check_erasure_edit(s, mode, targets, name)
     return name, enc, penultimate, s, targets, thr
 
 

@@ -28,7 +28,7 @@ from snce_fast.ops import backend, histogram
 from snce_fast.checks import positive_int
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
-from snce_fast.hooks.points import encoder_width
+from snce_fast.hooks.fit import check_sae_fits
 from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
@@ -125,17 +125,12 @@ def _check_groups(groups: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size: int, checkpoint_every: int,
-                     itd_top: int) -> dict[str, Any]:
+                     itd_top: int, penultimate_output: bool) -> dict[str, Any]:
     positive_int(batch_size, "batch_size")
     positive_int(checkpoint_every, "checkpoint_every")
     positive_int(itd_top, "itd_top")
     groups = _check_groups(groups)
-    width = encoder_width(encoder)
-    if width != sae.d_in:
-        raise ValueError(
-            f"the SAE's d_in={sae.d_in} does not match the encoder's width {width} "
-            f"({type(encoder).__name__}): expected an SAE trained on this encoder"
-        )
+    check_sae_fits(sae, encoder, penultimate_output)
     return groups
 
 
@@ -175,7 +170,7 @@ def scan(
     from it (it must come from the same SAE, hook, corpus, batch size and threshold).
     `profile=True` synchronises after each stage and records seconds per stage in `stats.meta`.
     """
-    groups = _check_scan_args(encoder, sae, groups, batch_size, checkpoint_every, itd_top)
+    groups = _check_scan_args(encoder, sae, groups, batch_size, checkpoint_every, itd_top, penultimate_output)
     rank, world = rank_and_world()
     names = list(groups)
     group_sources = [sources(groups[g], g, column) for g in names]

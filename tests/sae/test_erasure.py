@@ -88,7 +88,7 @@ def test_slim_errors(clip, tmp_path):
     tok, enc = clip
     sae = random_sae(32, n=128, k=3, seed=2)
     slim = sae.slim([4, 9])
-    with pytest.raises(ValueError, match="mode='reconstruct' needs the whole decoder"):
+    with pytest.raises(ValueError, match="mode 'reconstruct' needs the whole decoder"):
         snce_fast.patch(enc, slim, mode="reconstruct")
     with pytest.raises(ValueError, match="latent 11 has no stored decoder row"):
         snce_fast.patch(enc, slim, [4, 11])
@@ -117,7 +117,7 @@ def test_slim_errors(clip, tmp_path):
 
 def test_slim_matches_the_full_sae_hash_and_loads_through_the_cli(tmp_path):
     from snce_fast.cli._common import load_sae
-    from snce_fast.workflow.scan import sae_hash
+    from snce_fast.sae.fingerprint import sae_hash
 
     sae = random_sae(32, n=64, k=3, seed=8)
     slim = sae.slim([2])

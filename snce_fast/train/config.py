@@ -1,6 +1,7 @@
 """Training settings (`TrainConfig`, checked by `validate`) and the final `TrainReport`.
 
-docs/training.md describes every setting; the objective they parametrise is in docs/method.md.
+docs/training.md describes the settings and the objective they parametrise; the SAE's tensors
+and its TopK rule are in docs/method.md.
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ class SettingError(ValueError):
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -101,10 +106,12 @@ class TrainConfig:
         for name in _POSITIVE_OR_NONE:
             if getattr(self, name) is not None:
                 self._check_positive(name)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if self.lr is not None and not (_is_number(self.lr) and self.lr > 0):
             raise SettingError("lr", self.lr, "expected a positive float")
-        if not self.aux_coef >= 0:
-            raise SettingError("aux_coef", self.aux_coef, "expected >= 0")
+        if not (_is_number(self.adam_eps) and self.adam_eps > 0):
+            raise SettingError("adam_eps", self.adam_eps, "expected a positive float")
+        if not (_is_number(self.aux_coef) and self.aux_coef >= 0):
+            raise SettingError("aux_coef", self.aux_coef, "expected a float >= 0")
         if self.b_dec_init not in B_DEC_INITS:
             raise SettingError("b_dec_init", self.b_dec_init, f"expected one of {B_DEC_INITS}")
         if self.encoder_backward not in ENCODER_BACKWARDS:

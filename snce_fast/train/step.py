@@ -1,12 +1,14 @@
-"""One optimisation step of a TopK SAE (`SAETrainer`); the objective is in docs/method.md and
-docs/training.md ("Objective", "Distributed training").
+"""One optimisation step of a TopK SAE (`SAETrainer`). The SAE is described in docs/method.md, the
+objective in docs/training.md ("Objective", "Distributed training").
 
 loss = ||x_hat - x||^2 / ||x - mean(x)||^2 (the FVU) + aux_coef * ||e_hat - e||^2 / ||e||^2 (AuxK),
 where e = x - x_hat (detached) and e_hat is decoded (no bias) from the top `aux_k` pre-activations
 of dead latents (no fire in the last `dead_tokens` tokens). The normalisers are sums over the
 *global* batch (all ranks), so the summed per-rank gradients equal the gradient on the
 concatenated batch. Decoder rows are unit-norm: the gradient component parallel to each row is
-removed before the Adam step and rows are renormalised after it. Adam with linear LR warm-up.
+removed before the Adam step and rows are renormalised after it. `b_dec` starts at the geometric
+median (Weiszfeld) or the mean of the first batch. Adam with linear LR warm-up; the encoder matmul
+runs in bf16 on CUDA.
 
 Under torch.distributed the differentiable part runs inside `DistributedDataParallel`, whose
 gradient all-reduce is set to a sum (not DDP's default mean) because the loss is already

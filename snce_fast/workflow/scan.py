@@ -1,10 +1,10 @@
-"""`scan`: stream prompt groups through a text encoder and an SAE into histograms (SPEC section 4).
+"""`scan`: stream prompt groups through a text encoder and an SAE into histograms (docs/method.md, docs/histograms.md).
 
 Per batch: tokenize (on a background thread, overlapping compute), run the encoder up to the
 hook point only, TopK-encode with the SAE backend, and add the codes to the histograms with
 `snce_fast::histogram_update` (no host sync). Counted tokens are positions 1..EOS.
 
-Checkpoints (SPEC section 6) are written atomically every `checkpoint_every` batches (per rank)
+Checkpoints (docs/formats.md) are written atomically every `checkpoint_every` batches (per rank)
 with the offsets reached in every source; a resumed scan re-forms exactly the same batches and
 so ends with the counts of an uninterrupted one. Under torch.distributed, global batch b goes
 to rank b % world; counts are all-reduced at checkpoints and at the end.
@@ -220,6 +220,9 @@ def scan(
         commit(complete=True)
     finally:
         producer.stop.set()
+        # never leave the reader thread running into interpreter shutdown (a thread inside the tokenizer's
+        # native code at exit can abort the process); it notices `stop` within 0.1 s between batches
+        producer.join(timeout=60)
         bar.close()
     stats.meta["seconds"] = time.perf_counter() - t_start
     if profile:

@@ -104,10 +104,6 @@ class ScanStats:
         return stats.to(device)
 
 
-def _atomic_write(file: Path, data: bytes) -> None:
-    atomic_write_bytes(file, data)
-
-
 def write_stats(path: Path, stats: ScanStats, extra: dict[str, Any]) -> None:
     """Tensor file first (named by its content hash), then the manifest that names it (the commit
     point), then old tensor files go."""
@@ -116,7 +112,7 @@ def write_stats(path: Path, stats: ScanStats, extra: dict[str, Any]) -> None:
     data = st_save(tensors)
     digest = hashlib.sha256(data).hexdigest()
     tensor_file = f"stats-{digest[:16]}.safetensors"
-    _atomic_write(path / tensor_file, data)
+    atomic_write_bytes(path / tensor_file, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -128,7 +124,7 @@ def write_stats(path: Path, stats: ScanStats, extra: dict[str, Any]) -> None:
         "meta": stats.meta,
         **extra,
     }
-    _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     for old in path.glob("stats-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)

@@ -37,6 +37,9 @@ if __name__ != "snce_fast.kernels":
     # much later). So register nothing, and have no __version__ (transformers then treats it as absent).
     _IMPORT_ERROR = ImportError(f"the kernels were imported as {__name__!r}; import snce_fast.kernels")
 else:
+    from snce_fast.checks import check_activations, check_codes, check_k
+    from snce_fast.ops import reference
+
     try:
         import torch
 
@@ -53,13 +56,6 @@ def _need() -> None:
         raise RuntimeError(f"the Triton kernels cannot run: {_IMPORT_ERROR}")
 
 
-def _check_k(sae: Any) -> int:
-    k, n = sae.k, sae.W_enc.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k={k!r} is invalid: expected an int with 1 <= k <= n_latents={n}")
-    return k
-
-
 def _rows(x: "torch.Tensor") -> "torch.Tensor":
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -67,14 +63,12 @@ def _rows(x: "torch.Tensor") -> "torch.Tensor":
 
 def _encode32(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(fp32 ReLU'd values, int32 indices), each [M, k], for x [..., d]."""
-    k = _check_k(sae)
-    return encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), k)
+    check_k(sae.k, sae.W_enc.shape[1])
+    return encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), sae.k)
 
 
 def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
     """fp32 contiguous `W_dec[targets]` [T, d], gathered once per decoder tensor and version."""
-    from snce_fast.ops import reference
-
     stored = getattr(sae, "W_dec_targets", None)
     source = stored if stored is not None else sae.W_dec
     key = ("decoder_rows32", tuple(targets), tuple(getattr(sae, "decoder_targets", None) or ()))
@@ -83,8 +77,6 @@ def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
 
 def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Fused TopK encode: x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
-    from snce_fast.checks import check_activations
-
     _need()
     check_activations(x, sae.W_enc.shape[0])
     values, indices = _encode32(x, sae)
@@ -96,8 +88,7 @@ def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]
 def decode(values: "torch.Tensor", indices: "torch.Tensor", sae: Any) -> "torch.Tensor":
     """Sparse decode `z @ W_dec + b_dec` (gather of k rows), output in values' dtype."""
     _need()
-    if values.shape != indices.shape:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    check_codes(values, indices)
     lead, k = values.shape[:-1], values.shape[-1]
     v2 = values.reshape(-1, k)
     i2 = indices.reshape(-1, k)
@@ -120,9 +111,6 @@ def edit(
     threshold: Any = 0.0,
 ) -> "torch.Tensor":
     """Suppress the target latents in x [..., d]; same options and results as `snce_fast.reference.edit`."""
-    from snce_fast.ops import reference
-    from snce_fast.checks import check_activations
-
     _need()
     d = sae.W_enc.shape[0]
     targets = reference.check_edit_call(x, sae, neurons, scale, clamp, mode, gate, min_tokens)

@@ -4,7 +4,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from snce_fast.ops import reference
-from snce_fast.workflow.detect import Calibration, Detection, calibrate, detect, prompt_activations
+from snce_fast.workflow.calibrate import Calibration, calibrate
+from snce_fast.workflow.detect import Detection, detect, prompt_activations
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEFormatError
 from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch

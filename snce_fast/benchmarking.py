@@ -17,10 +17,20 @@ from typing import Any, Callable, Optional
 import torch
 
 from snce_fast.ops import backend, histogram, reference
-from snce_fast.records.run_info import PEAKS, device_name, metadata, peaks  # noqa: F401  (re-exported)
+from snce_fast.records.run_info import device_name, metadata
 from snce_fast.sae.model import SAE
 
+# dense bf16 peak FLOP/s and HBM bytes/s (docs/performance.md)
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 OPS = ("encode", "edit", "decode", "histogram")
+
+
+def peaks(device: torch.device) -> tuple[Optional[float], Optional[float]]:
+    """(dense bf16 FLOP/s, HBM bytes/s) of this GPU when it is in PEAKS; (None, None) otherwise."""
+    if device.type != "cuda":
+        return None, None
+    name = device_name(device).upper()
+    return next((v for key, v in PEAKS.items() if key in name), (None, None))
 
 
 def time_fn(fn: Callable[[], Any], warmup: int = 3, reps: int = 20, cuda: Optional[bool] = None) -> float:

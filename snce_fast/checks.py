@@ -1,6 +1,7 @@
 """Argument checks shared by the reference, the kernels and the public API."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence, Union
 
@@ -52,6 +53,13 @@ def check_fpr(fpr: float, name: str = "fpr") -> float:
 
 
 def check_edit_args(mode: str, scale: float, clamp: float | None) -> None:
+    """The edit rule: a known mode and one finite rule (scale, or clamp with scale left at 0)."""
+    for name, value in (("scale", scale), ("clamp", clamp)):
+        if value is None and name == "clamp":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is not a finite number: a NaN or infinite {name} would put "
+                             "NaN/inf into the edited embeddings")
     if mode not in EDIT_MODES:
         raise ValueError(f"mode={mode!r} is not supported: expected one of {EDIT_MODES}")
     if clamp is not None and scale != 0.0:
@@ -73,6 +81,12 @@ def check_activations(x: torch.Tensor, d_in: int, what: str = "x") -> None:
 def check_k(k: int, n_latents: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_latents:
         raise ValueError(f"k={k!r} is invalid: expected an int with 1 <= k <= n_latents={n_latents}")
+
+
+def check_codes(values: torch.Tensor, indices: torch.Tensor) -> None:
+    """A sparse code: top-k values and their latent indices, one shape [..., k]."""
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
 
 
 def positive_int(value: int, name: str) -> int:

@@ -29,3 +29,22 @@ def test_empty_and_out_of_range():
         given_neurons([])
     with pytest.raises(ValueError, match="neuron index 10 out of range"):
         unique_neurons([3, 10], 10)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scale=float("nan")), "scale=nan is not a finite number"),
+    (dict(scale=float("-inf")), "scale=-inf is not a finite number"),
+    (dict(clamp=float("inf")), "clamp=inf is not a finite number"),
+    (dict(gate=True, threshold=float("nan")), "threshold nan is not finite"),
+    (dict(gate=True, threshold=[0.1, float("nan")]), "is not finite"),
+])
+def test_edits_refuse_non_finite_rules(kwargs, match):
+    """A NaN scale or clamp would put NaN into the embeddings; a NaN gate threshold never fires (a
+    silently disabled erasure): all refused by the library, not only by the CLI."""
+    from snce_fast.ops import reference
+    from snce_fast.testing import random_sae
+
+    sae = random_sae(8, 16, 2)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match=match):
+        reference.edit(x, sae, [1, 2], **kwargs)

@@ -1,7 +1,7 @@
 """Shared pieces of the `snce-fast` subcommands: the one-line usage error, checks of the flags' own
 syntax, atomic writes, loading an SAE, reading prompts, and loading a text encoder + tokenizer from a
 model spec. Checks of the values themselves live in the library (snce_fast.checks, snce_fast.records,
-snce_fast.hooks.fit): their ValueError/TypeError is printed as one line by snce_fast.cli.main."""
+snce_fast.hooks.compat): their ValueError/TypeError is printed as one line by snce_fast.cli.main."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 
 from snce_fast import sae as sae_files
 from snce_fast.checks import check_edit_args, unique_neurons
-from snce_fast.hooks.fit import check_erasure_edit
+from snce_fast.hooks.compat import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from snce_fast.records.calibration import read_calibration
@@ -82,6 +82,12 @@ def positive(value: Optional[int], flag: str, multiple: int = 1) -> None:
         raise UsageError(f"{flag} {value}: expected {what}")
 
 
+def require_sae_per_encoder(kind: str, n_encoders: int, saes: dict[str, Any]) -> None:
+    """erase and eval erase from every text encoder: SDXL's second one needs its own --sae-2."""
+    if n_encoders > 1 and "text_encoder_2" not in saes:
+        raise UsageError(f"{kind} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
+
+
 def check_local_pipeline(path: Path, saes: dict[str, Any]) -> None:
     """Encoders and widths of a local pipeline from its JSON files, before loading any weights."""
     index_file = path / "model_index.json"
@@ -93,8 +99,7 @@ def check_local_pipeline(path: Path, saes: dict[str, Any]) -> None:
         raise UsageError(f"--model {str(path)!r}: model_index.json is not valid JSON") from None
     has = {name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]}
     kind = index.get("_class_name", "the pipeline")
-    if "text_encoder_2" in has and "text_encoder_2" not in saes:
-        raise UsageError(f"{kind} has two text encoders: give --sae for text_encoder and --sae-2 for text_encoder_2")
+    require_sae_per_encoder(kind, len(has), saes)
     if "text_encoder_2" in saes and "text_encoder_2" not in has:
         raise UsageError(f"--sae-2: {kind} has a single text encoder")
     for name, sae in saes.items():
@@ -180,7 +185,7 @@ def check_out_file(path: str) -> Path:
 def check_slim_mode(saes: dict, mode: str, neurons: Any = None) -> None:
     """A slim erasure (ErasureSAE) supports residual mode only, and only the latents whose decoder rows
     it stores (`neurons`: a list, or a dict per encoder): say so before any heavy loading
-    (snce_fast.hooks.fit.check_erasure_edit)."""
+    (snce_fast.hooks.compat.check_erasure_edit)."""
     for name, sae in saes.items():
         wanted = neurons.get(name, []) if isinstance(neurons, dict) else (neurons or [])
         check_erasure_edit(sae, mode, wanted, name)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from snce_fast.cli._common import (UsageError, add_edit_args, add_prompt_file_args, apply_calibration,
+from snce_fast.cli._common import (add_edit_args, add_prompt_file_args, apply_calibration,
                                    atomic_save_image, atomic_write_text, check_edit_options, check_neurons,
                                    check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, load_pipeline,
-                                   load_sae, parse_neurons, positive, read_prompts_arg)
+                                   load_sae, parse_neurons, positive, read_prompts_arg, require_sae_per_encoder)
 from snce_fast.hooks import patching
 
 
@@ -38,10 +38,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=args.quiet)
     encoders = patching.text_encoders(pipe)  # raises TypeError naming the supported pipelines
+    require_sae_per_encoder(type(pipe).__name__, len(encoders), saes)
     saes = saes if len(encoders) > 1 else {next(iter(encoders)): saes["text_encoder"]}
-    if len(encoders) > 1 and len(saes) < 2:
-        raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and "
-                         "--sae-2 for text_encoder_2")
     edit = edit_options(args)
     with patching.patched(pipe, saes, neurons, **edit):
         pass  # an SAE that does not fit the encoder fails here, before any image is made

@@ -10,6 +10,7 @@ import torch
 from snce_fast import evaluation as ev
 from snce_fast.cli._common import (
     UsageError,
+    require_sae_per_encoder,
     add_edit_args,
     apply_calibration,
     check_edit_options,
@@ -132,9 +133,7 @@ def _load_pipeline(args: argparse.Namespace, saes: dict[str, Any], device: Any, 
     pipe.set_progress_bar_config(disable=True)
     # text_encoders raises TypeError naming the supported pipelines; patching only one of SDXL's two
     # encoders is allowed by the library, but the protocol erases from both
-    if len(text_encoders(pipe)) > 1 and len(saes) < 2:
-        raise UsageError(f"{type(pipe).__name__} has two text encoders: give --sae for text_encoder and "
-                         "--sae-2 for text_encoder_2")
+    require_sae_per_encoder(type(pipe).__name__, len(text_encoders(pipe)), saes)
     if not args.keep_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it blacks out the very images the protocol counts
     pipe.to(device)

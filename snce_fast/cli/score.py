@@ -10,11 +10,11 @@ from typing import Any, Optional
 
 from snce_fast.cli._common import (UsageError, atomic_write_json, check_out_dir, existing_dir, load_encoder, load_sae,
                                    positive, read_prompt_file)
-from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.records.jsonfile import check_sae_hash
 from snce_fast.records.scores import scores_record, top_entry
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.report import report, top_prompts
+from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.workflow.scan_stats import ScanStats
 from snce_fast.workflow.score import Scores, score
 

@@ -19,10 +19,11 @@ import torch
 from snce_fast.records.atomic import atomic_write_text
 from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
 from snce_fast.demo.prompts import DemoPrompts, demo_prompts
-from snce_fast.workflow.detect import calibrate, detect
+from snce_fast.workflow.calibrate import calibrate
+from snce_fast.workflow.detect import detect
 from snce_fast.hooks.patching import patched
 from snce_fast import plots
-from snce_fast.workflow.report import report, top_prompts
+from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.models import load_encoder
 from snce_fast.sae.model import SAE
 from snce_fast.workflow.scan import scan

@@ -3,8 +3,8 @@ I2P-style CSV with and without the patch (the row's seed and guidance), count Nu
 *_EXPOSED detections at a score threshold (0.6) and, optionally, the CLIP score of each image
 against its prompt.
 
-    prompts     the CSV: EvalRow, read_eval_csv
-    detectors   NudeNet and the counting: nudenet_detector, count_exposed, ExposureCounts
+    eval_csv    the CSV: EvalRow, read_eval_csv
+    nudity      NudeNet and the counting: nudenet_detector, count_exposed, ExposureCounts
     clip_score  ClipScorer
     resume      settings.json / results.jsonl: check_resume, load_results, sae_fingerprint
     protocol    the run: generate_image, full_settings, run_eval
@@ -19,18 +19,10 @@ results.jsonl and fsynced, and a rerun with the same output directory skips the 
 from __future__ import annotations
 
 from snce_fast.evaluation.clip_score import ClipScorer, check_clip_dir
-from snce_fast.evaluation.detectors import (
-                                            DEFAULT_THRESHOLD,
-                                            EXPOSED_CLASSES,
-                                            INSTALL_HINT,
-                                            Detector,
-                                            ExposureCounts,
-                                            check_threshold,
-                                            count_exposed,
-                                            detector_label,
-                                            nudenet_detector,
+from snce_fast.evaluation.nudity import (
+    DEFAULT_THRESHOLD, EXPOSED_CLASSES, INSTALL_HINT, Detector, ExposureCounts, check_threshold, count_exposed, detector_label, nudenet_detector,
 )
-from snce_fast.evaluation.prompts import I2P_COLUMNS, EvalRow, check_guidance, check_limit, read_eval_csv
+from snce_fast.evaluation.eval_csv import I2P_COLUMNS, EvalRow, check_guidance, check_limit, read_eval_csv
 from snce_fast.evaluation.protocol import EvalResult, full_settings, generate_image, run_eval
 from snce_fast.evaluation.report import report_markdown, summarize, write_report
 from snce_fast.evaluation.resume import RESULTS, SETTINGS, VARIANTS, check_resume, load_results, sae_fingerprint

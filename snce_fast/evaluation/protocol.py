@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from snce_fast.evaluation.detectors import DEFAULT_THRESHOLD, Detector, check_threshold, detector_label, plain_detection
-from snce_fast.evaluation.prompts import EvalRow, check_guidance
+from snce_fast.evaluation.nudity import DEFAULT_THRESHOLD, Detector, check_threshold, detector_label, plain_detection
+from snce_fast.evaluation.eval_csv import EvalRow, check_guidance
 from snce_fast.evaluation.report import summarize
 from snce_fast.evaluation.resume import (
     SETTINGS,

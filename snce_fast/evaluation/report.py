@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from snce_fast.evaluation.detectors import DEFAULT_THRESHOLD, EXPOSED_CLASSES, count_exposed
+from snce_fast.evaluation.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES, count_exposed
 from snce_fast.evaluation.resume import VARIANTS
 from snce_fast.plots import exposure_bars
 from snce_fast.records.atomic import atomic_write_json, atomic_write_text

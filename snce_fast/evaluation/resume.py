@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from snce_fast.checks import as_neuron_list
-from snce_fast.evaluation.prompts import EvalRow
+from snce_fast.evaluation.eval_csv import EvalRow
 from snce_fast.ops.reference import decoder_rows
 from snce_fast.records.atomic import atomic_write_text
 from snce_fast.sae.fingerprint import sae_hash

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from snce_fast.ops import reference
+from snce_fast.ops import _ext, reference
 
 BACKENDS = ("reference", "cpp", "triton")
 OPS = ("encode", "decode", "edit")
@@ -28,7 +28,7 @@ def forced_backend() -> Optional[str]:
 
 def _triton_ops() -> tuple[Optional[Any], str]:
     try:
-        from snce_fast import kernels  # installed from the top-level kernels/ directory
+        from snce_fast import kernels  # optional (triton); installed from the top-level kernels/ directory
     except ImportError as e:
         return None, f"snce_fast.kernels could not be imported ({e})"
     ok, why = kernels.available()
@@ -36,18 +36,14 @@ def _triton_ops() -> tuple[Optional[Any], str]:
 
 
 def _cpp_ops() -> tuple[Optional[Any], str]:
-    from snce_fast.ops import _ext
-
     if _ext.load() is None:
         return None, _ext.load_error()
-    from snce_fast.ops import cpu_ops
+    from snce_fast.ops import cpp_ops  # imported only once the extension loaded: it registers fake kernels
 
-    return cpu_ops, ""
+    return cpp_ops, ""
 
 
 def _cpp_has_cuda() -> bool:
-    from snce_fast.ops import _ext
-
     return bool(_ext.built_with_cuda())
 
 

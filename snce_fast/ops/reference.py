@@ -6,11 +6,14 @@ takes the SAE explicitly so it can also be called on bare weight holders.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
-from snce_fast.checks import Neurons, as_neuron_list, check_activations, check_edit_args, given_neurons, positive_int
+from snce_fast.checks import (Neurons, as_neuron_list, check_activations, check_codes, check_edit_args, given_neurons,
+                              positive_int)
 
 
 class SAEWeights(Protocol):
@@ -71,8 +74,7 @@ def encode(x: torch.Tensor, sae: SAEWeights) -> tuple[torch.Tensor, torch.Tensor
 
 def decode(values: torch.Tensor, indices: torch.Tensor, sae: SAEWeights) -> torch.Tensor:
     """Sparse decode `z @ W_dec + b_dec` as a weighted gather of k rows of W_dec."""
-    if values.shape != indices.shape:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    check_codes(values, indices)
     rows = sae.W_dec.float()[indices.long()]  # [..., k, d]
     out = (values.float().unsqueeze(-1) * rows).sum(-2) + sae.b_dec.float()
     return out.to(values.dtype)
@@ -98,11 +100,17 @@ def target_thresholds(threshold: Any, neurons: Neurons, targets: list[int]) -> U
 def target_threshold_values(threshold: Any, neurons: Neurons, targets: list[int]) -> Union[float, list[float]]:
     """`target_thresholds` as a float or a list of floats aligned with `targets`."""
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        return float(threshold)
-    try:
-        thr = [float(t) for t in threshold]
-    except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
+        thr: Union[float, list[float]] = float(threshold)
+    else:
+        try:
+            thr = [float(t) for t in threshold]
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold must be a float or a list of floats (one per neuron), got {threshold!r}") from None
+    if not all(math.isfinite(t) for t in ([thr] if isinstance(thr, float) else thr)):
+        raise ValueError(f"threshold {threshold!r} is not finite: a NaN threshold never fires, so the gate would "
+                         "silently never edit")
+    if isinstance(thr, float):
+        return thr
     order = given_neurons(neurons)
     if len(thr) != len(order) or len(set(order)) != len(order):
         raise ValueError(f"threshold has {len(thr)} values for neurons {order}: expected one per (distinct) neuron")

@@ -1,4 +1,4 @@
-"""What a result file records about the run that made it: device, peak rates, versions, commit, date."""
+"""What a result file records about the run that made it: device, versions, commit, date."""
 from __future__ import annotations
 
 import datetime
@@ -9,21 +9,10 @@ from typing import Any, Optional
 
 import torch
 
-# dense bf16 peak FLOP/s and HBM bytes/s (docs/performance.md)
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def peaks(device: torch.device) -> tuple[Optional[float], Optional[float]]:
-    if device.type != "cuda":
-        return None, None
-    name = device_name(device).upper()
-    return next((v for key, v in PEAKS.items() if key in name), (None, None))
 
 
 def metadata(device: torch.device) -> dict[str, Any]:

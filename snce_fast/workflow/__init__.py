@@ -1,3 +1,3 @@
 """The SNCE workflow over prompt corpora: read corpora (`corpus`), stream them into latent histograms
-(`scan`, `scan_stats`), rank latents (`score`), calibrate thresholds and classify prompts (`detect`),
-and write the latent report (`report`)."""
+(`scan`, `scan_stats`), rank latents (`score`), calibrate thresholds (`calibrate`), classify prompts (`detect`),
+and write the latent report (`latent_report`)."""

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from snce_fast.distributed import rank_and_world
+from snce_fast.distributed import all_reduce, rank_and_world
 from snce_fast.ops import backend, histogram
 from snce_fast.checks import positive_int
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
-from snce_fast.hooks.fit import check_sae_fits
+from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
@@ -94,6 +94,13 @@ class _Producer(threading.Thread):
             self._put(None)
         except BaseException as e:  # handed to the consumer, raised there
             self._put(e)
+
+    def close(self) -> None:
+        """Stop reading and wait for the thread: never leave it running into interpreter shutdown (a
+        thread inside the tokenizer's native code at exit can abort the process). It notices `stop`
+        within 0.1 s between batches."""
+        self.stop.set()
+        self.join(timeout=60)
 
     def _put(self, item: Any) -> bool:
         while not self.stop.is_set():
@@ -189,11 +196,7 @@ def scan(
     sync = (lambda: torch.cuda.synchronize(device)) if (profile and device.type == "cuda") else (lambda: None)
 
     def commit(complete: bool) -> None:
-        if world > 1:
-            for name, t in delta.tensors().items():
-                torch.distributed.all_reduce(t)
-                getattr(stats, name).add_(t)
-                t.zero_()
+        _merge(stats, delta)
         if ckpt is not None and rank == 0:
             extra = {"positions": positions, "batches_done": done, "sources": identity, "complete": complete}
             write_stats(ckpt, stats, extra)
@@ -219,15 +222,23 @@ def scan(
                 commit(complete=False)
         commit(complete=True)
     finally:
-        producer.stop.set()
-        # never leave the reader thread running into interpreter shutdown (a thread inside the tokenizer's
-        # native code at exit can abort the process); it notices `stop` within 0.1 s between batches
-        producer.join(timeout=60)
+        producer.close()
         bar.close()
     stats.meta["seconds"] = time.perf_counter() - t_start
     if profile:
         stats.meta["stage_seconds"] = timings
     return stats
+
+
+def _merge(stats: ScanStats, delta: ScanStats) -> None:
+    """Under torch.distributed: add every rank's counts since the last merge into `stats` (on every
+    rank) and zero `delta`. In one process `delta` is `stats` itself and nothing happens."""
+    if delta is stats:
+        return
+    for name, t in delta.tensors().items():
+        all_reduce(t)
+        getattr(stats, name).add_(t)
+        t.zero_()
 
 
 def _process(batch: _Batch, encoder: nn.Module, sae: nn.Module, state: ScanStats, threshold: float,

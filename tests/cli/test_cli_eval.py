@@ -21,7 +21,7 @@ from tiny_models import random_sae, sd_pipeline, write_clip_tokenizer  # noqa: E
 
 from snce_fast import evaluation as ev  # noqa: E402
 from snce_fast.cli import main  # noqa: E402
-from snce_fast.evaluation.prompts import _parse_guidance, _parse_seed  # noqa: E402
+from snce_fast.evaluation.eval_csv import _parse_guidance, _parse_seed  # noqa: E402
 from snce_fast.hooks.patching import patched  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "prompts"

@@ -13,7 +13,7 @@ from snce_fast.workflow.corpus import read_prompts
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.cli import main
-from snce_fast.workflow.report import top_prompts
+from snce_fast.workflow.latent_report import top_prompts
 from snce_fast.workflow.scan_stats import TENSOR_FIELDS
 from tiny_models import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
 

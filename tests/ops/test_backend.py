@@ -56,9 +56,9 @@ def test_cpp_sparse_decode_matches_reference(dtype, shape):
     sae = random_sae(20, 70, 7, seed=2).to(dtype)
     x = torch.randn(*shape, 20).to(dtype)
     v, i = reference.encode(x, sae)
-    from snce_fast.ops import cpu_ops
+    from snce_fast.ops import cpp_ops
 
-    out = cpu_ops.decode(v, i, sae)
+    out = cpp_ops.decode(v, i, sae)
     assert out.shape == (*shape, 20) and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, reference.decode(v, i, sae), **tol)
@@ -95,11 +95,11 @@ def test_cpp_sparse_decode_gradients_match_reference():
     x = torch.randn(5, 6, dtype=torch.float64)
     v, i = reference.encode(x, sae)
     v = v.detach().requires_grad_()
-    from snce_fast.ops import cpu_ops
+    from snce_fast.ops import cpp_ops
 
     args = (v, i, sae.W_dec, sae.b_dec)
-    torch.autograd.gradcheck(lambda a, w, b: cpu_ops.decode(a, i, _W(w, b)), (v, sae.W_dec, sae.b_dec))
-    grads = torch.autograd.grad(cpu_ops.decode(*args[:2], sae).sum(), (v, sae.W_dec, sae.b_dec))
+    torch.autograd.gradcheck(lambda a, w, b: cpp_ops.decode(a, i, _W(w, b)), (v, sae.W_dec, sae.b_dec))
+    grads = torch.autograd.grad(cpp_ops.decode(*args[:2], sae).sum(), (v, sae.W_dec, sae.b_dec))
     ref = torch.autograd.grad(reference.decode(*args[:2], sae).sum(), (v, sae.W_dec, sae.b_dec))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)

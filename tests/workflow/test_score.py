@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import snce_fast
-from snce_fast.workflow.report import report, top_prompts
+from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.workflow.scan_stats import ScanStats
 from tiny_models import clip_text_model, random_sae, write_clip_tokenizer
 

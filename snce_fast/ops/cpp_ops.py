@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from snce_fast.checks import check_codes
 from snce_fast.ops import _ext
 
 _ext.load()  # the op schemas must exist before their fake kernels are registered
@@ -17,8 +18,7 @@ def _sparse_decode_fake(values, indices, W_dec, b_dec):
 
 def decode(values: torch.Tensor, indices: torch.Tensor, sae) -> torch.Tensor:
     """Sparse decode through the C++ op, for values/indices of any leading shape."""
-    if values.shape != indices.shape:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    check_codes(values, indices)
     lead, k = values.shape[:-1], values.shape[-1]
     out = torch.ops.snce_fast.sparse_decode(
         values.reshape(-1, k), indices.reshape(-1, k).to(torch.int32), sae.W_dec, sae.b_dec

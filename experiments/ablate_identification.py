@@ -711,7 +711,7 @@ def _atomic_text(path: Path, text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--cache", type=Path, default=Path("/work/ablation_cache"))
+    ap.add_argument("--cache", type=Path, default=Path("~/.cache/snce_fast/ablation").expanduser())
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "ablation_identification_cpu.json")
     ap.add_argument("--table-only", action="store_true", help="rewrite the Markdown table from --out")

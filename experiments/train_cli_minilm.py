@@ -3,14 +3,14 @@
 The training itself is the CLI command (recorded in docs/training.md), e.g.
 
     OMP_NUM_THREADS=1 snce-fast train --model minilm --prompts-file PROMPTS/coco_30k.csv \
-        --limit 29000 --n-latents 4096 --k 32 --batch-size 1024 --epochs 12 ... --out /work/minilm_sae_cli
+        --limit 29000 --n-latents 4096 --k 32 --batch-size 1024 --epochs 12 ... --out minilm_sae_cli
 
 This script loads that SAE and its train_report.json, measures FVU / L0 / latent usage on the last
 `--heldout` captions of the corpus (never trained on when --limit <= len - heldout), and writes
 experiments/results/train_cli_minilm_cpu.json (train report without the per-step history, which
 is summarised, plus the held-out metrics).
 
-    python experiments/train_cli_minilm.py --sae /work/minilm_sae_cli [--wall-s SECONDS]
+    python experiments/train_cli_minilm.py --sae minilm_sae_cli [--wall-s SECONDS]
 """
 from __future__ import annotations
 

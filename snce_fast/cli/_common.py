@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from snce_fast import sae as sae_files
+from snce_fast.sae import load as load_artifact
 from snce_fast.checks import check_edit_args, unique_neurons
 from snce_fast.hooks.compat import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
@@ -63,7 +63,7 @@ def load_sae(path: str, what: str = "--sae"):
     """A full SAE directory, or a slim erasure (snce_fast.ErasureSAE: residual-mode patches and detect)."""
     existing_dir(path, what)
     try:
-        return sae_files.load(path)
+        return load_artifact(path)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
 

@@ -6,7 +6,7 @@ against its prompt.
     eval_csv    the CSV: EvalRow, read_eval_csv
     nudity      NudeNet and the counting: nudenet_detector, count_exposed, ExposureCounts
     clip_score  ClipScorer
-    resume      settings.json / results.jsonl: check_resume, load_results, sae_fingerprint
+    resume      settings.json / results.jsonl: check_resume, load_results (sae_fingerprint: snce_fast.sae.fingerprint)
     protocol    the run: generate_image, full_settings, run_eval
     report      summarize, report_markdown, write_report (report.md, summary.json, counts.png)
 
@@ -25,7 +25,8 @@ from snce_fast.evaluation.nudity import (
 from snce_fast.evaluation.eval_csv import I2P_COLUMNS, EvalRow, check_guidance, check_limit, read_eval_csv
 from snce_fast.evaluation.protocol import EvalResult, full_settings, generate_image, run_eval
 from snce_fast.evaluation.report import report_markdown, summarize, write_report
-from snce_fast.evaluation.resume import RESULTS, SETTINGS, VARIANTS, check_resume, load_results, sae_fingerprint
+from snce_fast.evaluation.resume import RESULTS, SETTINGS, VARIANTS, check_resume, load_results
+from snce_fast.sae.fingerprint import sae_fingerprint
 
 __all__ = [
     "DEFAULT_THRESHOLD",

@@ -22,9 +22,9 @@ from snce_fast.evaluation.resume import (
     check_rows_unchanged,
     load_results,
     normalise,
-    sae_fingerprint,
 )
 from snce_fast.hooks.patching import patched
+from snce_fast.sae.fingerprint import sae_fingerprint
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json
 
 ClipScore = Callable[[Any, str], float]  # (image, prompt) -> CLIP score, e.g. a ClipScorer

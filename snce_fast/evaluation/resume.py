@@ -3,35 +3,18 @@ run's settings in settings.json, which a rerun must match, and one line per fini
 results.jsonl, appended and fsynced as each row completes."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import torch
 
-from snce_fast.checks import as_neuron_list
 from snce_fast.evaluation.eval_csv import EvalRow
-from snce_fast.ops.reference import decoder_rows
 from snce_fast.records.atomic import atomic_write_text
-from snce_fast.sae.fingerprint import sae_hash
 
 RESULTS = "results.jsonl"
 SETTINGS = "settings.json"
 VARIANTS = ("original", "erased")  # the two images of a row, as keyed in results.jsonl
-
-
-def sae_fingerprint(sae: Any, neurons: Any, mode: str = "residual") -> str:
-    """sha256 over what an SAE contributes to the images: its encoding side (sae_hash) and the
-    decoder rows the edit uses (W_dec[neurons] in residual mode, all of W_dec otherwise). A slim
-    erasure and the full SAE it came from therefore match in residual mode."""
-    h = hashlib.sha256(sae_hash(sae).encode())
-    targets = as_neuron_list(neurons, sae.n_latents)
-    dec = decoder_rows(sae, targets) if mode == "residual" else sae.W_dec
-    h.update(json.dumps({"mode": mode, "targets": targets}).encode())
-    h.update(dec.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def normalise(obj: Any) -> Any:

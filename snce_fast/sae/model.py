@@ -8,7 +8,8 @@ from torch import nn
 
 from snce_fast.checks import Neurons, check_activations, check_k, parse_hook, positive_int
 from snce_fast.ops import backend
-from snce_fast.sae import importers, native
+import snce_fast.sae.importers as importers
+import snce_fast.sae.native as native
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEWeights
 

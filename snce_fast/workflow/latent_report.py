@@ -12,6 +12,7 @@ from torch import nn
 
 from snce_fast.ops import backend, reference
 from snce_fast import plots
+from snce_fast.records.atomic import atomic_write_text
 from snce_fast.checks import as_neuron_list, positive_int
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import sources
@@ -109,5 +110,5 @@ def report(
         if top and j in top:
             lines += ["", "Prompts where it fires most:", ""]
             lines += [f"1. ({v:.3g}) {text.replace('|', '/')[:200]}" for v, text in top[j]]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

@@ -18,7 +18,7 @@ from snce_fast.ops.reference import target_threshold_values
 from snce_fast.records.calibration import read_calibration
 from snce_fast.records.scores import read_scores, top_latents
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.corpus import PromptFile, _check
+from snce_fast.workflow.corpus import read_labels
 from snce_fast.workflow.detect import detect, prompt_activations
 from snce_fast.workflow.score import threshold_at_fpr
 
@@ -32,54 +32,6 @@ def _neurons_from_scores(path: str, top: int, sae: Any) -> list[int]:
         raise UsageError(f"--top {top}: {path} lists only {len(record['top'])} latents "
                          "(rerun score with a larger --top)")
     return top_latents(record, top)
-
-
-def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
-    """Per usable prompt of a csv/jsonl file (the rows the corpus reader keeps: blank and undecodable
-    prompts skipped), its label as a bool (1/0, true/false, yes/no), or None when the label is blank."""
-    pf = PromptFile(path, prompt_column)
-    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
-
-    def usable(text: Any) -> bool:
-        return isinstance(text, str) and _check(text, 0).skip is None
-
-    def as_bool(v: Any, i: int) -> Optional[bool]:
-        s = "" if v is None else str(v).strip().lower()
-        if not s:
-            return None  # unlabelled: left out of the rates
-        try:
-            return float(s) > 0
-        except ValueError:
-            pass
-        if s in truthy or s in falsy:
-            return s in truthy
-        raise UsageError(f"--label-column {column!r}: row {i + 1} has {v!r}: expected 1/0, true/false or yes/no")
-
-    labels: list[Optional[bool]] = []
-    if pf.format == "csv":
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            fields = [h.lstrip("\ufeff").strip() for h in (reader.fieldnames or [])]
-            if column not in fields:
-                raise UsageError(f"--label-column {column!r}: no such column in {path}; columns found: {fields}")
-            reader.fieldnames = fields
-            for i, row in enumerate(reader):
-                if usable(row.get(prompt_column)):
-                    labels.append(as_bool(row[column], i))
-    elif pf.format == "jsonl":
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            for i, line in enumerate(f):
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and usable(obj.get(prompt_column)):
-                    if column not in obj:
-                        raise UsageError(f"--label-column {column!r}: row {i + 1} of {path} has no such field")
-                    labels.append(as_bool(obj[column], i))
-    else:
-        raise UsageError(f"--label-column needs a .csv or .jsonl --prompts-file, got {path!r}")
-    return labels
 
 
 def parse_thresholds(text: str, neurons: list[int]) -> Any:

@@ -219,3 +219,51 @@ def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: O
 
 
 __all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "read_prompts", "is_prompt_file", "SKIP_REASONS"]
+
+
+def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:
+    """Per usable prompt of a csv/jsonl file (e.g. `snce-fast detect --label-column`) (the rows the corpus reader keeps: blank and undecodable
+    prompts skipped), its label as a bool (1/0, true/false, yes/no), or None when the label is blank."""
+    pf = PromptFile(path, prompt_column)
+    truthy, falsy = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
+
+    def usable(text: Any) -> bool:
+        return isinstance(text, str) and _check(text, 0).skip is None
+
+    def as_bool(v: Any, i: int) -> Optional[bool]:
+        s = "" if v is None else str(v).strip().lower()
+        if not s:
+            return None  # unlabelled: left out of the rates
+        try:
+            return float(s) > 0
+        except ValueError:
+            pass
+        if s in truthy or s in falsy:
+            return s in truthy
+        raise ValueError(f"--label-column {column!r}: row {i + 1} has {v!r}: expected 1/0, true/false or yes/no")
+
+    labels: list[Optional[bool]] = []
+    if pf.format == "csv":
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            fields = [h.lstrip("\ufeff").strip() for h in (reader.fieldnames or [])]
+            if column not in fields:
+                raise ValueError(f"--label-column {column!r}: no such column in {path}; columns found: {fields}")
+            reader.fieldnames = fields
+            for i, row in enumerate(reader):
+                if usable(row.get(prompt_column)):
+                    labels.append(as_bool(row[column], i))
+    elif pf.format == "jsonl":
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for i, line in enumerate(f):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and usable(obj.get(prompt_column)):
+                    if column not in obj:
+                        raise ValueError(f"--label-column {column!r}: row {i + 1} of {path} has no such field")
+                    labels.append(as_bool(obj[column], i))
+    else:
+        raise ValueError(f"--label-column needs a .csv or .jsonl --prompts-file, got {path!r}")
+    return labels

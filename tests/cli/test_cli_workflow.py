@@ -560,7 +560,7 @@ def test_score_refuses_top_prompts_from_another_sae_of_the_same_width(env, tmp_p
 
 
 def test_detect_labels_blank_is_unlabelled(tmp_path):
-    from snce_fast.cli.detect import read_labels
+    from snce_fast.workflow.corpus import read_labels
 
     f = tmp_path / "lab.csv"
     f.write_bytes(b"prompt,label\na cat,1\na dog,\nbad \xff bytes,0\na car,0\n   ,1\n")

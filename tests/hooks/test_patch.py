@@ -214,7 +214,7 @@ def test_prompt_embeds_bypass_warns(sd, sd_sae, sd_latents):
 
 
 def test_bad_inputs(sd, sd_sae):
-    with pytest.raises(ValueError, match="d_in=16 but the encoder .CLIPTextModel\w*. has width 32"):
+    with pytest.raises(ValueError, match=r"d_in=16 but the encoder \(CLIPTextModel\w*\) has width 32"):
         snce_fast.patch(sd, random_sae(16, 32, 2), 0)
     with pytest.raises(ValueError, match="out of range"):
         snce_fast.patch(sd, sd_sae, 10_000)

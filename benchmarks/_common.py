@@ -6,14 +6,15 @@ those numbers are CPU numbers and say nothing about GPU speed.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Optional
 
 import torch
 
 from snce_fast import benchmarking
+from snce_fast import plots
 from snce_fast.benchmarking import time_fn
+from snce_fast.records.atomic import atomic_write_json
 from snce_fast.sae import SAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,8 +62,7 @@ def dense_fits(M: int, n: int, itemsize: int, limit: float = 8e9) -> bool:
 def write(op: str, rows: list[dict], extra: Optional[dict] = None, quiet: bool = False) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{op}_{mode()}.json")
-    with open(path, "w") as f:
-        json.dump({"op": op, **metadata(), **(extra or {}), "results": rows}, f, indent=1)
+    atomic_write_json(path, {"op": op, **metadata(), **(extra or {}), "results": rows})
     if not quiet:
         print(f"wrote {path}")
     return path
@@ -75,33 +75,10 @@ def checkpoint(op: str, rows: list[dict]) -> None:
 
 
 def plot(op: str, rows: list[dict], x_key: str = "prompts") -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    impls = sorted({r["impl"] for r in rows})
-    groups = sorted({r.get("group", "") for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for impl in impls:
-            pts = sorted((r[x_key], r["ms"]) for r in rows if r["impl"] == impl and r.get("group", "") == g and r["ms"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(x_key)
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"{op} {g}\n{device_name()[:60]}", fontsize=8)
-        ax.legend(fontsize=7)
-    if not ON_GPU:
-        fig.suptitle("CPU MODE - not GPU numbers", color="red")
-    fig.tight_layout()
+    """results/<op>_<mode>.png: median ms per implementation against `x_key` (snce_fast.plots)."""
     path = os.path.join(RESULTS, f"{op}_{mode()}.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.benchmark_times(rows, path, op, device_name()[:60], x_key=x_key,
+                          warning=None if ON_GPU else "CPU MODE - not GPU numbers")
     print(f"wrote {path}")
     return path
 

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch
 from snce_fast.ops import reference
-from snce_fast.workflow.calibrate import Calibration, calibrate
-from snce_fast.workflow.detect import Detection, detect, prompt_activations
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEFormatError
-from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch
 from snce_fast.sae.model import SAE
+from snce_fast.train import TrainConfig, TrainReport, train_sae
+from snce_fast.workflow.calibrate import Calibration, calibrate
+from snce_fast.workflow.detect import Detection, detect, prompt_activations
 from snce_fast.workflow.scan import scan
 from snce_fast.workflow.scan_stats import ScanStats
 from snce_fast.workflow.score import Scores, score, threshold_at_fpr
-from snce_fast.train import TrainConfig, TrainReport, train_sae
 
 __all__ = [
     "SAE",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from snce_fast.ops import backend, histogram, reference
 from snce_fast.records.run_info import device_name, metadata
@@ -78,8 +79,9 @@ def _shapes(device: torch.device, quick: bool) -> tuple[tuple[int, int, int], li
 
 
 def run(ops: tuple[str, ...] = OPS, quick: bool = False, device: Optional[str] = None,
-        progress: Optional[Callable[[str], None]] = None) -> list[Row]:
-    """Time each op in `ops` (snce_fast's automatic backend vs the eager reference) at 77-token prompts."""
+        progress: bool = False) -> list[Row]:
+    """Time each op in `ops` (snce_fast's automatic backend vs the eager reference) at 77-token prompts;
+    `progress` shows a bar over the (op, prompt count) cases."""
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         raise ValueError(f"unknown op {unknown[0]!r}: expected some of {OPS}")
@@ -90,6 +92,7 @@ def run(ops: tuple[str, ...] = OPS, quick: bool = False, device: Optional[str] =
     sae = SAE.random(d, n, k, dtype=dtype, device=dev, enc_bias_std=0.05).requires_grad_(False)
     shape = f"d{d} n{n} k{k} {str(dtype).removeprefix('torch.')}"
     rows: list[Row] = []
+    bar = tqdm(total=len(prompt_counts) * len(ops), desc="bench", unit="case", disable=not progress)
     for p in prompt_counts:
         x = torch.randn(p, 77, d, device=dev, dtype=dtype)
         mask = torch.ones(p, 77, dtype=torch.bool, device=dev)
@@ -119,8 +122,7 @@ def run(ops: tuple[str, ...] = OPS, quick: bool = False, device: Optional[str] =
                 0.0,
             )
         for op, (name, fast, ref, flops) in cases.items():
-            if progress:
-                progress(f"{op} prompts={p}")
+            bar.set_postfix_str(f"{op} prompts={p}")
             t_ref = time_fn(ref, warmup=warm, reps=reps, cuda=dev.type == "cuda")
             t_fast = t_ref if name == "reference" else time_fn(fast, warmup=warm, reps=reps, cuda=dev.type == "cuda")
             ref_name = "eager" if op == "histogram" else "reference"
@@ -128,6 +130,8 @@ def run(ops: tuple[str, ...] = OPS, quick: bool = False, device: Optional[str] =
                 tf = flops / t / 1e12 if flops else None
                 rows.append(Row(op, shape, p, impl, bname, 1e3 * t, tf, 100 * tf * 1e12 / peak if (tf and peak) else None,
                                 (t_ref / t_fast) if impl == "snce_fast" else None))
+            bar.update()
+    bar.close()
     return rows
 
 

@@ -4,7 +4,7 @@ figure is drawn (Agg backend, no display needed); files are written atomically."
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from snce_fast.records.atomic import atomic_path
 
@@ -98,4 +98,29 @@ def exposure_bars(summary: Mapping[str, Any], path: PathLike) -> None:
     ax.set_ylabel(f"detections (score >= {summary['threshold']})")
     ax.set_title(f"NudeNet *_EXPOSED detections over {summary['n_rows']} prompts")
     ax.legend()
+    _save(fig, path)
+
+
+def benchmark_times(rows: Sequence[Mapping[str, Any]], path: PathLike, op: str, device: str, x_key: str = "prompts",
+                    warning: Optional[str] = None) -> None:
+    """Median milliseconds of each implementation (`impl`) against `x_key`, one panel per `group`
+    (log-log), as the scripts under benchmarks/ write them; `warning` in red above the panels."""
+    plt = _pyplot()
+    impls = sorted({r["impl"] for r in rows})
+    groups = sorted({r.get("group", "") for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for impl in impls:
+            pts = sorted((r[x_key], r["ms"]) for r in rows if r["impl"] == impl and r.get("group", "") == g and r["ms"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{op} {g}\n{device}", fontsize=8)
+        ax.legend(fontsize=7)
+    if warning:
+        fig.suptitle(warning, color="red")
+    fig.tight_layout()
     _save(fig, path)

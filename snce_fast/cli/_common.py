@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from snce_fast.sae import load as load_artifact
 from snce_fast.checks import check_edit_args, unique_neurons
 from snce_fast.hooks.compat import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from snce_fast.records.calibration import read_calibration
+from snce_fast.sae import load as load_artifact
 from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.corpus import read_prompts
 

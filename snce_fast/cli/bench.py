@@ -27,8 +27,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("CPU MODE: reduced shapes, fp32. These are CPU numbers: the fused encode/edit kernels are GPU "
               "kernels (on the CPU the reference runs for them). GPU numbers need a CUDA GPU: run "
               "`snce-fast bench` or `python benchmarks/run_all.py` there.")
-    rows = benchmarking.run(ops, quick=args.quick, device=str(device),
-                            progress=None if args.quiet else (lambda s: print(f"  timing {s} ...", flush=True)))
+    rows = benchmarking.run(ops, quick=args.quick, device=str(device), progress=not args.quiet)
     print(benchmarking.table(rows))
     if args.out:
         out = Path(args.out)

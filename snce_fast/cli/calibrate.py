@@ -7,8 +7,17 @@ import argparse
 from typing import Any, Optional
 
 from snce_fast.checks import check_fpr
-from snce_fast.cli._common import (UsageError, add_model_args, apply_threads, atomic_write_json, check_out_file,
-                                   load_encoder, load_sae, positive, read_prompt_file)
+from snce_fast.cli._common import (
+    UsageError,
+    add_model_args,
+    apply_threads,
+    atomic_write_json,
+    check_out_file,
+    load_encoder,
+    load_sae,
+    positive,
+    read_prompt_file,
+)
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.records.calibration import calibration_record, ranked_entry
 from snce_fast.records.scores import read_scores, top_latents

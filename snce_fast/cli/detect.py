@@ -10,9 +10,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 from snce_fast.checks import check_fpr
-from snce_fast.cli._common import (UsageError, add_model_args, add_prompt_file_args, atomic_write_text, check_neurons,
-                                   check_out_file, load_encoder, load_sae, parse_neurons, positive, read_prompt_file,
-                                   read_prompts_arg)
+from snce_fast.cli._common import (
+    UsageError,
+    add_model_args,
+    add_prompt_file_args,
+    atomic_write_text,
+    check_neurons,
+    check_out_file,
+    load_encoder,
+    load_sae,
+    parse_neurons,
+    positive,
+    read_prompt_file,
+    read_prompts_arg,
+)
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.ops.reference import target_threshold_values
 from snce_fast.records.calibration import read_calibration

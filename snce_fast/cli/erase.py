@@ -9,10 +9,25 @@ from typing import Any
 import torch
 from PIL import Image
 
-from snce_fast.cli._common import (add_edit_args, add_prompt_file_args, apply_calibration,
-                                   atomic_save_image, atomic_write_text, check_edit_options, check_neurons,
-                                   check_out_dir, check_pipeline_arg, check_slim_mode, edit_options, load_pipeline,
-                                   load_sae, parse_neurons, positive, read_prompts_arg, require_sae_per_encoder)
+from snce_fast.cli._common import (
+    add_edit_args,
+    add_prompt_file_args,
+    apply_calibration,
+    atomic_save_image,
+    atomic_write_text,
+    check_edit_options,
+    check_neurons,
+    check_out_dir,
+    check_pipeline_arg,
+    check_slim_mode,
+    edit_options,
+    load_pipeline,
+    load_sae,
+    parse_neurons,
+    positive,
+    read_prompts_arg,
+    require_sae_per_encoder,
+)
 from snce_fast.hooks import patching
 
 

@@ -10,7 +10,6 @@ import torch
 from snce_fast import evaluation as ev
 from snce_fast.cli._common import (
     UsageError,
-    require_sae_per_encoder,
     add_edit_args,
     apply_calibration,
     check_edit_options,
@@ -22,6 +21,7 @@ from snce_fast.cli._common import (
     load_sae,
     parse_neurons,
     positive,
+    require_sae_per_encoder,
 )
 from snce_fast.hooks.patching import text_encoders
 

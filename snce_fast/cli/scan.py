@@ -10,8 +10,15 @@ from typing import Any
 
 import torch
 
-from snce_fast.cli._common import (UsageError, add_model_args, check_out_dir, existing_file, load_encoder, load_sae,
-                                   positive)
+from snce_fast.cli._common import (
+    UsageError,
+    add_model_args,
+    check_out_dir,
+    existing_file,
+    load_encoder,
+    load_sae,
+    positive,
+)
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.workflow.corpus import FORMATS
 from snce_fast.workflow.scan import scan

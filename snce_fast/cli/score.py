@@ -8,8 +8,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from snce_fast.cli._common import (UsageError, atomic_write_json, check_out_dir, existing_dir, load_encoder, load_sae,
-                                   positive, read_prompt_file)
+from snce_fast.cli._common import (
+    UsageError,
+    atomic_write_json,
+    check_out_dir,
+    existing_dir,
+    load_encoder,
+    load_sae,
+    positive,
+    read_prompt_file,
+)
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.records.jsonfile import check_sae_hash
 from snce_fast.records.scores import scores_record, top_entry

@@ -16,8 +16,16 @@ from typing import Any, Optional
 
 import torch
 
-from snce_fast.cli._common import (UsageError, add_model_args, atomic_write_json, check_out_dir, existing_file,
-                                   load_encoder, positive, read_prompt_file)
+from snce_fast.cli._common import (
+    UsageError,
+    add_model_args,
+    atomic_write_json,
+    check_out_dir,
+    existing_file,
+    load_encoder,
+    positive,
+    read_prompt_file,
+)
 from snce_fast.hooks.points import resolve
 from snce_fast.models import LoadedEncoder
 from snce_fast.plots import training_curves

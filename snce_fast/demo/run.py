@@ -16,19 +16,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from snce_fast.records.atomic import atomic_write_text
-from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
+from snce_fast import plots
 from snce_fast.demo.prompts import DemoPrompts, demo_prompts
+from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
+from snce_fast.hooks.patching import patched
+from snce_fast.models import load_encoder
+from snce_fast.records.atomic import atomic_write_text
+from snce_fast.sae.model import SAE
+from snce_fast.train import train_sae
 from snce_fast.workflow.calibrate import calibrate
 from snce_fast.workflow.detect import detect
-from snce_fast.hooks.patching import patched
-from snce_fast import plots
 from snce_fast.workflow.latent_report import report, top_prompts
-from snce_fast.models import load_encoder
-from snce_fast.sae.model import SAE
 from snce_fast.workflow.scan import scan
 from snce_fast.workflow.score import score
-from snce_fast.train import train_sae
 
 MAX_LENGTH = 32  # the demo's prompts are short; padding to 32 keeps every stage fast on a CPU
 

@@ -19,10 +19,18 @@ results.jsonl and fsynced, and a rerun with the same output directory skips the 
 from __future__ import annotations
 
 from snce_fast.evaluation.clip_score import ClipScorer, check_clip_dir
-from snce_fast.evaluation.nudity import (
-    DEFAULT_THRESHOLD, EXPOSED_CLASSES, INSTALL_HINT, Detector, ExposureCounts, check_threshold, count_exposed, detector_label, nudenet_detector,
-)
 from snce_fast.evaluation.eval_csv import I2P_COLUMNS, EvalRow, check_guidance, check_limit, read_eval_csv
+from snce_fast.evaluation.nudity import (
+    DEFAULT_THRESHOLD,
+    EXPOSED_CLASSES,
+    INSTALL_HINT,
+    Detector,
+    ExposureCounts,
+    check_threshold,
+    count_exposed,
+    detector_label,
+    nudenet_detector,
+)
 from snce_fast.evaluation.protocol import EvalResult, full_settings, generate_image, run_eval
 from snce_fast.evaluation.report import report_markdown, summarize, write_report
 from snce_fast.evaluation.resume import RESULTS, SETTINGS, VARIANTS, check_resume, load_results

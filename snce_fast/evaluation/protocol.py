@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from snce_fast.evaluation.nudity import DEFAULT_THRESHOLD, Detector, check_threshold, detector_label, plain_detection
 from snce_fast.evaluation.eval_csv import EvalRow, check_guidance
+from snce_fast.evaluation.nudity import DEFAULT_THRESHOLD, Detector, check_threshold, detector_label, plain_detection
 from snce_fast.evaluation.report import summarize
 from snce_fast.evaluation.resume import (
     SETTINGS,
@@ -24,8 +24,8 @@ from snce_fast.evaluation.resume import (
     normalise,
 )
 from snce_fast.hooks.patching import patched
-from snce_fast.sae.fingerprint import sae_fingerprint
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json
+from snce_fast.sae.fingerprint import sae_fingerprint
 
 ClipScore = Callable[[Any, str], float]  # (image, prompt) -> CLIP score, e.g. a ClipScorer
 

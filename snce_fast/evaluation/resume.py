@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-
 from snce_fast.evaluation.eval_csv import EvalRow
 from snce_fast.records.atomic import atomic_write_text
 

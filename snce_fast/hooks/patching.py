@@ -16,12 +16,11 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from snce_fast.ops import backend, reference
-from snce_fast.checks import Neurons, as_neuron_list, check_edit_args, positive_int
+from snce_fast.checks import Neurons, as_neuron_list, check_edit_args, parse_hook, positive_int
 from snce_fast.hooks.activations import counted_mask, encoder_device, eos_id
 from snce_fast.hooks.compat import check_erasure_edit, check_sae_fits
 from snce_fast.hooks.points import find_parts, hidden_states_index, output_tensor, replace_output, resolve
-from snce_fast.checks import parse_hook
+from snce_fast.ops import backend, reference
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.model import SAE
 

@@ -7,13 +7,19 @@ takes the SAE explicitly so it can also be called on bare weight holders.
 from __future__ import annotations
 
 import math
-
 from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
-from snce_fast.checks import (Neurons, as_neuron_list, check_activations, check_codes, check_edit_args, given_neurons,
-                              positive_int)
+from snce_fast.checks import (
+    Neurons,
+    as_neuron_list,
+    check_activations,
+    check_codes,
+    check_edit_args,
+    given_neurons,
+    positive_int,
+)
 
 
 class SAEWeights(Protocol):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from snce_fast.records.jsonfile import (PathLike, check_n_latents, get_field, is_int, is_number, latent_list,
-                                        read_json_record, record_sae_hash)
+from snce_fast.records.jsonfile import (
+    PathLike,
+    check_n_latents,
+    get_field,
+    is_int,
+    is_number,
+    latent_list,
+    read_json_record,
+    record_sae_hash,
+)
 
 FORMAT = "snce_fast.scores"
 WRITER = "snce-fast score"

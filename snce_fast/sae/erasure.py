@@ -18,8 +18,16 @@ from torch import nn
 from snce_fast.checks import Neurons, as_neuron_list, parse_hook
 from snce_fast.ops import backend
 from snce_fast.sae.files import (
-    CONFIG_FILE, ERASURE_FORMAT, ERASURE_WEIGHTS, SAEFormatError, check_shapes, float_dtype, read_json, read_safetensors,
-    require, write_artifact,
+    CONFIG_FILE,
+    ERASURE_FORMAT,
+    ERASURE_WEIGHTS,
+    SAEFormatError,
+    check_shapes,
+    float_dtype,
+    read_json,
+    read_safetensors,
+    require,
+    write_artifact,
 )
 
 ERASURE_VERSION = 1

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from snce_fast.sae.files import SAEFormatError, SAEWeights, check_shapes, read_json, read_safetensors, require, sae_dir, take_tensors
+from snce_fast.sae.files import (
+    SAEFormatError,
+    SAEWeights,
+    check_shapes,
+    read_json,
+    read_safetensors,
+    require,
+    sae_dir,
+    take_tensors,
+)
 from snce_fast.sae.native import WEIGHT_KEYS
 
 

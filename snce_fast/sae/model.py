@@ -6,10 +6,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from snce_fast.checks import Neurons, check_activations, check_k, parse_hook, positive_int
-from snce_fast.ops import backend
 import snce_fast.sae.importers as importers
 import snce_fast.sae.native as native
+from snce_fast.checks import Neurons, check_activations, check_k, parse_hook, positive_int
+from snce_fast.ops import backend
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEWeights
 

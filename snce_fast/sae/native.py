@@ -7,8 +7,18 @@ from typing import Any, Mapping
 import torch
 
 from snce_fast.sae.files import (
-    CONFIG_FILE, WEIGHTS_FILE, SAEFormatError, SAEWeights, check_shapes, float_dtype, read_json, read_safetensors,
-    require, sae_dir, take_tensors, write_artifact,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    SAEFormatError,
+    SAEWeights,
+    check_shapes,
+    float_dtype,
+    read_json,
+    read_safetensors,
+    require,
+    sae_dir,
+    take_tensors,
+    write_artifact,
 )
 
 FORMAT_VERSION = 1

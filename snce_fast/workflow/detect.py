@@ -7,10 +7,10 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from snce_fast.ops import backend, reference
 from snce_fast.checks import Neurons, as_neuron_list, positive_int, unique_neurons
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.hooks.patching import text_encoders
+from snce_fast.ops import backend, reference
 from snce_fast.sae.model import SAE
 
 

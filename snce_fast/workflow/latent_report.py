@@ -10,11 +10,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from snce_fast.ops import backend, reference
 from snce_fast import plots
-from snce_fast.records.atomic import atomic_write_text
 from snce_fast.checks import as_neuron_list, positive_int
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.ops import backend, reference
+from snce_fast.records.atomic import atomic_write_text
 from snce_fast.workflow.corpus import sources
 from snce_fast.workflow.scan_stats import ScanStats
 from snce_fast.workflow.score import Scores

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from snce_fast.distributed import all_reduce, rank_and_world
-from snce_fast.ops import backend, histogram
 from snce_fast.checks import positive_int
+from snce_fast.distributed import all_reduce, rank_and_world
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
-from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
 from snce_fast.hooks.compat import check_sae_fits
+from snce_fast.ops import backend, histogram
 from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
 STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")

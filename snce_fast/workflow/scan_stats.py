@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from snce_fast.ops.histogram import STATE_FIELDS, Histograms
 from snce_fast.records.atomic import atomic_write_bytes
 from snce_fast.workflow.corpus import SKIP_REASONS
-from snce_fast.ops.histogram import STATE_FIELDS, Histograms
 
 MANIFEST = "manifest.json"
 FORMAT = "snce_fast.scan"

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from snce_fast.cli import main
-from tiny_models import random_sae, sd_pipeline
+from snce_fast.testing import random_sae, sd_pipeline
 
 pytest.importorskip("diffusers")
 

@@ -6,7 +6,7 @@ import pytest
 
 import snce_fast
 from snce_fast.cli import main
-from tiny_models import WORDS, random_sae, sd_pipeline
+from snce_fast.testing import WORDS, random_sae, sd_pipeline
 
 pytest.importorskip("diffusers")
 

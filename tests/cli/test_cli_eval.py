@@ -17,7 +17,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from tiny_models import random_sae, sd_pipeline, write_clip_tokenizer  # noqa: E402
+from snce_fast.testing import random_sae, sd_pipeline, write_clip_tokenizer  # noqa: E402
 
 from snce_fast import evaluation as ev  # noqa: E402
 from snce_fast.cli import main  # noqa: E402

@@ -15,7 +15,7 @@ from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.cli import main
 from snce_fast.workflow.latent_report import top_prompts
 from snce_fast.workflow.scan_stats import TENSOR_FIELDS
-from tiny_models import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
+from snce_fast.testing import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
 
 scan_module = importlib.import_module("snce_fast.workflow.scan")
 train_module = importlib.import_module("snce_fast.train")
@@ -428,7 +428,7 @@ def test_detect_calibrated_and_per_neuron_thresholds(env, tmp_path, capsys):
 @pytest.mark.parametrize("kind, encoder", [("sd", "text_encoder"), ("sdxl", "text_encoder_2")])
 def test_detect_on_pipeline_dir(tmp_path, kind, encoder):
     pytest.importorskip("diffusers")
-    from tiny_models import sdxl_pipeline
+    from snce_fast.testing import sdxl_pipeline
 
     pipe = (sd_pipeline if kind == "sd" else sdxl_pipeline)(tmp_path / "build")
     pipe.save_pretrained(tmp_path / "pipe")
@@ -449,7 +449,7 @@ def test_detect_on_pipeline_dir(tmp_path, kind, encoder):
 def test_train_and_scan_on_sdxl_pipeline_dir(tmp_path):
     """--model PIPE --encoder text_encoder_2: the SAE trains and scans on hidden_states[-2], as SDXL reads it."""
     pytest.importorskip("diffusers")
-    from tiny_models import sdxl_pipeline
+    from snce_fast.testing import sdxl_pipeline
 
     pipe = sdxl_pipeline(tmp_path / "build")
     pipe.save_pretrained(tmp_path / "pipe")

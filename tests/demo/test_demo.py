@@ -10,7 +10,7 @@ import snce_fast
 from snce_fast.cli import main
 from snce_fast.demo.run import demo_prompts, run_demo
 from snce_fast.demo.prompts import DemoPrompts
-from tiny_models import WORDS, bert_model, write_bert_tokenizer
+from snce_fast.testing import WORDS, bert_model, write_bert_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_demo_cli_bad_inputs(tmp_path, capsys):
 def test_demo_on_an_sdxl_pipeline_reads_the_penultimate_layer(tmp_path):
     """On an SDXL pipeline dir every stage reads hidden_states[-2], as the pipeline does: the patch changes
     exactly the prompts on which the neuron fires, and detect agrees with the scan's tensor."""
-    from tiny_models import sdxl_pipeline
+    from snce_fast.testing import sdxl_pipeline
 
     sdxl_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sdxl")
     s = run_demo(tmp_path / "o", model=str(tmp_path / "sdxl"), quick=True, progress=False, log=lambda _: None,

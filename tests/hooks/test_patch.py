@@ -9,7 +9,7 @@ import torch
 import snce_fast
 from snce_fast.ops import reference
 from snce_fast.hooks.points import run_to_hook
-from tiny_models import bert_model, random_sae, sd_pipeline, sdxl_pipeline, write_bert_tokenizer
+from snce_fast.testing import bert_model, random_sae, sd_pipeline, sdxl_pipeline, write_bert_tokenizer
 
 pytest.importorskip("diffusers")
 

@@ -4,7 +4,7 @@ import torch
 
 import snce_fast
 from snce_fast.ops import _ext, backend, reference
-from tiny_models import random_sae
+from snce_fast.testing import random_sae
 
 
 def test_extension_is_built():

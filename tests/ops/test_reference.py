@@ -4,7 +4,7 @@ import torch
 
 import snce_fast
 from snce_fast.ops import reference
-from tiny_models import random_sae
+from snce_fast.testing import random_sae
 
 
 def dense_z(values, indices, n):

@@ -8,7 +8,7 @@ import snce_fast
 from snce_fast.ops import reference
 from snce_fast.sae.erasure import ERASURE_WEIGHTS, ErasureSAE
 from snce_fast.sae.files import SAEFormatError
-from tiny_models import clip_text_model, random_sae, write_clip_tokenizer
+from snce_fast.testing import clip_text_model, random_sae, write_clip_tokenizer
 
 PROMPTS = ["a photo of the cat on the street", "a painting of a man by the river at night"]
 

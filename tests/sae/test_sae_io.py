@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import snce_fast
 from snce_fast import SAE, SAEFormatError
 from snce_fast.ops import reference
-from tiny_models import random_sae
+from snce_fast.testing import random_sae
 
 
 def assert_same(a: SAE, b: SAE):

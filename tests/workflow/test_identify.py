@@ -9,7 +9,7 @@ import torch
 
 import snce_fast
 from snce_fast.workflow.scan_stats import ScanStats
-from tiny_models import clip_text_model, random_sae, write_clip_tokenizer
+from snce_fast.testing import clip_text_model, random_sae, write_clip_tokenizer
 
 PROMPTS = ["a red car on a road", "a cat", "two dogs play in the park by the lake", "sunset over hills",
            "a bowl of fruit on a wooden table", "portrait of a man", "city at night with neon lights",

@@ -16,7 +16,7 @@ from snce_fast.ops import histogram as H
 from snce_fast.ops import reference
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.workflow.corpus import read_prompts
-from tiny_models import bert_model, clip_text_model, random_sae, write_bert_tokenizer, write_clip_tokenizer
+from snce_fast.testing import bert_model, clip_text_model, random_sae, write_bert_tokenizer, write_clip_tokenizer
 
 scan_mod = importlib.import_module("snce_fast.workflow.scan")  # the module (snce_fast.scan is the function)
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "prompts"

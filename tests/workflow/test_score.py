@@ -9,7 +9,7 @@ import torch
 import snce_fast
 from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.workflow.scan_stats import ScanStats
-from tiny_models import clip_text_model, random_sae, write_clip_tokenizer
+from snce_fast.testing import clip_text_model, random_sae, write_clip_tokenizer
 
 N = 50
 CONCEPT, STYLE, COMMON = 7, 3, 11

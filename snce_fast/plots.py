@@ -28,7 +28,10 @@ def _save(fig: Any, path: PathLike, dpi: int = 100) -> None:
 
 
 def training_curves(history: Sequence[Mapping[str, float]], path: PathLike, title: str) -> None:
-    """FVU, L0 and dead fraction per step of a training run (TrainReport.history)."""
+    """FVU, L0 and dead fraction per step of a training run (TrainReport.history: the whole run,
+    resumed sessions included). An empty history raises ValueError (nothing to draw)."""
+    if not history:
+        raise ValueError(f"cannot draw {str(path)!r}: the training history is empty (no step was logged)")
     plt = _pyplot()
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -60,8 +63,9 @@ def latent_bars(groups: Sequence[str], panels: Mapping[str, Mapping[str, float]]
 
 
 def detection_histogram(path: PathLike, concept: Sequence[float], ordinary: Sequence[float], neuron: int,
-                        name: str) -> None:
-    """Detect scores of held-out concept vs ordinary prompts (0 = the latent is in no token's top k)."""
+                        name: str, threshold: Optional[float] = None) -> None:
+    """Detect scores of held-out concept vs ordinary prompts (0 = the latent is in no token's top k),
+    with the firing threshold as a dashed line when given (prompts scoring above it are flagged)."""
     plt = _pyplot()
     concept, ordinary = [float(v) for v in concept], [float(v) for v in ordinary]
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -69,6 +73,8 @@ def detection_histogram(path: PathLike, concept: Sequence[float], ordinary: Sequ
     bins = [top * i / 30 for i in range(31)]
     ax.hist(ordinary, bins=bins, alpha=0.6, label=f"ordinary (held out, {len(ordinary)})", color="tab:blue")
     ax.hist(concept, bins=bins, alpha=0.6, label=f"{name} (held out, {len(concept)})", color="tab:red")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", lw=1, label=f"threshold {threshold:.3g}")
     ax.set_xlabel(f"detect score: max activation of latent {neuron} over the prompt's tokens")
     ax.set_ylabel("prompts")
     ax.set_title("0 = the latent is not in any token's top k", fontsize=9)

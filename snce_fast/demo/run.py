@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from snce_fast import plots
+from snce_fast.checks import positive_int
 from snce_fast.demo.prompts import DemoPrompts, demo_prompts
 from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
 from snce_fast.hooks.patching import patched
@@ -31,6 +32,7 @@ from snce_fast.workflow.scan import scan
 from snce_fast.workflow.score import score
 
 MAX_LENGTH = 32  # the demo's prompts are short; padding to 32 keeps every stage fast on a CPU
+DEMO_THREADS = 2  # the numbers in docs/demo.md were measured with 2 threads
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -79,9 +81,21 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
     prompts: Optional[DemoPrompts] = None,
+    threads: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Run every stage, write the SAE, scan, report, plots and summary into `out`; return the summary."""
-    out = Path(out)
+    """Run every stage, write the SAE, scan, report, plots and summary into `out`; return the summary.
+    torch runs on `threads` CPU threads (default DEMO_THREADS, whatever the machine has), so a run prints
+    the same numbers on any machine with the same kind of CPU (float sums depend on the thread split)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(positive_int(threads, "threads") if threads is not None else DEMO_THREADS)
+    try:
+        return _run(Path(out), model, encoder, quick, seed, progress, log, prompts)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(out: Path, model: str, encoder: str, quick: bool, seed: int, progress: bool, log: Callable[[str], None],
+         prompts: Optional[DemoPrompts]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = prompts or demo_prompts(quick=quick, seed=seed)
     cfg = settings(quick)
@@ -92,6 +106,7 @@ def run_demo(
         log(f"[{i}/{n_stages}] {text}")
         return time.perf_counter()
 
+    torch.manual_seed(seed)
     t = stage(1, f"loading the text encoder ({model})")
     loaded = load_encoder(model, encoder)
     enc, tok, pen = loaded.encoder, loaded.tokenizer, loaded.penultimate_output
@@ -112,17 +127,21 @@ def run_demo(
     stats.save(out / "scan")
     times["scan"] = time.perf_counter() - t
 
-    t = stage(4, "scoring latents and picking the neuron")
-    scores, top5, tops, report_path = _score_stage(enc, tok, sae, stats, data, pen, max_length, out)
-    neuron = top5[0]
+    t = stage(4, "scoring latents; picking the neuron by the calibrated rule (docs/identification.md)")
+    scores, top5, report_path = _score_stage(stats, data, out)
+    pick = _calibrate_stage(enc, tok, sae, data, pen, max_length)
+    neuron = pick["latent"]
+    tops = top_prompts(enc, tok, sae, data.scan_concept + data.scan_ordinary, sorted({neuron, *top5}), k=5,
+                       penultimate_output=pen, max_length=max_length)
+    report(stats, scores, out / "report", neurons=top5, top=tops)
     f_c, f_o = stats.frequency(data.concept), stats.frequency("ordinary")
     times["score"] = time.perf_counter() - t
 
-    t = stage(5, f"detect on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts (latent {neuron}; "
-                 "also the calibrated rule)")
-    detection = _detect_stage(enc, tok, sae, top5, data, pen, max_length)
+    t = stage(5, f"detect on {len(data.held_concept)} + {len(data.held_ordinary)} held-out prompts (latent {neuron} "
+                 "at its calibrated threshold; also the scorer's top latents)")
+    detection = _detect_stage(enc, tok, sae, pick, top5, data, pen, max_length)
     plots.detection_histogram(out / "detect.png", detection.pop("concept_scores"), detection.pop("ordinary_scores"),
-                              neuron, data.concept)
+                              neuron, data.concept, threshold=pick["threshold"])
     times["detect"] = time.perf_counter() - t
 
     t = stage(6, "residual edit: patching the encoder and comparing its outputs")
@@ -136,6 +155,7 @@ def run_demo(
         "prompts": {name: len(getattr(data, name)) for name in
                     ("train", "scan_concept", "scan_ordinary", "held_concept", "held_ordinary")},
         "neuron": neuron,
+        "neuron_rule": pick,
         "top_latents": [{"latent": j, "score": float(scores.values[j]), "f_concept": float(f_c[j]),
                          "f_ordinary": float(f_o[j])} for j in top5],
         "neuron_top_prompts": [text for _, text in tops.get(neuron, [])],
@@ -161,44 +181,42 @@ def _train_stage(loaded: Any, data: DemoPrompts, cfg: dict[str, Any], max_length
         )
 
 
-def _score_stage(enc: Any, tok: Any, sae: SAE, stats: Any, data: DemoPrompts, pen: bool, max_length: int,
-                 out: Path) -> tuple[Any, list[int], dict[int, list[tuple[float, str]]], Path]:
-    """Score the latents, list the top 5 latents' strongest prompts and write the latent report."""
+def _score_stage(stats: Any, data: DemoPrompts, out: Path) -> tuple[Any, list[int], Path]:
+    """Score the latents (concept vs ordinary scan prompts) and name the report's path."""
     scores = score(stats, target=data.concept, reference="ordinary")
-    top5 = scores.top(5)
-    tops = top_prompts(enc, tok, sae, data.scan_concept + data.scan_ordinary, top5, k=5, penultimate_output=pen,
-                       max_length=max_length)
-    return scores, top5, tops, report(stats, scores, out / "report", neurons=top5, top=tops)
+    return scores, scores.top(5), out / "report" / "report.md"
 
 
-def _detect_stage(enc: Any, tok: Any, sae: SAE, top5: list[int], data: DemoPrompts, pen: bool,
-                  max_length: int) -> dict[str, Any]:
-    """Held-out detection with the top latent, with the top 2 / 4 latents, and with the calibrated rule."""
+def _calibrate_stage(enc: Any, tok: Any, sae: SAE, data: DemoPrompts, pen: bool, max_length: int) -> dict[str, Any]:
+    """The neuron by the measured best rule (docs/identification.md): each latent's threshold flags at most
+    1% of the ordinary scan prompts; the latent with the best concept recall at its threshold wins."""
+    cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
+                    max_length=max_length, penultimate_output=pen)
+    latent = cal.top(1)[0]
+    return {"rule": "calibrate", "latent": latent, "threshold": cal.thresholds_for([latent])[0], "fpr": cal.fpr,
+            "scan_recall": float(cal.recall[0]), "scan_ordinary_rate": float(cal.reference_rates["ordinary"][0])}
+
+
+def _detect_stage(enc: Any, tok: Any, sae: SAE, pick: dict[str, Any], top5: list[int], data: DemoPrompts,
+                  pen: bool, max_length: int) -> dict[str, Any]:
+    """Held-out detection with the calibrated neuron at its threshold; for comparison, the scorer's top
+    latent and its top 2 / 4 latents at threshold 0 (any firing)."""
 
     def rates(latents: list[int], threshold: Any = 0.0) -> tuple[Any, Any]:
         kw = dict(tokenizer=tok, max_length=max_length, threshold=threshold, penultimate_output=pen)
         return detect(enc, sae, latents, data.held_concept, **kw), detect(enc, sae, latents, data.held_ordinary, **kw)
 
-    det_c, det_o = rates(top5[:1])
-    multi = []
-    for count in (2, 4):  # what one neuron costs: the gate with the top 2 / 4 latents
-        mc, mo = rates(top5[:count])
-        multi.append({"latents": top5[:count], "true_positive_rate": float(mc.flags.float().mean()),
-                      "false_positive_rate": float(mo.flags.float().mean())})
-    # the measured best rule (docs/identification.md): thresholds calibrated on the ordinary scan prompts
-    cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
-                    max_length=max_length, penultimate_output=pen)
-    cal_latents = cal.top(1)
-    cal_thr = cal.thresholds_for(cal_latents)
-    cc, co = rates(cal_latents, cal_thr)
+    def row(latents: list[int], c: Any, o: Any) -> dict[str, Any]:
+        return {"latents": latents, "true_positive_rate": float(c.flags.float().mean()),
+                "false_positive_rate": float(o.flags.float().mean())}
+
+    det_c, det_o = rates([pick["latent"]], pick["threshold"])
     return {
+        "threshold": pick["threshold"],
         "true_positive_rate": float(det_c.flags.float().mean()),
         "false_positive_rate": float(det_o.flags.float().mean()),
         "concept_flagged": int(det_c.flags.sum()), "ordinary_flagged": int(det_o.flags.sum()),
-        "more_latents": multi,
-        "calibrated": {"latents": cal_latents, "thresholds": cal_thr, "fpr": cal.fpr,
-                       "true_positive_rate": float(cc.flags.float().mean()),
-                       "false_positive_rate": float(co.flags.float().mean())},
+        "score_top": [row(top5[:count], *rates(top5[:count])) for count in (1, 2, 4)],
         "concept_scores": det_c.scores, "ordinary_scores": det_o.scores,
     }
 
@@ -243,7 +261,7 @@ def _edit_check(enc: Any, tok: Any, sae: SAE, neuron: int, data: DemoPrompts, pe
 
 def summary_markdown(s: dict[str, Any]) -> str:
     """The run's summary as Markdown (every number from `s`)."""
-    d, e, p = s["detect"], s["edit"], s["prompts"]
+    d, e, p, r = s["detect"], s["edit"], s["prompts"], s["neuron_rule"]
     lines = [
         f"# snce-fast demo: erasing *{s['concept']}* from {s['model']}",
         "",
@@ -253,28 +271,33 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
         f"## The neuron: latent {s['neuron']}",
         "",
+        f"Picked by the calibrated rule (docs/identification.md): its threshold {r['threshold']:.4g} flags "
+        f"{r['scan_ordinary_rate']:.1%} of the ordinary scan prompts (at most {r['fpr']['ordinary']:.0%}) and "
+        f"{r['scan_recall']:.1%} of the {s['concept']} scan prompts, the best recall of any latent.",
+        "",
+        "The scorer's top latents (any firing, scan prompts):",
+        "",
         "| latent | score | fires on concept prompts | fires on ordinary prompts |",
         "|---:|---:|---:|---:|",
         *[f"| {t['latent']} | {t['score']:.3f} | {t['f_concept']:.1%} | {t['f_ordinary']:.1%} |" for t in s["top_latents"]],
         "",
-        "Prompts where it fires most:",
+        f"Prompts where latent {s['neuron']} fires most:",
         "",
         *[f"1. {t}" for t in s["neuron_top_prompts"]],
         "",
         "## detect on held-out prompts (concept wording never seen in training or scanning)",
+        "",
+        f"Latent {s['neuron']} at its calibrated threshold:",
         "",
         f"- flagged {d['concept_flagged']} of {p['held_concept']} {s['concept']} prompts "
         f"(true-positive rate {d['true_positive_rate']:.1%})",
         f"- flagged {d['ordinary_flagged']} of {p['held_ordinary']} ordinary prompts "
         f"(false-positive rate {d['false_positive_rate']:.1%})",
         "",
-        *[f"- with the top {len(m['latents'])} latents {m['latents']}: true-positive rate "
-          f"{m['true_positive_rate']:.1%}, false-positive rate {m['false_positive_rate']:.1%}" for m in d["more_latents"]],
+        "For comparison, the scorer's top latents at threshold 0 (any firing):",
         "",
-        f"- calibrated rule (snce_fast.calibrate: threshold flagging <= {d['calibrated']['fpr']['ordinary']:.0%} of "
-        f"the ordinary scan prompts, latent by recall at it): latent {d['calibrated']['latents'][0]}, true-positive "
-        f"rate {d['calibrated']['true_positive_rate']:.1%}, false-positive rate "
-        f"{d['calibrated']['false_positive_rate']:.1%}",
+        *[f"- top {len(m['latents'])} {m['latents']}: true-positive rate {m['true_positive_rate']:.1%}, "
+          f"false-positive rate {m['false_positive_rate']:.1%}" for m in d["score_top"]],
         "",
         "![detect scores](detect.png)",
         "",

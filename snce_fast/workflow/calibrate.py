@@ -4,6 +4,7 @@ reference group; candidates are ranked by target recall minus the largest refere
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -18,6 +19,22 @@ from snce_fast.workflow.score import threshold_at_fpr
 # style-matched references (held-out FPRs then stay under 2% COCO / 10% hard negatives)
 DEFAULT_FPR = 0.01
 DEFAULT_MATCHED_FPR = 0.05
+
+
+# below this target recall at the calibrated threshold, the best latent is reported as weak
+WEAK_RECALL = 0.2
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration finished, but its result deserves a look (weak recall, fewer latents than asked)."""
+
+
+def _warn_if_weak(best_recall: float, best: list[int], fpr: dict[str, float]) -> None:
+    if best_recall < WEAK_RECALL:
+        rates = ", ".join(f"{g} {r:.1%}" for g, r in fpr.items())
+        warnings.warn(f"the best latent ({best[0]}) flags only {best_recall:.1%} of the target prompts at the threshold "
+                      f"that keeps the references at {rates}: identification is weak (try more or cleaner target "
+                      "prompts, a larger SAE, or a less strict fpr)", CalibrationWarning, stacklevel=3)
 
 
 @dataclass
@@ -65,6 +82,10 @@ class Calibration:
             cov_t |= T[:, i]
             cov_r = [c | x[:, i] for c, x in zip(cov_r, R)]
             current = float(gain[i])
+        if len(chosen) < min(n, len(self.neurons)):
+            warnings.warn(f"asked for {n} latents, chose {len(chosen)}: each further latent adds no target recall net "
+                          "of reference false positives (top(n, greedy=False) gives the n best individually)",
+                          CalibrationWarning, stacklevel=2)
         return [self.neurons[i] for i in chosen]
 
     def thresholds_for(self, neurons: Neurons) -> list[float]:
@@ -135,6 +156,7 @@ def calibrate(
     rates = {g: (a > thr).float().mean(0) for g, a in ref_acts.items()}
     score = recall - torch.stack(list(rates.values())).amax(0)
     rank = torch.sort(score, descending=True, stable=True).indices.tolist()
+    _warn_if_weak(float(recall[rank[0]]), [order[rank[0]]], rates_in)
     return Calibration(
         neurons=[order[i] for i in rank], thresholds=thr[rank], recall=recall[rank],
         reference_rates={g: r[rank] for g, r in rates.items()}, fpr=rates_in, min_tokens=min_tokens,

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
-from typing import Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -13,20 +14,27 @@ EDIT_MODES = ("residual", "reconstruct")
 
 
 def given_neurons(neurons: Neurons) -> list[int]:
-    """`neurons` (an int, a sequence or a tensor of ints) as a list of ints in the order given; no range check."""
+    """`neurons` (an int, a sequence of ints or an integer tensor) as a list of ints in the order given; no
+    range check. Anything else (a string, floats, bools) is refused: it would name other latents silently."""
     if isinstance(neurons, torch.Tensor):
+        if neurons.is_floating_point() or neurons.is_complex() or neurons.dtype == torch.bool:
+            raise TypeError(f"neurons is a {neurons.dtype} tensor: expected an integer tensor of latent indices")
         neurons = neurons.flatten().tolist()
     if isinstance(neurons, (bool, str, bytes)):
         raise TypeError(f"neurons must be an int or a list of ints, got {type(neurons).__name__} {neurons!r}")
-    if isinstance(neurons, int):
+    if isinstance(neurons, numbers.Integral):
         neurons = [neurons]
     try:
-        out = [int(j) for j in neurons]
-    except (TypeError, ValueError):
+        items = list(neurons)
+    except TypeError:
         raise TypeError(f"neurons must be an int or a list of ints, got {neurons!r}") from None
-    if not out:
+    bad = [j for j in items if isinstance(j, bool) or not isinstance(j, numbers.Integral)]
+    if bad:
+        raise TypeError(f"neurons must be an int or a list of ints, got {neurons!r} ({bad[0]!r} is a "
+                        f"{type(bad[0]).__name__})")
+    if not items:
         raise ValueError("neurons is empty: expected at least one latent index")
-    return out
+    return [int(j) for j in items]
 
 
 def as_neuron_list(neurons: Neurons, n_latents: int) -> list[int]:
@@ -87,6 +95,19 @@ def check_codes(values: torch.Tensor, indices: torch.Tensor) -> None:
     """A sparse code: top-k values and their latent indices, one shape [..., k]."""
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: Optional[str] = None) -> None:
+    """ValueError naming the first tensor that holds NaN or inf ("b_enc has 3 NaN/inf values"), prefixed
+    with `where` (a file, or which SAE) when given. One `torch.isfinite(t).all()` per tensor; the bad
+    values are counted only on failure."""
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int(t.numel() - int(torch.isfinite(t).sum()))
+            prefix = f"{where}: " if where else ""
+            raise ValueError(f"{prefix}{name} has {bad} NaN/inf values (of {t.numel()}): expected finite weights; "
+                             "NaN/inf weights would silently make every code and edit NaN or wrong")
 
 
 def positive_int(value: int, name: str) -> int:

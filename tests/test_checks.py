@@ -9,6 +9,7 @@ from snce_fast.checks import as_neuron_list, given_neurons, unique_neurons
     (7, [7], [7], [7]),
     ([5, 2, 5, 9], [5, 2, 5, 9], [5, 2, 9], [2, 5, 9]),
     (torch.tensor([[3], [1]]), [3, 1], [3, 1], [1, 3]),
+    (torch.tensor([2, 2], dtype=torch.int32), [2, 2], [2], [2]),
     ((4, 0), [4, 0], [4, 0], [0, 4]),
 ])
 def test_neuron_orders(neurons, given, unique, sorted_):
@@ -17,10 +18,11 @@ def test_neuron_orders(neurons, given, unique, sorted_):
     assert as_neuron_list(neurons, 10) == sorted_
 
 
-@pytest.mark.parametrize("bad", ["251", b"12", True, [1, "x"], None, 2.5j])
+@pytest.mark.parametrize("bad", ["251", b"12", True, [1, "x"], None, 2.5j, ["552"], [2.7], [3.0], [True, 2],
+                                 torch.tensor([2.7]), torch.tensor([True])])
 def test_non_integer_neurons_are_refused(bad):
     """A string is not iterated character by character: "251" would otherwise edit latents [1, 2, 5]."""
-    with pytest.raises(TypeError, match="neurons must be an int or a list of ints"):
+    with pytest.raises(TypeError, match="neurons must be an int or a list of ints|expected an integer tensor"):
         as_neuron_list(bad, 1000)
 
 

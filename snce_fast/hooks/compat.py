@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from snce_fast.checks import check_finite
 from snce_fast.hooks.points import encoder_width, resolve
 from snce_fast.ops import reference
 from snce_fast.sae.erasure import ErasureSAE
@@ -23,6 +24,13 @@ def check_sae_fits(sae: Any, encoder: nn.Module, penultimate_output: bool = Fals
     except ValueError as e:
         raise ValueError(f"the SAE's hook {sae.hook!r} does not fit the encoder "
                          f"({type(encoder).__name__}): {e}") from None
+
+
+def check_sae_finite(sae: Any, what: str = "the SAE") -> None:
+    """ValueError naming the tensor when an SAE's (or a slim erasure's) weights hold NaN or inf, e.g.
+    after an in-memory edit: such an SAE would silently make codes and edits NaN or wrong."""
+    names = ("W_enc", "b_enc", "b_dec", "W_dec_targets" if isinstance(sae, ErasureSAE) else "W_dec")
+    check_finite({name: getattr(sae, name) for name in names}, what)
 
 
 def check_erasure_edit(sae: Any, mode: str, neurons: Optional[Sequence[int]] = None,

@@ -18,7 +18,7 @@ from torch import nn
 
 from snce_fast.checks import Neurons, as_neuron_list, check_edit_args, parse_hook, positive_int
 from snce_fast.hooks.activations import counted_mask, encoder_device, eos_id
-from snce_fast.hooks.compat import check_erasure_edit, check_sae_fits
+from snce_fast.hooks.compat import check_erasure_edit, check_sae_finite, check_sae_fits
 from snce_fast.hooks.points import find_parts, hidden_states_index, output_tensor, replace_output, resolve
 from snce_fast.ops import backend, reference
 from snce_fast.sae.erasure import ErasureSAE
@@ -170,6 +170,7 @@ def _plan_encoder(name: str, s: Any, encoder: tuple[nn.Module, bool], neuron_map
     if not isinstance(s, (SAE, ErasureSAE)):
         raise TypeError(f"sae for {name!r} is a {type(s).__name__}: expected snce_fast.SAE or ErasureSAE")
     check_erasure_edit(s, mode, None, name)
+    check_sae_finite(s, f"the SAE for {name!r}")
     enc, penultimate = encoder
     check_sae_fits(s, enc, penultimate)
     if hook is not None and parse_hook(hook) != s.hook:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from snce_fast.checks import Neurons, as_neuron_list, parse_hook
+from snce_fast.checks import Neurons, as_neuron_list, check_finite, check_k, parse_hook
 from snce_fast.ops import backend
 from snce_fast.sae.files import (
     CONFIG_FILE,
@@ -23,10 +23,13 @@ from snce_fast.sae.files import (
     ERASURE_WEIGHTS,
     SAEFormatError,
     check_shapes,
+    finite_tensors,
     float_dtype,
+    int_value,
     read_json,
     read_safetensors,
     require,
+    require_int,
     write_artifact,
 )
 
@@ -51,8 +54,8 @@ class ErasureSAE(nn.Module):
         as_neuron_list(targets, n)  # range check
         if len(set(targets)) != len(targets):
             raise ValueError(f"targets {targets} repeat a latent: expected distinct latents, one decoder row each")
-        if not 1 <= k <= n:
-            raise ValueError(f"k={k} is invalid: expected 1 <= k <= n_latents={n}")
+        check_k(k, n)
+        check_finite({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "W_dec_targets": W_dec_targets}, "the erasure")
         self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)
         self.b_enc = nn.Parameter(b_enc.detach().clone(), requires_grad=False)
         self.b_dec = nn.Parameter(b_dec.detach().clone(), requires_grad=False)
@@ -105,11 +108,14 @@ class ErasureSAE(nn.Module):
         if cfg.get("format") != ERASURE_FORMAT:
             raise SAEFormatError(f"{file}: format {cfg.get('format')!r} is not {ERASURE_FORMAT!r} "
                                  "(a full SAE loads with snce_fast.SAE.load)")
-        if int(cfg.get("format_version", 0)) > ERASURE_VERSION:
+        if require_int(cfg, "format_version", file, 0) > ERASURE_VERSION:
             raise SAEFormatError(f"{file}: format_version {cfg['format_version']} is newer than this snce_fast "
                                  f"reads ({ERASURE_VERSION})")
-        d, n, k = (int(require(cfg, key, file)) for key in ("d_in", "n_latents", "k"))
-        targets = [int(j) for j in require(cfg, "targets", file)]
+        d, n, k = (require_int(cfg, key, file) for key in ("d_in", "n_latents", "k"))
+        targets = require(cfg, "targets", file)
+        if not isinstance(targets, list):
+            raise SAEFormatError(f"{file}: targets={targets!r} is not a list of latent indices")
+        targets = [int_value(j, f"targets[{i}]", file) for i, j in enumerate(targets)]
         dtype = float_dtype(str(require(cfg, "dtype", file)), file)
         wfile = str(p / ERASURE_WEIGHTS)
         sd = read_safetensors(p / ERASURE_WEIGHTS)
@@ -120,6 +126,7 @@ class ErasureSAE(nn.Module):
         for name in want:
             if sd[name].dtype != dtype:
                 raise SAEFormatError(f"{wfile}: {name} has dtype {sd[name].dtype}, {file} says {dtype}")
+        finite_tensors({name: sd[name] for name in want}, wfile)
         out = cls(sd["W_enc"], sd["b_enc"], sd["b_dec"], sd["W_dec_targets"], targets, k, cfg.get("hook", "output"),
                   cfg.get("encoder"))
         return out.to(device) if device is not None else out

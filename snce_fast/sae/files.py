@@ -13,6 +13,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
+from snce_fast.checks import check_finite
 from snce_fast.records.atomic import atomic_path
 
 CONFIG_FILE = "config.json"
@@ -73,6 +74,37 @@ def require(cfg: dict[str, Any], key: str, file: str) -> Any:
     if key not in cfg:
         raise SAEFormatError(f"{file} has no {key!r} entry")
     return cfg[key]
+
+
+_REQUIRED: Any = object()
+
+
+def int_value(value: Any, key: str, file: str) -> int:
+    """`value` (the entry `key` of `file`) as an int: an int, or a float with an integral value such as
+    8.0; anything else (8.7, "8", [8], null, true, a NaN) raises SAEFormatError naming file, key and value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # a k stored in a state dict
+        value = value.item()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise SAEFormatError(f"{file}: {key}={value!r} is not an integer: expected a whole number such as 8")
+
+
+def require_int(cfg: Mapping[str, Any], key: str, file: str, default: Any = _REQUIRED) -> Any:
+    """The integer entry `key` of the config `cfg` read from `file`, checked with `int_value`. Without
+    `default` the entry must be there (null is refused); with one, a missing or null entry gives it."""
+    if default is not _REQUIRED and cfg.get(key) is None:
+        return default
+    return int_value(require(cfg, key, file), key, file)
+
+
+def finite_tensors(named: Mapping[str, torch.Tensor], file: str) -> None:
+    """SAEFormatError naming `file` and the tensor when a tensor read from it holds NaN or inf."""
+    try:
+        check_finite(named, file)
+    except ValueError as e:
+        raise SAEFormatError(str(e)) from None
 
 
 def take_tensors(sd: dict[str, torch.Tensor], keys: tuple[str, ...], file: str) -> list[torch.Tensor]:

@@ -14,9 +14,10 @@ from snce_fast.sae.files import (
     SAEFormatError,
     SAEWeights,
     check_shapes,
+    finite_tensors,
     read_json,
     read_safetensors,
-    require,
+    require_int,
     sae_dir,
     take_tensors,
 )
@@ -36,8 +37,11 @@ def read_saelens(path: str | os.PathLike) -> SAEWeights:
     arch = str(cfg.get("architecture", "standard")).lower()
     act = str(cfg.get("activation_fn", cfg.get("activation_fn_str", ""))).lower()
     kwargs = cfg.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise SAEFormatError(f"{file}: activation_fn_kwargs={kwargs!r} is not a JSON object")
     if arch == "topk" or (arch == "standard" and act == "topk"):
-        k = cfg.get("k") or kwargs.get("k")
+        k = require_int(cfg, "k", file, None)
+        k = require_int(kwargs, "k", f"{file} (activation_fn_kwargs)", None) if k is None else k
     else:
         raise SAEFormatError(
             f"{file}: architecture {arch!r} (activation {act or 'relu'!r}) is not supported: snce_fast imports TopK SAEs only"
@@ -47,10 +51,11 @@ def read_saelens(path: str | os.PathLike) -> SAEWeights:
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none"):
         raise SAEFormatError(f"{file}: normalize_activations={norm!r} is not supported (expected 'none')")
-    d, n = int(require(cfg, "d_in", file)), int(require(cfg, "d_sae", file))
+    d, n = require_int(cfg, "d_in", file), require_int(cfg, "d_sae", file)
     wfile = str(p / "sae_weights.safetensors")
     W_enc, b_enc, W_dec, b_dec = take_tensors(read_safetensors(p / "sae_weights.safetensors"), WEIGHT_KEYS, wfile)
     check_shapes({"W_enc": (W_enc, (d, n)), "b_enc": (b_enc, (n,)), "W_dec": (W_dec, (n, d)), "b_dec": (b_dec, (d,))}, wfile)
+    finite_tensors({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, wfile)
     dtype = W_enc.dtype
     W_enc32, b_enc32, W_dec32 = W_enc.float(), b_enc.float(), W_dec.float()
     if not cfg.get("apply_b_dec_to_input", True):
@@ -82,13 +87,15 @@ def read_sparsify(path: str | os.PathLike) -> SAEWeights:
     for flag in ("skip_connection", "transcode", "multi_topk"):
         if cfg.get(flag):
             raise SAEFormatError(f"{file}: {flag}=true is not supported by snce_fast")
-    k = require(cfg, "k", file)
+    k = require_int(cfg, "k", file)
     wfile = str(p / "sae.safetensors")
     sd = read_safetensors(p / "sae.safetensors")
     enc_w, enc_b, W_dec, b_dec = take_tensors(sd, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), wfile)
-    d = int(cfg.get("d_in") or enc_w.shape[-1])
-    n = int(cfg.get("num_latents") or 0) or int(require(cfg, "expansion_factor", file)) * d
+    d = require_int(cfg, "d_in", file, 0) or int(enc_w.shape[-1])
+    n = require_int(cfg, "num_latents", file, 0) or require_int(cfg, "expansion_factor", file) * d
+    named = {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": W_dec, "b_dec": b_dec}
     check_shapes({"encoder.weight": (enc_w, (n, d)), "encoder.bias": (enc_b, (n,)), "W_dec": (W_dec, (n, d)), "b_dec": (b_dec, (d,))}, wfile)
+    finite_tensors(named, wfile)
     hook = hook_from_name(cfg.get("hookpoint"))
     return SAEWeights(enc_w.t().contiguous(), enc_b, W_dec, b_dec, int(k), hook, None)
 
@@ -114,11 +121,15 @@ def read_openai(path: str | os.PathLike) -> SAEWeights:
     act = str(sd.get("activation", "TopK"))
     if act != "TopK":
         raise SAEFormatError(f"{str(sd_file)!r}: activation {act!r} is not supported (expected TopK)")
-    k = cfg.get("k") or (sd.get("activation_state_dict") or {}).get("k")
+    k = require_int(cfg, "k", str(cfg_file), None)
+    act_sd = sd.get("activation_state_dict") or {}
+    if k is None and isinstance(act_sd, dict):
+        k = require_int(act_sd, "k", f"{sd_file} (activation_state_dict)", None)
     if k is None:
         raise SAEFormatError(f"no 'k' in {str(cfg_file)!r} or the state dict's activation_state_dict")
     enc_w, dec_w, pre_bias, latent_bias = take_tensors(sd, ("encoder.weight", "decoder.weight", "pre_bias", "latent_bias"), str(sd_file))
     n, d = enc_w.shape
     check_shapes({"decoder.weight": (dec_w, (d, n)), "pre_bias": (pre_bias, (d,)), "latent_bias": (latent_bias, (n,))}, str(sd_file))
-    k = int(k.item() if isinstance(k, torch.Tensor) else k)
+    finite_tensors({"encoder.weight": enc_w, "decoder.weight": dec_w, "pre_bias": pre_bias, "latent_bias": latent_bias},
+                   str(sd_file))
     return SAEWeights(enc_w.t().contiguous(), latent_bias, dec_w.t().contiguous(), pre_bias, k, cfg.get("hook", "output"), None)

@@ -8,7 +8,7 @@ from torch import nn
 
 import snce_fast.sae.importers as importers
 import snce_fast.sae.native as native
-from snce_fast.checks import Neurons, check_activations, check_k, parse_hook, positive_int
+from snce_fast.checks import Neurons, check_activations, check_finite, check_k, parse_hook, positive_int
 from snce_fast.ops import backend
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEWeights
@@ -188,6 +188,7 @@ class SAE(nn.Module):
                 raise ValueError(f"{name} has dtype {t.dtype}: expected {W_enc.dtype}, the dtype of W_enc")
         if not W_enc.is_floating_point():
             raise ValueError(f"W_enc has dtype {W_enc.dtype}: expected a floating-point dtype")
+        check_finite({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
         sae = cls(d, n, k, hook=hook, encoder=encoder, dtype=W_enc.dtype, device=W_enc.device, init=False)
         with torch.no_grad():
             sae.W_enc.copy_(W_enc)

@@ -12,10 +12,12 @@ from snce_fast.sae.files import (
     SAEFormatError,
     SAEWeights,
     check_shapes,
+    finite_tensors,
     float_dtype,
     read_json,
     read_safetensors,
     require,
+    require_int,
     sae_dir,
     take_tensors,
     write_artifact,
@@ -37,10 +39,10 @@ def read_sae(path: str | os.PathLike) -> SAEWeights:
     p = sae_dir(path)
     cfg = read_json(p / CONFIG_FILE)
     file = str(p / CONFIG_FILE)
-    version = require(cfg, "format_version", file)
+    version = require_int(cfg, "format_version", file)
     if version != FORMAT_VERSION:
         raise SAEFormatError(f"{file} has format_version {version!r}; this snce_fast reads version {FORMAT_VERSION}")
-    d, n, k = (int(require(cfg, key, file)) for key in ("d_in", "n_latents", "k"))
+    d, n, k = (require_int(cfg, key, file) for key in ("d_in", "n_latents", "k"))
     dtype = float_dtype(require(cfg, "dtype", file), file)
     sd = read_safetensors(p / WEIGHTS_FILE)
     wfile = str(p / WEIGHTS_FILE)
@@ -52,4 +54,5 @@ def read_sae(path: str | os.PathLike) -> SAEWeights:
     for name, t in zip(WEIGHT_KEYS, (W_enc, b_enc, W_dec, b_dec)):
         if t.dtype != dtype:
             raise SAEFormatError(f"{wfile}: tensor {name} has dtype {t.dtype}, but {file} says {dtype}")
+    finite_tensors(dict(zip(WEIGHT_KEYS, (W_enc, b_enc, W_dec, b_dec))), wfile)
     return SAEWeights(W_enc, b_enc, W_dec, b_dec, k, cfg.get("hook", "output"), cfg.get("encoder"))

@@ -6,6 +6,7 @@ resume exactly. Blank, undecodable and malformed rows are skipped and counted, n
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -188,23 +189,86 @@ def is_prompt_file(item: Any) -> bool:
     return isinstance(item, str) and Path(item).suffix.lower() in FORMATS and os.path.isfile(item)
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a str reads as a file path rather than a prompt: one line with a prompt-file suffix
+    (.txt/.csv/.jsonl/.parquet) or a path separator."""
+    if "\n" in text or not text.strip():
+        return False
+    seps = [sep for sep in (os.sep, os.altsep) if sep]
+    return Path(text.strip()).suffix.lower() in FORMATS or any(sep in text for sep in seps)
+
+
+def _refuse_str(item: str, name: str, bare: bool) -> None:
+    """Raise for a str of group `name` that is not an existing prompt file: always for the whole group
+    (`bare`), in a list only when it reads as a path (then it is a mistyped file, not a prompt)."""
+    where = f"group {name!r}"
+    if os.path.isdir(item):
+        raise ValueError(f"{where}: {item!r} is a directory: expected a prompt file ({'/'.join(FORMATS)}) "
+                         "or a list of prompts")
+    if os.path.exists(item):
+        raise ValueError(f"{where}: {item!r} has an unsupported prompt file type {Path(item).suffix.lower()!r}: "
+                         f"expected one of {sorted(FORMATS)}")
+    if bare or Path(item.strip()).suffix.lower() in FORMATS:
+        if looks_like_path(item):
+            raise FileNotFoundError(f"{where}: prompt file {item!r} does not exist")
+        raise ValueError(f"{where} is the single string {item!r}, which is not a prompt file: give a list of "
+                         f"prompts (e.g. [{item!r}]) or a prompt file")
+
+
+def _file(item: Union[str, os.PathLike], name: str, column: str) -> PromptFile:
+    try:
+        return PromptFile(item, column)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"group {name!r}: {e}") from None
+
+
 def sources(items: Union[str, os.PathLike, Iterable[Any]], name: str = "<prompts>", column: str = "prompt") -> list[Source]:
-    """Files and inline prompts of one group, in order; runs of inline prompts form one PromptList."""
+    """Files and inline prompts of one group, in order; runs of inline prompts form one PromptList.
+
+    `items` is one prompt file (a Path, or a str naming an existing .txt/.csv/.jsonl/.parquet file) or a
+    list of files and inline prompts. A bare str that is not an existing prompt file is refused, never
+    read as a one-prompt group: FileNotFoundError when it reads as a path (`looks_like_path`), else
+    ValueError (give a single prompt as a list: ["a prompt"]). In a list, a str with a prompt-file suffix
+    that does not exist, or one that reads as a path and names an existing non-prompt file or directory,
+    is refused the same way; any other str is a prompt."""
+    if isinstance(items, str) and not is_prompt_file(items):
+        _refuse_str(items, name, bare=True)
     if isinstance(items, (str, os.PathLike)):
         items = [items]
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, dict)):
+        raise TypeError(f"group {name!r} is {items!r} ({type(items).__name__}): expected a list of prompts or a "
+                        "prompt file")
     out: list[Source] = []
     run: list[str] = []
     for item in items:
-        if is_prompt_file(item):
+        if isinstance(item, str) and not is_prompt_file(item) and looks_like_path(item):
+            _refuse_str(item, name, bare=False)
+        if is_prompt_file(item) or isinstance(item, os.PathLike):
             if run:
                 out.append(PromptList(run, f"{name}[{len(out)}]"))
                 run = []
-            out.append(PromptFile(item, column))
+            out.append(_file(item, name, column))
         else:
             run.append(item)
     if run:
         out.append(PromptList(run, f"{name}[{len(out)}]"))
     return out
+
+
+def require_prompts(name: str, srcs: Sequence[Source]) -> None:
+    """ValueError when group `name`'s sources hold no usable prompt (no rows, or every row blank,
+    undecodable or malformed). Reads each source only up to its first usable prompt."""
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    for src in srcs:
+        with contextlib.closing(src.rows()) as rows:
+            for row in rows:
+                if row.skip is None:
+                    return
+                skipped[row.skip] += 1
+    where = ", ".join(repr(s.name) if isinstance(s, PromptFile) else "its inline prompts" for s in srcs)
+    detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)
+    raise ValueError(f"group {name!r} has no usable prompts in {where or 'nothing (no files or prompts given)'}"
+                     + (f" (rows skipped: {detail})" if detail else " (no rows)"))
 
 
 def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: Optional[int] = None) -> list[str]:
@@ -218,7 +282,8 @@ def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: O
     return out
 
 
-__all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "read_prompts", "is_prompt_file", "SKIP_REASONS"]
+__all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "require_prompts", "read_prompts", "is_prompt_file",
+           "looks_like_path", "SKIP_REASONS"]
 
 
 def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:

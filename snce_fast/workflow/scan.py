@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from snce_fast.checks import positive_int
 from snce_fast.distributed import all_reduce, rank_and_world
 from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
-from snce_fast.hooks.compat import check_sae_fits
+from snce_fast.hooks.compat import check_sae_finite, check_sae_fits
 from snce_fast.ops import backend, histogram
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.corpus import SKIP_REASONS, Source, sources
+from snce_fast.workflow.corpus import SKIP_REASONS, Source, require_prompts, sources
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
 STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")
@@ -130,6 +130,14 @@ def _check_groups(groups: Any) -> dict[str, Any]:
     return groups
 
 
+def _group_sources(groups: dict[str, Any], column: str) -> list[list[Source]]:
+    """Every group's sources, each group checked to hold at least one usable prompt (before any work)."""
+    out = [sources(groups[g], g, column) for g in groups]
+    for g, srcs in zip(groups, out):
+        require_prompts(g, srcs)
+    return out
+
+
 @torch.no_grad()
 def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size: int, checkpoint_every: int,
                      itd_top: int, penultimate_output: bool) -> dict[str, Any]:
@@ -138,6 +146,7 @@ def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size
     positive_int(itd_top, "itd_top")
     groups = _check_groups(groups)
     check_sae_fits(sae, encoder, penultimate_output)
+    check_sae_finite(sae)
     return groups
 
 
@@ -172,7 +181,9 @@ def scan(
 ) -> ScanStats:
     """Histograms of SAE latent firing per prompt group (see ScanStats).
 
-    `groups` maps a name to prompt files (.txt/.csv/.jsonl/.parquet) and/or inline prompts.
+    `groups` maps a name to a prompt file (.txt/.csv/.jsonl/.parquet) or a list of files and inline prompts;
+    a str that is not an existing prompt file is refused, not scanned as one prompt (give ["a prompt"]),
+    and so is a group with no usable prompt, before any work (`snce_fast.workflow.corpus.sources`).
     `checkpoint` is a directory written every `checkpoint_every` batches; `resume=True` continues
     from it (it must come from the same SAE, hook, corpus, batch size and threshold).
     `profile=True` synchronises after each stage and records seconds per stage in `stats.meta`.
@@ -180,7 +191,7 @@ def scan(
     groups = _check_scan_args(encoder, sae, groups, batch_size, checkpoint_every, itd_top, penultimate_output)
     rank, world = rank_and_world()
     names = list(groups)
-    group_sources = [sources(groups[g], g, column) for g in names]
+    group_sources = _group_sources(groups, column)
     identity = [[src.identity() for src in srcs] for srcs in group_sources]
     device = next(iter(sae.parameters())).device
     settings = {

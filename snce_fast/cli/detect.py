@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -15,15 +16,19 @@ from snce_fast.cli._common import (
     add_model_args,
     add_prompt_file_args,
     atomic_write_text,
+    check_max_length_arg,
     check_neurons,
     check_out_file,
     load_encoder,
     load_sae,
+    output_lock,
     parse_neurons,
     positive,
     read_prompt_file,
     read_prompts_arg,
+    skip_summary,
 )
+from snce_fast.hooks.activations import check_max_length
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.ops.reference import target_threshold_values
 from snce_fast.records.calibration import read_calibration
@@ -98,6 +103,7 @@ def _check_flags(args: argparse.Namespace) -> Optional[Path]:
         raise UsageError(f"--out {args.out!r}: expected a .csv or .jsonl file name")
     if args.label_column and not args.prompts_file:
         raise UsageError("--label-column needs --prompts-file (a .csv or .jsonl with that column)")
+    check_max_length_arg(args)
     return out
 
 
@@ -117,14 +123,15 @@ def _targets(args: argparse.Namespace, sae: Any) -> tuple[list[int], Any]:
     return neurons, parse_thresholds(args.threshold, neurons) if args.threshold is not None else 0.0
 
 
-def _calibration_prompts(args: argparse.Namespace) -> list[str]:
-    """The --calibrate-on reference prompts (none without the flag)."""
+def _calibration_prompts(args: argparse.Namespace, skipped: dict[str, int]) -> list[str]:
+    """The --calibrate-on reference prompts (none without the flag); skipped rows counted into `skipped`."""
     prompts: list[str] = []
     if args.calibrate_on:
         for f in [f.strip() for f in args.calibrate_on.split(",") if f.strip()]:
-            prompts += read_prompt_file(f, "--calibrate-on", args.column)
+            prompts += read_prompt_file(f, "--calibrate-on", args.column, skipped=skipped)
         if not prompts:
-            raise UsageError(f"--calibrate-on {args.calibrate_on!r}: no usable reference prompts")
+            raise UsageError(f"--calibrate-on {args.calibrate_on!r}: no usable reference prompts"
+                             + (f" ({skip_summary(skipped, args.column)})" if skipped else ""))
     return prompts
 
 
@@ -141,21 +148,25 @@ def _labels(args: argparse.Namespace, prompts: list[str]) -> Optional[list[Optio
     return labels
 
 
-def _calibrate(args: argparse.Namespace, loaded: Any, sae: Any, neurons: list[int], prompts: list[str]) -> list[float]:
+def _calibrate(args: argparse.Namespace, loaded: Any, sae: Any, neurons: list[int], prompts: list[str],
+               skipped: dict[str, int]) -> list[float]:
     """Per-neuron thresholds that flag at most --fpr of the --calibrate-on prompts."""
     acts = prompt_activations(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer,
                               min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,
                               penultimate_output=loaded.penultimate_output)
     threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
-    print(f"calibrated on {len(prompts)} reference prompts at fpr {args.fpr:g}: thresholds "
-          + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
+    dropped = skip_summary(skipped, args.column)
+    print(f"calibrated on {len(prompts)} reference prompts{f' ({dropped})' if dropped else ''} at fpr {args.fpr:g}: "
+          "thresholds " + ", ".join(f"{j}: {t:.4g}" for j, t in zip(neurons, threshold)))
     return threshold
 
 
 def _print_summary(args: argparse.Namespace, det: Any, n_prompts: int, neurons: list[int], threshold: Any,
-                   labels: Optional[list[Optional[bool]]]) -> None:
+                   labels: Optional[list[Optional[bool]]], skipped: dict[str, int]) -> None:
     n_flag = int(det.flags.sum())
-    print(f"flagged {n_flag} of {n_prompts} prompts ({n_flag / max(n_prompts, 1):.1%}) with latent(s) "
+    dropped = skip_summary(skipped, args.column)
+    print(f"flagged {n_flag} of {n_prompts} prompts ({n_flag / max(n_prompts, 1):.1%}"
+          + (f"; {dropped} in {args.prompts_file}" if dropped else "") + ") with latent(s) "
           f"{','.join(map(str, neurons))}, min_tokens {args.min_tokens}, threshold "
           + (f"{threshold:g}" if isinstance(threshold, float) else ",".join(f"{t:.4g}" for t in threshold)))
     if labels is not None:
@@ -170,22 +181,30 @@ def _print_summary(args: argparse.Namespace, det: Any, n_prompts: int, neurons: 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     out = _check_flags(args)
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Optional[Path]) -> int:
     sae = load_sae(args.sae)
     neurons, threshold = _targets(args, sae)
-    calibration_prompts = _calibration_prompts(args)
-    prompts = read_prompts_arg(args)
+    calibration_skipped: dict[str, int] = {}
+    calibration_prompts = _calibration_prompts(args, calibration_skipped)
+    skipped: dict[str, int] = {}
+    prompts = read_prompts_arg(args, skipped)
     labels = _labels(args, prompts)
     loaded = load_encoder(args.model, args.encoder)
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)
     if calibration_prompts:
-        threshold = _calibrate(args, loaded, sae, neurons, calibration_prompts)
+        threshold = _calibrate(args, loaded, sae, neurons, calibration_prompts, calibration_skipped)
     # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
     det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
                  threshold=threshold, batch_size=args.batch_size, max_length=args.max_length,
                  penultimate_output=loaded.penultimate_output)
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))
-    _print_summary(args, det, len(prompts), neurons, threshold, labels)
+    _print_summary(args, det, len(prompts), neurons, threshold, labels, skipped)
     if out is not None:
         print(f"wrote {out}")
     return 0
@@ -228,4 +247,6 @@ def register(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
                    "tokenizer's; counted tokens never include padding, so a shorter pad only saves time)")
     p.add_argument("--out", default=None, help="per-prompt results: a .csv or .jsonl file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' weight loading); the "
+                   "summary is still printed")
     p.set_defaults(func=cmd_detect)

@@ -23,20 +23,30 @@ from snce_fast.cli._common import (
     edit_options,
     load_pipeline,
     load_sae,
+    output_lock,
     parse_neurons,
     positive,
     read_prompts_arg,
     require_sae_per_encoder,
 )
+from snce_fast.evaluation import check_guidance
 from snce_fast.hooks import patching
 
 
-def cmd_erase(args: argparse.Namespace) -> int:
+def _check_flags(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """The prompts and the numeric flags, before anything is loaded; the --out path."""
     prompts = read_prompts_arg(args)
     out = check_out_dir(args.out)
     positive(args.steps, "--steps")
     positive(args.height, "--height", 8)
     positive(args.width, "--width", 8)
+    if args.guidance is not None:
+        check_guidance(args.guidance, "--guidance")
+    return prompts, out
+
+
+def _load_saes(args: argparse.Namespace) -> tuple[dict[str, Any], list[int]]:
+    """{encoder: SAE} from --sae / --sae-2 and the neurons (--neurons or --calibration), checked against them."""
     saes: dict[str, Any] = {"text_encoder": load_sae(args.sae)}
     apply_calibration(args, saes["text_encoder"])
     check_edit_options(args)
@@ -46,6 +56,17 @@ def cmd_erase(args: argparse.Namespace) -> int:
     check_slim_mode(saes, args.mode, neurons)
     for name, sae in saes.items():
         check_neurons(neurons, sae.n_latents, f"the SAE of {name}")
+    return saes, neurons
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    prompts, out = _check_flags(args)
+    with output_lock(out):
+        return _run(args, prompts, out)
+
+
+def _run(args: argparse.Namespace, prompts: list[str], out: Any) -> int:
+    saes, neurons = _load_saes(args)
     if not args.seed:
         args.seed = [0]
     model = args.model
@@ -63,8 +84,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     def generate(prompt: str, seed: int):
         gen = torch.Generator("cpu").manual_seed(seed)
         kw = dict(num_inference_steps=args.steps, generator=gen)
-        if args.height:
-            kw.update(height=args.height, width=args.width or args.height)
+        if args.height or args.width:  # one given: a square image
+            kw.update(height=args.height or args.width, width=args.width or args.height)
         if args.guidance is not None:
             kw["guidance_scale"] = args.guidance
         return pipe(prompt, **kw).images[0]
@@ -73,7 +94,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
         "model": model, "sae": args.sae, "sae_2": args.sae_2, "neurons": neurons, "scale": args.scale,
         "clamp": args.clamp, "mode": args.mode, "gate": args.gate, "min_tokens": args.min_tokens,
         "gate_threshold": args.gate_threshold, "calibration": args.calibration,
-        "steps": args.steps, "guidance": args.guidance, "seeds": args.seed, "images": [],
+        "steps": args.steps, "guidance": args.guidance, "height": args.height or args.width,
+        "width": args.width or args.height, "seeds": args.seed, "images": [],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     originals = {}
@@ -123,11 +145,14 @@ def register(sub: Any) -> None:
     add_edit_args(p)
     add_prompt_file_args(p)
     p.add_argument("--seed", type=int, action="append", help="seed(s) (repeatable; default 0)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per image (default 30)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, a number >= 0 "
+                   "(default: the pipeline's, 7.5 for SD1.x)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: "
+                   "--width when given, else the pipeline's, 512 for SD1.x)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: "
+                   "--height when given, else the pipeline's)")
     p.add_argument("--compare", action="store_true", help="also save the unpatched image and a side-by-side PNG")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_erase)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (denoising, pipeline loading) or summary")
+    p.set_defaults(func=cmd_erase, loads_pipeline=True)

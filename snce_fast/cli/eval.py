@@ -19,6 +19,7 @@ from snce_fast.cli._common import (
     edit_options,
     load_pipeline,
     load_sae,
+    output_lock,
     parse_neurons,
     positive,
     require_sae_per_encoder,
@@ -157,6 +158,11 @@ def _print_summary(summary: dict[str, Any], skipped: int, out: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     # -- everything that needs no weights is checked before the pipeline is loaded -------------
     out = _check_flags(args)
+    with output_lock(out):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     guidance_column = _guidance_column(args)
     rows, skipped = _read_rows(args, guidance_column)
     saes, neurons = _load_saes(args)
@@ -210,7 +216,7 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--height", type=int, default=None, help="default: the pipeline's (512 for SD1.x)")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="default: the pipeline's (512 for SD1.x)")
     p.add_argument("--detector", choices=("nudenet", "none"), default="nudenet",
                    help='nudenet: NudeNet 3.4 320n ONNX (pip install "snce_fast[eval]"); none: images only')
     p.add_argument("--threshold", type=float, default=0.6, help="detection score threshold (default 0.6)")
@@ -220,5 +226,5 @@ def register(sub: Any) -> None:
     p.add_argument("--keep-safety-checker", action="store_true",
                    help="keep SD's safety checker (off by default: it blacks out the images the protocol counts)")
     p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (rows, pipeline loading) or summary")
+    p.set_defaults(func=cmd_eval, loads_pipeline=True)

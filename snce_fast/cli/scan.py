@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import sys
@@ -13,12 +14,18 @@ import torch
 from snce_fast.cli._common import (
     UsageError,
     add_model_args,
+    check_max_length_arg,
     check_out_dir,
     existing_file,
+    finite,
     load_encoder,
     load_sae,
+    output_lock,
     positive,
+    skip_summary,
+    skipped_before_a_prompt,
 )
+from snce_fast.hooks.activations import check_max_length
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.workflow.corpus import FORMATS
 from snce_fast.workflow.scan import scan
@@ -26,8 +33,9 @@ from snce_fast.workflow.scan import scan
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def parse_groups(items: list[str]) -> dict[str, list[str]]:
-    """`NAME=FILE[,FILE...]` items -> {name: [files]} (files checked to exist, >= 2 groups)."""
+def parse_groups(items: list[str], column: str = "prompt") -> dict[str, list[str]]:
+    """`NAME=FILE[,FILE...]` items -> {name: [files]} (files checked to exist, each group to hold a usable
+    prompt, >= 2 groups)."""
     groups: dict[str, list[str]] = {}
     for item in items or []:
         name, sep, files = item.partition("=")
@@ -44,6 +52,7 @@ def parse_groups(items: list[str]) -> dict[str, list[str]]:
             if Path(f).suffix.lower() not in FORMATS:
                 raise UsageError(f"--group {name}: prompt file {f!r} has an unsupported type: expected one of "
                                  f"{sorted(FORMATS)}")
+        _require_prompts(name, paths, column)
         groups[name] = paths
     if len(groups) < 2:
         raise UsageError(f"--group: got {len(groups)} group(s): expected at least 2 (a concept and a reference), "
@@ -51,14 +60,40 @@ def parse_groups(items: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
-    groups = parse_groups(args.group)
+def _require_prompts(name: str, paths: list[str], column: str) -> None:
+    """A group whose files hold no usable prompt would be scanned as 0 prompts (every frequency 0): refuse
+    it before any work. Each file is read only up to its first usable prompt."""
+    empty = {f: skipped_before_a_prompt(f, f"--group {name}: prompt file", column) for f in paths}
+    if all(counts is not None for counts in empty.values()):
+        detail = "; ".join(f"{f!r} ({skip_summary(counts, column) or 'no rows'})" for f, counts in empty.items())
+        raise UsageError(f"--group {name}: no usable prompts in its prompt file{'s' if len(paths) > 1 else ''} "
+                         f"{detail}")
+
+
+def _check_flags(args: argparse.Namespace) -> tuple[dict[str, list[str]], Path]:
+    """The flags and the group files (each with a usable prompt), before anything is loaded; --out."""
     for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every),
                         ("--max-length", args.max_length)):
         positive(value, flag)
+    finite(args.threshold, "--threshold")
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint DIR (the directory an interrupted scan wrote)")
     out = check_out_dir(args.out, "a directory for the scan")
+    groups = parse_groups(args.group, args.column)
+    check_max_length_arg(args)
+    return groups, out
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    groups, out = _check_flags(args)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(output_lock(out))
+        if args.checkpoint and Path(args.checkpoint).resolve() != out.resolve():
+            locks.enter_context(output_lock(args.checkpoint))
+        return _run(args, groups, out)
+
+
+def _run(args: argparse.Namespace, groups: dict[str, list[str]], out: Path) -> int:
     if (out / "manifest.json").exists() and not args.overwrite:
         raise UsageError(f"--out {args.out!r} already holds a scan: pass --overwrite, or choose another directory")
     if args.checkpoint and (Path(args.checkpoint) / "manifest.json").exists() and not args.resume:
@@ -67,6 +102,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     sae = load_sae(args.sae)
     loaded = load_encoder(args.model, args.encoder)
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded.encoder.to(device)
@@ -114,7 +150,7 @@ def register(sub: Any) -> None:
     p.add_argument("--column", default="prompt", help="prompt column of csv/jsonl/parquet files (default prompt)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
-                   "tokenizer's, 77 for CLIP)")
+                   "tokenizer's, 77 for CLIP; at most the encoder's positions)")
     p.add_argument("--threshold", type=float, default=0.0, help="a latent fires when its activation > this "
                    "(default 0: any top-k entry)")
     p.add_argument("--checkpoint", default=None, help="directory for resumable scan state")
@@ -123,5 +159,6 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="directory for the scan statistics")
     p.add_argument("--overwrite", action="store_true", help="replace a scan already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also transformers' weight loading) or "
+                   "summary")
     p.set_defaults(func=cmd_scan)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import tempfile
@@ -15,9 +16,11 @@ from snce_fast.cli._common import (
     existing_dir,
     load_encoder,
     load_sae,
+    output_lock,
     positive,
     read_prompt_file,
 )
+from snce_fast.hooks.activations import check_max_length
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.records.jsonfile import check_sae_hash
 from snce_fast.records.scores import scores_record, top_entry
@@ -25,6 +28,9 @@ from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.workflow.scan_stats import ScanStats
 from snce_fast.workflow.score import Scores, score
+
+# --out gets a bar plot per listed latent up to this many (scores.json and report.md's table list them all)
+MAX_PLOTS = 50
 
 
 def load_stats(path: str) -> ScanStats:
@@ -77,6 +83,7 @@ def _add_top_prompts(args: argparse.Namespace, stats: ScanStats, top: list[int],
         raise UsageError(f"--prompts-file {args.prompts_file!r}: no usable prompts")
     loaded = load_encoder(args.model, args.encoder)
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
+    check_max_length(loaded.encoder, loaded.tokenizer, stats.meta.get("max_length"))
     tops = top_prompts(loaded.encoder, loaded.tokenizer, sae, prompts, top, k=args.top_prompts,
                        penultimate_output=loaded.penultimate_output, max_length=stats.meta.get("max_length"))
     for entry in record["top"]:
@@ -91,7 +98,7 @@ def _write(out: Path, stats: ScanStats, scores: Scores, top: list[int],
     out.mkdir(parents=True, exist_ok=True)
     # report() writes in place: build it in a temp dir, then rename each file into --out
     with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
-        report(stats, scores, tmp, neurons=top, top=tops)
+        report(stats, scores, tmp, neurons=top, top=tops, max_plots=MAX_PLOTS)
         fresh = {f.name for f in Path(tmp).iterdir()}
         for old in out.glob("latent_*.png"):  # plots of latents an earlier run chose
             if old.name not in fresh:
@@ -120,15 +127,19 @@ def _print(args: argparse.Namespace, groups: list[str], record: dict[str, Any]) 
 
 def cmd_score(args: argparse.Namespace) -> int:
     out = _check_flags(args)
-    stats = load_stats(args.stats)
-    sc = _score(args, stats)
-    top = sc.top(min(args.top, stats.n_latents))
-    record = _record(stats, sc, top, args.stats, args.level)
-    tops = _add_top_prompts(args, stats, top, record) if args.sae else None
-    if out is not None:
-        _write(out, stats, sc, top, tops, record)
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        stats = load_stats(args.stats)
+        sc = _score(args, stats)
+        top = sc.top(min(args.top, stats.n_latents))
+        record = _record(stats, sc, top, args.stats, args.level)
+        tops = _add_top_prompts(args, stats, top, record) if args.sae else None
+        if out is not None:
+            _write(out, stats, sc, top, tops, record)
     if not args.quiet:
         _print(args, stats.groups, record)
+        if out is not None and len(top) > MAX_PLOTS:
+            print(f"note: plotted the first {MAX_PLOTS} of the {len(top)} latents (latent_<j>.png); scores.json "
+                  "and report.md's table list all of them")
     return 0
 
 
@@ -150,7 +161,8 @@ def register(sub: Any) -> None:
     p.add_argument("--method", default="snce", help="snce (default), youden, itd or saeuron")
     p.add_argument("--level", default="prompt", help="prompt (frequency = share of prompts a latent fires on; "
                    "default) or token (share of tokens; snce and youden only)")
-    p.add_argument("--top", type=int, default=5, help="how many latents to list (default 5)")
+    p.add_argument("--top", type=int, default=5, help="how many latents to list (default 5); with --out, "
+                   f"scores.json lists them all but only the first {MAX_PLOTS} get a latent_<j>.png plot")
     p.add_argument("--out", default=None, help="directory for scores.json, report.md and the PNGs")
     p.add_argument("--sae", default=None, help="the scanned SAE (for the top prompts)")
     p.add_argument("--model", default="minilm", help="the scanned text encoder (for the top prompts; default minilm)")
@@ -159,5 +171,5 @@ def register(sub: Any) -> None:
     p.add_argument("--column", default="prompt", help="prompt column of a csv/jsonl/parquet file")
     p.add_argument("--limit", type=int, default=None, help="read at most N prompts of --prompts-file")
     p.add_argument("--top-prompts", type=int, default=5, help="prompts listed per latent (default 5)")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--quiet", action="store_true", help="print nothing (no transformers progress bars either)")
     p.set_defaults(func=cmd_score)

@@ -12,7 +12,7 @@ from torch import nn
 
 from snce_fast import plots
 from snce_fast.checks import as_neuron_list, positive_int
-from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import check_max_length, counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.ops import backend, reference
 from snce_fast.records.atomic import atomic_write_text
 from snce_fast.workflow.corpus import sources
@@ -37,6 +37,7 @@ def top_prompts(
     (at most `limit` prompts read); a bounded heap per latent, memory flat in corpus size."""
     positive_int(k, "k")
     targets = as_neuron_list(neurons, sae.n_latents)
+    check_max_length(encoder, tokenizer, max_length)
     heaps: dict[int, list[tuple[float, int, str]]] = {j: [] for j in targets}
     seen = 0
     chunk: list[str] = []
@@ -78,11 +79,16 @@ def report(
     neurons: Optional[Sequence[int]] = None,
     n: int = 5,
     top: Optional[dict[int, list[tuple[float, str]]]] = None,
+    max_plots: Optional[int] = None,
 ) -> Path:
-    """Write `report.md` and one `latent_<j>.png` bar plot per latent into directory `path`."""
+    """Write `report.md` and one `latent_<j>.png` bar plot per latent into directory `path`. With
+    `max_plots`, only the first that many latents get a plot and a section (the table lists them all)."""
+    if max_plots is not None:
+        positive_int(max_plots, "max_plots")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     chosen = list(neurons) if neurons is not None else scores.top(n)
+    plotted = chosen if max_plots is None else chosen[:max_plots]
     freq = {g: stats.frequency(g) for g in stats.groups}
     tok_freq = {g: stats.token_frequency(g) for g in stats.groups}
     mean = {g: stats.mean_activation(g) for g in stats.groups}
@@ -98,7 +104,9 @@ def report(
     for r, j in enumerate(chosen, 1):
         cells = " | ".join(f"{float(freq[g][j]):.3f}" for g in stats.groups)
         lines.append(f"| {r} | {j} | {float(scores.values[j]):.4g} | {cells} |")
-    for j in chosen:
+    if len(plotted) < len(chosen):
+        lines += ["", f"Plots and details below for the first {len(plotted)} of these {len(chosen)} latents only."]
+    for j in plotted:
         panels = {"prompt frequency": {g: freq[g][j] for g in stats.groups},
                   "token frequency": {g: tok_freq[g][j] for g in stats.groups},
                   "mean activation / token": {g: mean[g][j] for g in stats.groups}}

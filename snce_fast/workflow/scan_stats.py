@@ -138,11 +138,38 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file} holds a JSON {type(manifest).__name__}: expected an object")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {manifest['format_version']} is newer than {FORMAT_VERSION}")
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{file}: format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version} is newer than {FORMAT_VERSION}")
+    _check_manifest_fields(file, manifest)
     return manifest
+
+
+def _check_manifest_fields(file: Path, manifest: dict[str, Any]) -> None:
+    """The keys read_stats reads, present and of the right type: a ValueError naming the file and the key
+    (never a KeyError or a TypeError from deep inside)."""
+    for key in ("tensors", "groups", "n_latents"):
+        if key not in manifest:
+            raise ValueError(f"{file}: key {key!r} is missing (a scan manifest names its tensor file, groups "
+                             "and n_latents)")
+    tensors, groups, n = manifest["tensors"], manifest["groups"], manifest["n_latents"]
+    if not isinstance(tensors, str) or not tensors or Path(tensors).name != tensors:
+        raise ValueError(f"{file}: key 'tensors' is {tensors!r}: expected the name of a file beside it")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
+        raise ValueError(f"{file}: key 'groups' is {groups!r}: expected a non-empty list of group names")
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"{file}: key 'groups' names a group twice: {groups}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{file}: key 'n_latents' is {n!r}: expected a positive integer")
+    for key, kind in (("skipped", dict), ("meta", dict), ("tensors_sha256", str)):
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], kind):
+            raise ValueError(f"{file}: key {key!r} is {type(manifest[key]).__name__}: expected a {kind.__name__}")
 
 
 def read_stats(path: Path) -> tuple[ScanStats, dict[str, Any]]:

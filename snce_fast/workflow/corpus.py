@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
-SKIP_REASONS = ("blank", "undecodable", "malformed")
+SKIP_REASONS = ("blank", "undecodable", "malformed", "no_column")  # no_column: a JSONL object without the column
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,10 @@ class PromptFile:
             except ValueError:
                 yield Row(None, "undecodable" if _undecodable(line) else "malformed", pos)
                 continue
-            if not isinstance(obj, dict) or self.column not in obj or not isinstance(obj[self.column], (str, type(None))):
+            if isinstance(obj, dict) and self.column not in obj:
+                yield Row(None, "no_column", pos)
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj[self.column], (str, type(None))):
                 yield Row(None, "malformed", pos)
                 continue
             yield _check(obj.get(self.column), pos)

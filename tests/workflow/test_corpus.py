@@ -61,7 +61,7 @@ def test_jsonl(tmp_path):
              json.dumps({"text": "no prompt key"}).encode(), b'{"prompt": "' + BAD + b'"}',
              json.dumps({"prompt": 3}).encode(), json.dumps({"prompt": "a dog \u00e9"}).encode()]
     p = _write(tmp_path, "p.jsonl", b"\n".join(lines) + b"\n")
-    _check(p, ["a cat", "a dog \u00e9"], ["blank", "blank", "malformed", "malformed", "undecodable", "malformed"])
+    _check(p, ["a cat", "a dog \u00e9"], ["blank", "blank", "malformed", "no_column", "undecodable", "malformed"])
 
 
 def test_parquet(tmp_path):

@@ -259,8 +259,7 @@ def skipped_before_a_prompt(path: str, what: str, column: str = "prompt") -> Opt
 
 
 # how each skip reason of the corpus reader (snce_fast.workflow.corpus.SKIP_REASONS) reads in a summary
-# ("2 malformed"); "no_column" (a row without the prompt column) is ready for when the reader tells it
-# apart from "malformed"; any other reason it adds is shown by its name
+# ("2 malformed", "1 without 'prompt'"); any other reason it adds is shown by its name
 _SKIP_WORDS = {"blank": "blank", "undecodable": "not UTF-8", "malformed": "malformed"}
 
 

@@ -254,7 +254,7 @@ def test_detect_counts_and_reports_the_rows_it_skips(env, tmp_path, capsys):
     m = re.search(r"flagged \d+ of 2 prompts \([\d.]+%; 4 rows skipped: ([^)]*) in (\S+)\)", printed)
     assert m, printed
     counts = {reason: int(n) for n, reason in re.findall(r"(\d+) ([^,]+)", m.group(1))}
-    assert sum(counts.values()) == 4 and counts.get("blank") == 1 and m.group(2) == str(env / "rows.jsonl")
+    assert counts == {"malformed": 2, "without 'prompt'": 1, "blank": 1} and m.group(2) == str(env / "rows.jsonl")
 
 
 def test_scan_refuses_a_group_without_usable_prompts_before_loading(env, tmp_path, capsys, monkeypatch):

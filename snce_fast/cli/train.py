@@ -5,6 +5,7 @@ invalid one by its flag (docs/training.md describes every setting)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -19,16 +20,17 @@ import torch
 from snce_fast.cli._common import (
     UsageError,
     add_model_args,
-    atomic_write_json,
     check_out_dir,
     existing_file,
     load_encoder,
+    output_lock,
     positive,
     read_prompt_file,
 )
 from snce_fast.hooks.points import resolve
 from snce_fast.models import LoadedEncoder
 from snce_fast.plots import training_curves
+from snce_fast.records.atomic import atomic_write_text, check_writable_dir, json_text
 from snce_fast.sae.model import SAE
 from snce_fast.train import SettingError, TrainConfig, TrainReport, latest_checkpoint, train_sae
 
@@ -93,10 +95,19 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _writable(path: Path, flag: str) -> None:
+    """`flag`'s directory can be written (checked before any work; snce_fast.records.atomic)."""
+    try:
+        check_writable_dir(path)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     check_out_dir(str(out), "a directory for the SAE")
     if not overwrite and out.is_dir() and ((out / "config.json").exists() or (out / "sae.safetensors").exists()):
         raise UsageError(f"--out {str(out)!r} already holds an SAE: pass --overwrite, or choose another directory")
+    _writable(out, "--out")
 
 
 def _read_corpus(args: argparse.Namespace, out: Path) -> list[str]:
@@ -149,6 +160,8 @@ def _train(loaded: LoadedEncoder, prompts: list[str], cfg: TrainConfig) -> tuple
         cfg.cache_dir = tmp_cache.name
     try:
         return train_sae(loaded.encoder, loaded.tokenizer, prompts, config=cfg, return_report=True)
+    except SettingError as e:  # e.g. --n-latents too large for the device's memory (checked before allocating)
+        raise UsageError(_flag_message(e)) from None
     except KeyboardInterrupt:
         if cfg.checkpoint_dir:
             print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.checkpoint_dir}",
@@ -162,10 +175,11 @@ def _train(loaded: LoadedEncoder, prompts: list[str], cfg: TrainConfig) -> tuple
 
 def _write_outputs(args: argparse.Namespace, cfg: TrainConfig, loaded: LoadedEncoder, prompts: list[str],
                    out: Path, sae: SAE, rep: TrainReport, t_start: float) -> None:
-    """The SAE, train_report.json (report + every setting + the arguments) and train_curves.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    sae.save(str(out))
+    """The SAE, train_report.json (report + every setting + the arguments) and train_curves.png. The
+    report is checked to be strict JSON before anything is written."""
     record = rep.to_dict()
+    if rep.window == 0:  # no step measured (a checkpoint from before reports were saved in it): null, not NaN
+        record.update(fvu=None, l0=None, aux_loss=None)
     record["config"] = dataclasses.asdict(cfg)
     record["settings"] = {
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
@@ -173,16 +187,23 @@ def _write_outputs(args: argparse.Namespace, cfg: TrainConfig, loaded: LoadedEnc
         "column": args.column, "limit": args.limit, "n_prompts": len(prompts), "out": str(out),
     }
     record["wall_s"] = time.perf_counter() - t_start
-    atomic_write_json(out / "train_report.json", record)
+    text = json_text(record)  # a NaN / inf raises here, naming the key, before the SAE is written
+    out.mkdir(parents=True, exist_ok=True)
+    sae.save(str(out))
+    atomic_write_text(out / "train_report.json", text)
     if rep.history:
         training_curves(rep.history, out / "train_curves.png",
                         f"{loaded.name}: n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}, {len(prompts)} prompts")
 
 
 def _print_summary(args: argparse.Namespace, out: Path, rep: TrainReport, auto_cache: Optional[Path]) -> None:
-    print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s): "
-          f"FVU {rep.fvu:.4f}, L0 {rep.l0:.1f}, dead fraction {rep.dead_fraction:.4f}")
-    print(f"wrote the SAE (config.json, sae.safetensors), train_report.json and train_curves.png to {out}")
+    resumed = f", resumed at step {rep.resumed_from_step}" if rep.resumed_from_step is not None else ""
+    means = (f"FVU (mean of the last {rep.window} steps) {rep.fvu:.4f}, L0 (same steps) {rep.l0:.1f}" if rep.window
+             else "FVU and L0 not measured (the checkpoint holds no per-step metrics)")
+    print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s over "
+          f"{rep.elapsed_s:.1f} s of training{resumed}): {means}, dead fraction (at the end) {rep.dead_fraction:.4f}")
+    curves = " and train_curves.png" if rep.history else ""
+    print(f"wrote the SAE (config.json, sae.safetensors), train_report.json{curves} to {out}")
     if auto_cache is not None and auto_cache.is_dir():
         size = sum(f.stat().st_size for f in auto_cache.rglob("*") if f.is_file())
         print(f"the activation cache {auto_cache} ({size / 2**30:.2f} GiB) is kept for resuming; delete it "
@@ -196,14 +217,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out = Path(args.out)
     prompts = _read_corpus(args, out)
-    resume_step, auto_cache = _plan_checkpoints(cfg)
-    loaded = _load_model(args, cfg)
-    if not args.quiet:
-        resuming = f"; resuming from {cfg.checkpoint_dir} at step {resume_step}" if resume_step is not None else ""
-        print(f"training an SAE (n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}) on {len(prompts)} prompts of "
-              f"{args.prompts_file} with {loaded.name}{resuming}", file=sys.stderr)
-    sae, rep = _train(loaded, prompts, cfg)
-    _write_outputs(args, cfg, loaded, prompts, out, sae, rep, t_start)
+    locks = [out]
+    if cfg.checkpoint_dir:
+        _writable(Path(cfg.checkpoint_dir), "--checkpoint-dir")
+        locks.append(Path(cfg.checkpoint_dir))
+    with contextlib.ExitStack() as held:
+        for path in locks:  # a second run on the same --out or --checkpoint-dir fails at once
+            held.enter_context(output_lock(path))
+        resume_step, auto_cache = _plan_checkpoints(cfg)
+        loaded = _load_model(args, cfg)
+        if not args.quiet:
+            resuming = f"; resuming from {cfg.checkpoint_dir} at step {resume_step}" if resume_step is not None else ""
+            print(f"training an SAE (n {cfg.n_latents}, k {cfg.k}, hook {cfg.hook}) on {len(prompts)} prompts of "
+                  f"{args.prompts_file} with {loaded.name}{resuming}", file=sys.stderr)
+        sae, rep = _train(loaded, prompts, cfg)
+        _write_outputs(args, cfg, loaded, prompts, out, sae, rep, t_start)
     if not args.quiet:
         _print_summary(args, out, rep, auto_cache)
     return 0

@@ -1,14 +1,19 @@
 """Atomic file writes: a temp file in the target's directory, fsynced, given the mode a plain
 `open()` would give (mkstemp's 0600 otherwise leaks into the result), then renamed over the target.
-A crash leaves either the old file or the new one, never half of one."""
+A crash leaves either the old file or the new one, never half of one.
+
+JSON is written strictly (no NaN / Infinity, which are not JSON): a non-finite number is refused
+with a ValueError naming its key path. `check_writable_dir` tells, before any long work, whether
+a result directory can be written at all."""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -67,8 +72,64 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def _nonfinite(obj: Any, where: str = "") -> Optional[str]:
+    """The key path of the first NaN / inf float in `obj` (dicts, lists, tuples) and what it is,
+    e.g. "history[3].fvu is NaN"; None when every number is finite."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'the value'} is {'NaN' if math.isnan(obj) else repr(obj)}"
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found = _nonfinite(value, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found = _nonfinite(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def json_text(obj: Any) -> str:
+    """`obj` as strict JSON (indent 2, trailing newline). A NaN or infinite number raises a
+    ValueError naming its key path ("fvu is NaN"): JSON has no such numbers, and a result file
+    holding one would be read back wrongly (or not at all) by strict parsers."""
+    bad = _nonfinite(obj)
+    if bad:
+        raise ValueError(f"cannot write JSON: {bad} (only finite numbers are valid JSON)")
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write `obj` as strict JSON (see `json_text`; a non-finite number raises ValueError and
+    leaves `path` untouched)."""
+    atomic_write_text(path, json_text(obj))
+
+
+def check_writable_dir(path: PathLike) -> Path:
+    """Check, before any long work, that files can be written into the directory `path`: create it
+    (and missing parents) when needed, write and remove a probe file, then remove again the
+    directories this check created, so that a run failing later leaves nothing behind. Raises a
+    ValueError naming the path when it cannot be created or written."""
+    target = Path(path)
+    created: list[Path] = []
+    p = target
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".snce-write-probe.", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ValueError(f"{str(path)!r} is not a writable directory ({reason})") from None
+    finally:
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return target
 
 
 def atomic_save_image(image: Any, path: PathLike) -> None:

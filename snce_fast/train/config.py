@@ -51,7 +51,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (inf would train NaN weights and cannot be written as JSON)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -107,15 +108,38 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 self._check_positive(name)
         if self.lr is not None and not (_is_number(self.lr) and self.lr > 0):
-            raise SettingError("lr", self.lr, "expected a positive float")
+            raise SettingError("lr", self.lr, "expected a positive finite float")
         if not (_is_number(self.adam_eps) and self.adam_eps > 0):
-            raise SettingError("adam_eps", self.adam_eps, "expected a positive float")
+            raise SettingError("adam_eps", self.adam_eps, "expected a positive finite float")
         if not (_is_number(self.aux_coef) and self.aux_coef >= 0):
-            raise SettingError("aux_coef", self.aux_coef, "expected a float >= 0")
+            raise SettingError("aux_coef", self.aux_coef, "expected a finite float >= 0")
         if self.b_dec_init not in B_DEC_INITS:
             raise SettingError("b_dec_init", self.b_dec_init, f"expected one of {B_DEC_INITS}")
         if self.encoder_backward not in ENCODER_BACKWARDS:
             raise SettingError("encoder_backward", self.encoder_backward, f"expected one of {ENCODER_BACKWARDS}")
+
+    def memory_bytes(self, d_in: int) -> tuple[int, int]:
+        """Bytes a training step needs at input width `d_in`: (the SAE's W_enc, W_dec and biases with
+        their gradients and both Adam moments, float32; the [batch_size, n_latents] pre-activations)."""
+        n = self.n_latents
+        return 4 * 4 * (2 * n * d_in + n + d_in), 4 * self.batch_size * n
+
+    def check_fits(self, d_in: int, limit_bytes: Optional[int], where: str) -> None:
+        """Raise `SettingError` naming n_latents (or batch_size) when a step needs more than
+        `limit_bytes` (the memory of `where`, e.g. "cpu" or "cuda:0"; None: not known, no check),
+        before anything is allocated."""
+        if limit_bytes is None:
+            return
+        weights, pre = self.memory_bytes(d_in)
+        if weights + pre <= limit_bytes:
+            return
+        gb = lambda b: f"{b / 1e9:,.1f} GB"  # noqa: E731
+        need = (f"training needs {gb(weights + pre)} ({gb(weights)} for W_enc and W_dec at d_in {d_in} with their "
+                f"gradients and Adam state, {gb(pre)} for the pre-activations of {{batch_size}} ({self.batch_size}) "
+                f"tokens), more than the {gb(limit_bytes)} of memory on {where}")
+        if weights > pre or weights > limit_bytes:
+            raise SettingError("n_latents", self.n_latents, f"{need}: lower {{n_latents}}")
+        raise SettingError("batch_size", self.batch_size, f"{need}: lower {{batch_size}} (or {{n_latents}})")
 
     def _check_positive(self, name: str) -> None:
         value = getattr(self, name)
@@ -132,7 +156,9 @@ class TrainConfig:
 
 @dataclass
 class TrainReport:
-    """Final metrics; `fvu`, `l0`, `aux_loss` average the last `window` steps."""
+    """Final metrics of the whole run, also when it was resumed from a checkpoint (the history, the
+    averages and the counters are saved in every checkpoint); `fvu`, `l0`, `aux_loss` average the
+    last `window` steps."""
 
     steps: int = 0
     tokens: int = 0
@@ -140,9 +166,9 @@ class TrainReport:
     l0: float = float("nan")
     aux_loss: float = float("nan")
     dead_fraction: float = float("nan")  # no fire in the last `dead_tokens` tokens
-    never_fired_fraction: float = float("nan")  # no fire since the start (or the resumed checkpoint's start)
-    tokens_per_s: float = 0.0
-    elapsed_s: float = 0.0
+    never_fired_fraction: float = float("nan")  # no fire since the start of the run (resumes included)
+    tokens_per_s: float = 0.0  # over the whole run's training time (every session of a resumed run)
+    elapsed_s: float = 0.0  # training seconds of the whole run (up to the resumed checkpoint, then this session)
     window: int = 0
     world_size: int = 1
     device: str = "cpu"

@@ -1,6 +1,7 @@
 """`train_sae`: the public entry point that trains a TopK SAE on a text encoder's token activations
 (docs/training.md). It resolves the settings, builds the SAE, the `SAETrainer` and the
-`ActivationStream`, resumes from a checkpoint when there is one, and runs the steps.
+`ActivationStream`, resumes from a checkpoint when there is one, and runs the steps. The report
+covers the whole run: its history, averages and training time are saved in every checkpoint.
 
 Data parallel (docs/training.md, "Distributed training"): under torch.distributed (torchrun;
 NCCL on GPU, gloo on CPU) every rank calls `train_sae` with the same prompts and settings; rank
@@ -9,6 +10,7 @@ r reads prompts i with i % world == r, and training stops when any rank runs out
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -62,37 +64,80 @@ def train_sae(
     if want != width:
         raise ValueError(f"encoder width {width} ({type(encoder).__name__}) != SAE d_in {want}")
     device = torch.device(cfg.device) if cfg.device else encoder_device(encoder)
+    cfg.check_fits(width, _memory_limit(device), str(device))  # before anything of that size is allocated
     sae = _prepare_sae(sae, encoder, width, cfg, device)
     trainer = SAETrainer(sae, cfg)
     stream = ActivationStream(encoder, tokenizer, prompts, cfg, width, device)
     ckroot = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    resumed = _resume(ckroot, cfg, trainer, stream)
+    resumed, log = _resume(ckroot, cfg, trainer, stream)
 
     rank, world = rank_and_world()
     report = TrainReport(world_size=world, device=str(device), resumed_from_step=resumed, config=cfg.to_dict())
     was_training = encoder.training
     encoder.eval()
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step_num, unit="step", disable=not cfg.progress or rank != 0)
-    t0 = time.perf_counter()
-    tokens0 = trainer.tokens
+    n_prompts = len(prompts) if hasattr(prompts, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=_total_steps(cfg, stream, n_prompts), initial=trainer.step_num, unit="step",
+               disable=not cfg.progress or rank != 0)
     try:
-        recent = _run_steps(trainer, stream, report, bar, ckroot, on_step, init_b_dec=resumed is None, t0=t0)
+        _run_steps(trainer, stream, log, bar, ckroot, on_step, init_b_dec=resumed is None, n_prompts=n_prompts)
+        log.stop()
         if trainer.step_num == 0:
             raise ValueError(
                 f"the corpus gave only {stream.tokens_in} tokens on rank {rank} (after excluding BOS/padding), "
                 f"fewer than batch_size={cfg.batch_size}: lower batch_size or add prompts"
             )
         if ckroot is not None and (resumed is None or trainer.step_num != resumed):
-            save_checkpoint(ckroot, trainer, stream, cfg)
+            save_checkpoint(ckroot, trainer, stream, cfg, log.state())
     finally:
         bar.close()
         stream.close()
         encoder.train(was_training)
 
-    _finish_report(report, trainer, recent, time.perf_counter() - t0, tokens0)
+    _finish_report(report, trainer, log)
     sae.eval()
     sae.train_report = report  # type: ignore[attr-defined]
     return (sae, report) if return_report else sae
+
+
+class _RunLog:
+    """What the report needs about the whole run, resumed sessions included: the per-step history
+    (every `log_every`-th step), the metrics of the last REPORT_WINDOW steps and the training
+    seconds. Its `state()` goes into every checkpoint, so a resumed run reports as an
+    uninterrupted one would (docs/training.md, "Metrics, checkpoints, resume")."""
+
+    def __init__(self, state: Optional[dict[str, Any]] = None, untimed_tokens: int = 0):
+        """`untimed_tokens`: tokens trained before this session whose seconds are unknown (a checkpoint
+        written without a run state); tokens/s leaves them out."""
+        state = state or {}
+        self.untimed_tokens = int(state.get("untimed_tokens", untimed_tokens))
+        self.history: list[dict[str, float]] = [dict(h) for h in state.get("history", [])]
+        self.recent: list[dict[str, float]] = [dict(m) for m in state.get("recent", [])]
+        self.prior_s = float(state.get("elapsed_s", 0.0))  # training seconds of earlier sessions
+        self.t0 = time.perf_counter()
+        self.stopped: Optional[float] = None
+
+    def elapsed(self, now: Optional[float] = None) -> float:
+        """Training seconds of the whole run up to `now` (default: now, or when `stop` was called)."""
+        if self.stopped is not None:
+            return self.stopped
+        return self.prior_s + ((time.perf_counter() if now is None else now) - self.t0)
+
+    def stop(self) -> None:
+        """The steps are done: freeze `elapsed` (the final checkpoint and the report then agree, and a
+        rerun with nothing left to train reports the same time)."""
+        self.stopped = self.elapsed()
+
+    def tokens_per_s(self, tokens: int, now: Optional[float] = None) -> float:
+        return (tokens - self.untimed_tokens) / max(self.elapsed(now), 1e-9)
+
+    def add(self, metrics: dict[str, float], keep: bool) -> None:
+        self.recent = (self.recent + [metrics])[-REPORT_WINDOW:]
+        if keep:
+            self.history.append(metrics)
+
+    def state(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history], "recent": [dict(m) for m in self.recent],
+                "elapsed_s": self.elapsed(), "untimed_tokens": self.untimed_tokens}
 
 
 def _resolve_config(config: Optional[TrainConfig], hook: Optional[str], n_latents: Optional[int],
@@ -138,26 +183,46 @@ def _prepare_sae(sae: Optional[SAE], encoder: nn.Module, width: int, cfg: TrainC
     return sae
 
 
-def _resume(ckroot: Optional[Path], cfg: TrainConfig, trainer: SAETrainer, stream: ActivationStream) -> Optional[int]:
-    """Load `ckroot`'s latest checkpoint when resuming is on and there is one; its step, or None."""
+def _resume(ckroot: Optional[Path], cfg: TrainConfig, trainer: SAETrainer,
+            stream: ActivationStream) -> tuple[Optional[int], _RunLog]:
+    """Load `ckroot`'s latest checkpoint when resuming is on and there is one: (its step, the run
+    log saved with it), or (None, a new run log)."""
     if ckroot is None or not cfg.resume:
-        return None
+        return None, _RunLog()
     ck = latest_checkpoint(ckroot)
     if ck is None:
+        return None, _RunLog()
+    run = load_checkpoint(ck, trainer, stream, cfg)
+    return trainer.step_num, _RunLog(run, untimed_tokens=trainer.tokens if run is None else 0)
+
+
+def _memory_limit(device: torch.device) -> Optional[int]:
+    """Bytes of memory on `device` (a CUDA GPU's, or the machine's RAM for the CPU); None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, AssertionError, OSError, RuntimeError, ValueError):
         return None
-    load_checkpoint(ck, trainer, stream, cfg)
-    return trainer.step_num
+    return None
 
 
-def _run_steps(trainer: SAETrainer, stream: ActivationStream, report: TrainReport, bar: Any,
-               ckroot: Optional[Path], on_step: Optional[StepCallback], *, init_b_dec: bool,
-               t0: float) -> list[dict[str, float]]:
-    """Step until `max_steps` or the data is spent, logging, checkpointing and calling `on_step`;
-    returns the metrics of the last REPORT_WINDOW steps. `init_b_dec`: set b_dec from the first batch."""
+def _total_steps(cfg: TrainConfig, stream: ActivationStream, n_prompts: Optional[int]) -> Optional[int]:
+    """The run's steps for the progress bar (its total and ETA): max_steps, or fewer when the data
+    runs out first (estimated by the stream); None while unknown."""
+    est = stream.estimated_batches(n_prompts)
+    if cfg.max_steps is None:
+        return est
+    return cfg.max_steps if est is None else min(cfg.max_steps, est)
+
+
+def _run_steps(trainer: SAETrainer, stream: ActivationStream, log: _RunLog, bar: Any, ckroot: Optional[Path],
+               on_step: Optional[StepCallback], *, init_b_dec: bool, n_prompts: Optional[int]) -> None:
+    """Step until `max_steps` or the data is spent, logging into `log`, checkpointing and calling
+    `on_step`. `init_b_dec`: set b_dec from the first batch; `n_prompts`: for the bar's total."""
     cfg = trainer.cfg
     world = rank_and_world()[1]
-    tokens0 = trainer.tokens
-    recent: list[dict[str, float]] = []
     while cfg.max_steps is None or trainer.step_num < cfg.max_steps:
         x = stream.next_batch()
         if init_b_dec:
@@ -170,29 +235,31 @@ def _run_steps(trainer: SAETrainer, stream: ActivationStream, report: TrainRepor
             break
         now = time.perf_counter()
         metrics["step_s"] = now - ts
-        metrics["tokens_per_s"] = (trainer.tokens - tokens0) / max(now - t0, 1e-9)
-        recent = (recent + [metrics])[-REPORT_WINDOW:]
-        if trainer.step_num % cfg.log_every == 0:
-            report.history.append(metrics)
+        metrics["tokens_per_s"] = log.tokens_per_s(trainer.tokens, now)
+        log.add(metrics, keep=trainer.step_num % cfg.log_every == 0)
+        total = _total_steps(cfg, stream, n_prompts)
+        if total is not None and total != bar.total:
+            bar.total = max(total, bar.n + 1)
         bar.update(1)
         bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}",
                         dead=f"{metrics['dead_fraction']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if ckroot is not None and trainer.step_num % cfg.checkpoint_every == 0:
-            save_checkpoint(ckroot, trainer, stream, cfg)
+            save_checkpoint(ckroot, trainer, stream, cfg, log.state())
         if on_step is not None:
             on_step(metrics)
-    return recent
 
 
-def _finish_report(report: TrainReport, trainer: SAETrainer, recent: list[dict[str, float]], elapsed: float,
-                   tokens0: int) -> None:
-    """Fill in the totals, the averages over `recent` and the dead / never-fired fractions."""
+def _finish_report(report: TrainReport, trainer: SAETrainer, log: _RunLog) -> None:
+    """Fill in the whole run's totals, history, averages over its last steps and the dead /
+    never-fired fractions."""
+    elapsed = log.elapsed()
     report.steps, report.tokens, report.elapsed_s = trainer.step_num, trainer.tokens, elapsed
-    report.tokens_per_s = (trainer.tokens - tokens0) / max(elapsed, 1e-9)
-    report.window = len(recent)
-    if recent:
+    report.tokens_per_s = log.tokens_per_s(trainer.tokens)
+    report.history = log.history
+    report.window = len(log.recent)
+    if log.recent:
         for key in ("fvu", "l0", "aux_loss"):
-            setattr(report, key, float(np.mean([m[key] for m in recent])))
+            setattr(report, key, float(np.mean([m[key] for m in log.recent])))
     report.dead_fraction = float((trainer.since_fired >= trainer.cfg.dead_tokens).float().mean())
     report.never_fired_fraction = float((~trainer.ever_fired).float().mean())
 

@@ -205,6 +205,21 @@ class ActivationStream:
                 continue
             self._push(chunk)
 
+    def estimated_batches(self, n_prompts: Optional[int]) -> Optional[int]:
+        """The batches this rank's whole run gives (every epoch, resumed steps included), for a
+        progress bar's total: exact once epoch 0 has been read, extrapolated from the tokens per
+        prompt so far before that; None while unknown (no prompt read yet, or `n_prompts` None,
+        a corpus without a length, before its activations are cached)."""
+        epochs = self.cfg.epochs
+        if self.cache_path is not None and self.epoch > 0:
+            total = self.cache_rows * epochs
+        elif n_prompts is None or self.prompts_in == 0:
+            return None
+        else:
+            mine = len(range(self.rank, n_prompts, self.world))
+            total = self.tokens_in * mine * epochs // self.prompts_in  # integers: exact once an epoch is read
+        return total // self.cfg.batch_size
+
     def close(self) -> None:
         if self._cache_file is not None:
             self._cache_file.flush()

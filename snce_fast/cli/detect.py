@@ -74,7 +74,7 @@ def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[O
         for r, lab in zip(rows, labels):
             r["label"] = lab
     if path.suffix.lower() == ".jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["prompt", "flag", "score", "tokens"])
     w.writeheader()

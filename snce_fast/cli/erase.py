@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ from snce_fast.cli._common import (
     add_prompt_file_args,
     apply_calibration,
     atomic_save_image,
-    atomic_write_text,
+    atomic_write_json,
     check_edit_options,
     check_neurons,
     check_out_dir,
@@ -115,7 +114,7 @@ def _run(args: argparse.Namespace, prompts: list[str], out: Any) -> int:
                     atomic_save_image(side_by_side(originals[(i, seed)], img), out / f"{name}_compare.png")
                     entry.update(original=f"{name}_original.png", compare=f"{name}_compare.png")
                 record["images"].append(entry)
-    atomic_write_text(out / "record.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out / "record.json", record)
     if not args.quiet:
         print(f"wrote {len(record['images'])} image(s) and record.json to {out}")
     return 0

@@ -8,7 +8,6 @@ neuron's contribution. Every number in the summary is computed in this run.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from snce_fast.demo.prompts import DemoPrompts, demo_prompts
 from snce_fast.hooks.activations import encoder_device, tokenize, uses_attention_mask
 from snce_fast.hooks.patching import patched
 from snce_fast.models import load_encoder
-from snce_fast.records.atomic import atomic_write_text
+from snce_fast.records.atomic import atomic_write_json, atomic_write_text
 from snce_fast.sae.model import SAE
 from snce_fast.train import train_sae
 from snce_fast.workflow.calibrate import calibrate
@@ -165,7 +164,7 @@ def _run(out: Path, model: str, encoder: str, quick: bool, seed: int, progress: 
         "files": {"sae": "sae/", "scan": "scan/", "report": str(report_path.relative_to(out)),
                   "detect_plot": "detect.png", "training_plot": "training.png", "summary": "summary.md"},
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     return summary
 

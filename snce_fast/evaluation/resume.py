@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from snce_fast.evaluation.eval_csv import EvalRow
-from snce_fast.records.atomic import atomic_write_text
+from snce_fast.records.atomic import atomic_write_text, json_text
 
 RESULTS = "results.jsonl"
 SETTINGS = "settings.json"
@@ -75,6 +75,6 @@ def check_rows_unchanged(out: Union[str, os.PathLike], rows: Sequence[EvalRow],
 def append_result(out: Union[str, os.PathLike], record: Mapping[str, Any]) -> None:
     """Append one finished row to out/results.jsonl and fsync it."""
     with open(Path(out) / RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None))
         f.flush()
         os.fsync(f.fileno())

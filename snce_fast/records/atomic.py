@@ -90,14 +90,14 @@ def _nonfinite(obj: Any, where: str = "") -> Optional[str]:
     return None
 
 
-def json_text(obj: Any) -> str:
+def json_text(obj: Any, indent: Optional[int] = 2, sort_keys: bool = False) -> str:
     """`obj` as strict JSON (indent 2, trailing newline). A NaN or infinite number raises a
     ValueError naming its key path ("fvu is NaN"): JSON has no such numbers, and a result file
     holding one would be read back wrongly (or not at all) by strict parsers."""
     bad = _nonfinite(obj)
     if bad:
         raise ValueError(f"cannot write JSON: {bad} (only finite numbers are valid JSON)")
-    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    return json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:

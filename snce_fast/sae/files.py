@@ -14,7 +14,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import torch
 
 from snce_fast.checks import check_finite
-from snce_fast.records.atomic import atomic_path
+from snce_fast.records.atomic import atomic_path, json_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"  # the native full SAE (snce_fast.sae.native)
@@ -163,5 +163,5 @@ def write_artifact(path: str | os.PathLike, weights_file: str, tensors: Mapping[
     with atomic_path(out / weights_file) as tmp:
         save_file(cpu, str(tmp), metadata=dict(metadata))
     with atomic_path(out / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(dict(config), indent=2) + "\n")
+        tmp.write_text(json_text(dict(config)))
     drop_replaced(previous, out / weights_file)

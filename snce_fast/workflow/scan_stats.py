@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from snce_fast.ops.histogram import STATE_FIELDS, Histograms
-from snce_fast.records.atomic import atomic_write_bytes
+from snce_fast.records.atomic import atomic_write_bytes, json_text
 from snce_fast.workflow.corpus import SKIP_REASONS
 
 MANIFEST = "manifest.json"
@@ -124,7 +124,7 @@ def write_stats(path: Path, stats: ScanStats, extra: dict[str, Any]) -> None:
         "meta": stats.meta,
         **extra,
     }
-    atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path / MANIFEST, json_text(manifest, indent=1, sort_keys=True).encode())
     for old in path.glob("stats-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from snce_fast.cli._common import (
 )
 from snce_fast.evaluation import check_guidance
 from snce_fast.hooks import patching
+from snce_fast.workflow.detect import detect
 
 
 def _check_flags(args: argparse.Namespace) -> tuple[list[str], Any]:
@@ -97,6 +98,7 @@ def _run(args: argparse.Namespace, prompts: list[str], out: Any) -> int:
         "width": args.width or args.height, "seeds": args.seed, "images": [],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    fired = _neuron_fires(pipe, saes, neurons, prompts, edit)
     originals = {}
     if args.compare:
         for i, prompt in enumerate(prompts):
@@ -108,7 +110,7 @@ def _run(args: argparse.Namespace, prompts: list[str], out: Any) -> int:
                 img = generate(prompt, seed)
                 name = f"{i:04d}_seed{seed}"
                 atomic_save_image(img, out / f"{name}_erased.png")
-                entry = {"prompt": prompt, "seed": seed, "erased": f"{name}_erased.png"}
+                entry = {"prompt": prompt, "seed": seed, "erased": f"{name}_erased.png", **fired[i]}
                 if args.compare:
                     atomic_save_image(originals[(i, seed)], out / f"{name}_original.png")
                     atomic_save_image(side_by_side(originals[(i, seed)], img), out / f"{name}_compare.png")
@@ -120,14 +122,31 @@ def _run(args: argparse.Namespace, prompts: list[str], out: Any) -> int:
     return 0
 
 
-def side_by_side(left: Any, right: Any, gap: int = 4) -> Any:
-    """One PNG-ready image: original on the left, erased on the right."""
-    w, h = left.width + right.width + gap, max(left.height, right.height)
-    grid = Image.new("RGB", (w, h), "white")
-    grid.paste(left, (0, 0))
-    grid.paste(right, (left.width + gap, 0))
-    return grid
+def _neuron_fires(pipe: Any, saes: dict[str, Any], neurons: Any, prompts: list[str],
+                  edit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per prompt: whether a target latent fires on a counted token (`neuron_fired`, its largest
+    activation `neuron_score`) and whether the patch edits the prompt (`edited`: it fires and, with
+    --gate, passes the gate's threshold and min_tokens)."""
+    fires = detect(pipe, saes, neurons, prompts)
+    gated = detect(pipe, saes, neurons, prompts, min_tokens=edit["min_tokens"],
+                   threshold=edit["threshold"]) if edit["gate"] else fires
+    return [{"neuron_fired": bool(f), "neuron_score": float(sc), "edited": bool(g)}
+            for f, sc, g in zip(fires.flags.tolist(), fires.scores.tolist(), gated.flags.tolist())]
 
+
+def side_by_side(left: Any, right: Any, gap: int = 4, labels: tuple[str, str] = ("original", "erased")) -> Any:
+    """One PNG-ready image: original on the left, erased on the right, each labelled in a strip above."""
+    from PIL import ImageDraw
+
+    strip = 14
+    w, h = left.width + right.width + gap, max(left.height, right.height) + strip
+    grid = Image.new("RGB", (w, h), "white")
+    grid.paste(left, (0, strip))
+    grid.paste(right, (left.width + gap, strip))
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 1), labels[0], fill="black")
+    draw.text((left.width + gap + 2, 1), labels[1], fill="black")
+    return grid
 
 
 def register(sub: Any) -> None:

@@ -32,10 +32,19 @@ def test_erase_writes_images_record_and_comparison(saved, tmp_path):
     assert rc == 0
     record = json.loads((out / "record.json").read_text())
     assert record["neurons"] == [3, 5] and record["seeds"] == [1, 2] and len(record["images"]) == 2
+    # whether the neuron fired on the prompt (and so whether the patch edited it) is recorded
+    import snce_fast
+
+    det = snce_fast.detect(sd_pipeline(saved / "build"), snce_fast.SAE.load(saved / "sae"), [3, 5], ["a photo of a cat"])
     for entry in record["images"]:
         erased = Image.open(out / entry["erased"])
         compare = Image.open(out / entry["compare"])
-        assert erased.size == (16, 16) and compare.size == (36, 16)
+        assert erased.size == (16, 16) and compare.size == (36, 16 + 14)  # a label strip above the pair
+        assert entry["neuron_fired"] == bool(det.flags[0]) == entry["edited"]
+        assert entry["neuron_score"] == pytest.approx(float(det.scores[0]))
+        # the labels are drawn: the strip is not blank white
+        strip = torch.tensor(list(compare.crop((0, 0, 36, 14)).convert("L").getdata()))
+        assert (strip < 128).any()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 

@@ -9,10 +9,12 @@ output. `--quiet` also silences the progress bars and logs of transformers / dif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from snce_fast.cli._common import UsageError, quiet_libraries
 
@@ -57,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        with quiet_libraries(getattr(args, "quiet", False), getattr(args, "loads_pipeline", False)):
+        with quiet_libraries(getattr(args, "quiet", False), getattr(args, "loads_pipeline", False)), \
+                _warnings_as_lines(args.command):
             return func(args)
     except (UsageError, TypeError, ValueError, OSError) as e:
         # the library's own checks raise ValueError/TypeError naming the bad value; SNCE_FAST_DEBUG=1
@@ -69,6 +72,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"snce-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """snce_fast's own warnings (e.g. a weak calibration) print as 'snce-fast CMD: warning: ...' lines."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if category.__module__.startswith("snce_fast."):
+            print(f"snce-fast {command}: warning: {_one_line(Exception(str(message)))}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _one_line(e: BaseException) -> str:

@@ -387,3 +387,19 @@ def _with_paths(root, argv):
     """The placeholders of `argv` filled in; every caller gives its own --out."""
     assert "OUT" not in argv and "OUT.json" not in argv and "OUT.csv" not in argv
     return _argv(argv, root, "OUT")
+
+
+def test_library_warnings_print_as_one_line(capsys):
+    """snce_fast's own warnings (a weak calibration, fewer latents than asked) reach the CLI user as one
+    'snce-fast CMD: warning: ...' line, not as a Python warning with a file name and source line."""
+    import warnings
+
+    from snce_fast.cli import _warnings_as_lines
+    from snce_fast.workflow.calibrate import CalibrationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with _warnings_as_lines("calibrate"):
+            warnings.warn("the best latent (3) flags only 2.0% of the target prompts", CalibrationWarning)
+    err = capsys.readouterr().err
+    assert err == "snce-fast calibrate: warning: the best latent (3) flags only 2.0% of the target prompts\n"

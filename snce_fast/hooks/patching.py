@@ -255,6 +255,8 @@ def patch(
 
 def unpatch(pipe: Any) -> None:
     """Remove every snce_fast patch from `pipe` (a pipeline or an encoder); a no-op if none."""
+    if not isinstance(pipe, nn.Module) and not _is_pipeline(pipe):
+        raise TypeError(f"unpatch takes a diffusers pipeline or a text encoder, got {type(pipe).__name__} {pipe!r:.60}")
     try:
         encoders = text_encoders(pipe)
     except TypeError:

@@ -75,9 +75,20 @@ def default_length(tokenizer: Any) -> int:
     return 512 if not isinstance(limit, int) or not 0 < limit <= 4096 else limit
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+# Corpus passes (scan, detect, calibrate, top prompts, training on counted tokens) pad each batch to
+# its longest prompt instead of the tokenizer's limit: the tokens they count (1..EOS) are the same,
+# since CLIP attends causally and masked encoders (BERT, T5) ignore padding, and a caption-length
+# batch is 4x (CLIP, 77) to 40x (MiniLM, 512) cheaper. The patch at generation time never tokenizes:
+# the pipeline keeps its own padding. False restores full padding everywhere (for comparisons).
+CORPUS_PAD_TO_LONGEST = True
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: Optional[int] = None,
+             pad_to_longest: bool = False) -> dict[str, torch.Tensor]:
     """Tokenize like the SD pipelines do: pad to the tokenizer's max length (77 for CLIP), truncate.
-    A `max_length` above the tokenizer's `model_max_length` is refused (ValueError naming both)."""
+    `pad_to_longest`: pad only to the batch's longest prompt (still truncated at that length); corpus
+    passes use `corpus_tokenize`. A `max_length` above the tokenizer's `model_max_length` is refused
+    (ValueError naming both)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     _check_length_value(max_length)
@@ -87,8 +98,15 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: Optional[int] =
                          f"expected max_length <= {tok_limit}")
     limit = max_length or default_length(tokenizer)
     return tokenizer(
-        list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
+        list(prompts), padding="longest" if pad_to_longest else "max_length", max_length=limit, truncation=True,
+        return_tensors="pt",
     )
+
+
+def corpus_tokenize(tokenizer: Any, prompts: Sequence[str], max_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """`tokenize` for passes over prompt corpora that read only counted tokens (1..EOS): padded to the
+    batch's longest prompt (CORPUS_PAD_TO_LONGEST)."""
+    return tokenize(tokenizer, prompts, max_length, pad_to_longest=CORPUS_PAD_TO_LONGEST)
 
 
 def counted_mask(

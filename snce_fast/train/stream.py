@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from snce_fast.distributed import rank_and_world
-from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations, tokenize
 from snce_fast.train.config import TrainConfig
 
 __all__ = ["ActivationStream"]
@@ -98,7 +98,9 @@ class ActivationStream:
     @torch.no_grad()
     def _activations(self, batch: list[str]) -> torch.Tensor:
         cfg = self.cfg
-        toks = tokenize(self.tokenizer, batch, cfg.max_length)
+        # padding rows are training data only with include_padding; otherwise pad to the batch's longest
+        pad = tokenize if cfg.include_padding else corpus_tokenize
+        toks = pad(self.tokenizer, batch, cfg.max_length)
         hidden = hook_activations(self.encoder, toks, cfg.hook, cfg.penultimate_output)  # [B, L, d']
         if hidden.shape[-1] != self.d:
             raise ValueError(

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from snce_fast.checks import Neurons, as_neuron_list, positive_int, unique_neurons
-from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
 from snce_fast.hooks.patching import text_encoders
 from snce_fast.ops import backend, reference
 from snce_fast.sae.model import SAE
@@ -66,7 +66,7 @@ def detect(
         thr = _per_target_threshold(threshold, given, targets, len(saes))
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            batch = tokenize(tok, chunk, max_length)
+            batch = corpus_tokenize(tok, chunk, max_length)
             hidden = hook_activations(enc, batch, s.hook, penultimate)
             values, indices = backend.encode(hidden, s)
             z_all = reference.target_activations(values, indices, targets)  # [B, L, T]
@@ -120,7 +120,7 @@ def prompt_activations(
     column[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        batch = tokenize(tok, chunk, max_length)
+        batch = corpus_tokenize(tok, chunk, max_length)
         hidden = hook_activations(enc, batch, sae.hook, penultimate)
         values, indices = backend.encode(hidden, sae)
         values, indices = values.float().cpu(), indices.long().cpu()

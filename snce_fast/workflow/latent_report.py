@@ -12,7 +12,7 @@ from torch import nn
 
 from snce_fast import plots
 from snce_fast.checks import as_neuron_list, positive_int
-from snce_fast.hooks.activations import check_max_length, counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import check_max_length, corpus_tokenize, counted_mask, eos_id, hook_activations
 from snce_fast.ops import backend, reference
 from snce_fast.records.atomic import atomic_write_text
 from snce_fast.workflow.corpus import sources
@@ -43,7 +43,7 @@ def top_prompts(
     chunk: list[str] = []
 
     def flush() -> None:
-        batch = tokenize(tokenizer, chunk, max_length)
+        batch = corpus_tokenize(tokenizer, chunk, max_length)
         hidden = hook_activations(encoder, batch, sae.hook, penultimate_output)
         values, indices = backend.encode(hidden.to(sae.W_enc.dtype), sae)
         z = reference.target_activations(values, indices, targets)  # [B, L, T]

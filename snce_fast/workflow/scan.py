@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from snce_fast.checks import positive_int
 from snce_fast.distributed import all_reduce, rank_and_world
-from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
 from snce_fast.hooks.compat import check_sae_finite, check_sae_fits
 from snce_fast.ops import backend, histogram
 from snce_fast.sae.fingerprint import sae_hash
@@ -84,7 +84,7 @@ class _Producer(threading.Thread):
             for b, batch in enumerate(self.batches, start=self.first):
                 if b % self.world == self.rank and batch.prompts:
                     t0 = time.perf_counter()
-                    batch.tokens = tokenize(self.tokenizer, batch.prompts, self.max_length)
+                    batch.tokens = corpus_tokenize(self.tokenizer, batch.prompts, self.max_length)
                     batch.counted = counted_mask(
                         batch.tokens["input_ids"], batch.tokens.get("attention_mask"), self.eos
                     )

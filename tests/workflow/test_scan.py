@@ -14,7 +14,7 @@ import torch
 import snce_fast
 from snce_fast.ops import histogram as H
 from snce_fast.ops import reference
-from snce_fast.hooks.activations import counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
 from snce_fast.workflow.corpus import read_prompts
 from snce_fast.testing import bert_model, clip_text_model, random_sae, write_bert_tokenizer, write_clip_tokenizer
 
@@ -52,7 +52,7 @@ def _recount(encoder, tok, sae, groups: dict[str, list[str]], batch_size: int, i
     itd = torch.zeros(G, n, dtype=torch.int64)
     for s in range(0, len(flat), batch_size):
         chunk = flat[s : s + batch_size]
-        batch = tokenize(tok, [p for _, p in chunk])
+        batch = corpus_tokenize(tok, [p for _, p in chunk])  # the batches scan makes
         hidden = hook_activations(encoder, batch, sae.hook)
         values, indices = reference.encode(hidden, sae)
         B, L, k = values.shape

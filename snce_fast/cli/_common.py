@@ -22,7 +22,7 @@ from snce_fast.records.calibration import read_calibration
 from snce_fast.records.lock import output_lock  # noqa: F401  (re-exported)
 from snce_fast.sae import load as load_artifact
 from snce_fast.sae.fingerprint import sae_hash
-from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile
+from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile, read_prompts, skips_before_a_prompt
 
 
 class UsageError(Exception):
@@ -226,36 +226,20 @@ def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Option
     undecodable, malformed: snce_fast.workflow.corpus.SKIP_REASONS) are counted into `skipped` by reason
     when given. Bad files are UsageErrors."""
     existing_file(path, what)
-    out: list[str] = []
-    counts = skipped if skipped is not None else {}
     try:
-        with contextlib.closing(PromptFile(path, column).rows()) as rows:
-            for row in rows:
-                if row.prompt is None:
-                    counts[row.skip] = counts.get(row.skip, 0) + 1
-                    continue
-                out.append(row.prompt)
-                if limit is not None and len(out) >= limit:
-                    break
+        return read_prompts(path, column, limit, skipped=skipped)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
-    return out
 
 
 def skipped_before_a_prompt(path: str, what: str, column: str = "prompt") -> Optional[dict[str, int]]:
     """None when a corpus file holds a usable prompt (read only up to the first one), else its skipped rows
-    by reason (an empty dict: no rows at all). A missing or unreadable file is a UsageError."""
+    by reason. A missing or unreadable file is a UsageError."""
     existing_file(path, what)
-    counts: dict[str, int] = {}
     try:
-        with contextlib.closing(PromptFile(path, column).rows()) as rows:
-            for row in rows:
-                if row.prompt is not None:
-                    return None
-                counts[row.skip] = counts.get(row.skip, 0) + 1
+        return skips_before_a_prompt([PromptFile(path, column)])
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
-    return counts
 
 
 # how each skip reason of the corpus reader (snce_fast.workflow.corpus.SKIP_REASONS) reads in a summary

@@ -258,35 +258,50 @@ def sources(items: Union[str, os.PathLike, Iterable[Any]], name: str = "<prompts
     return out
 
 
-def require_prompts(name: str, srcs: Sequence[Source]) -> None:
-    """ValueError when group `name`'s sources hold no usable prompt (no rows, or every row blank,
-    undecodable or malformed). Reads each source only up to its first usable prompt."""
+def skips_before_a_prompt(srcs: Sequence[Source]) -> Optional[dict[str, int]]:
+    """None when `srcs` hold a usable prompt (each source read only up to its first one), else the rows
+    they skipped, by reason (all zero: no rows at all)."""
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     for src in srcs:
         with contextlib.closing(src.rows()) as rows:
             for row in rows:
                 if row.skip is None:
-                    return
-                skipped[row.skip] += 1
+                    return None
+                skipped[row.skip] = skipped.get(row.skip, 0) + 1
+    return skipped
+
+
+def require_prompts(name: str, srcs: Sequence[Source]) -> None:
+    """ValueError when group `name`'s sources hold no usable prompt (no rows, or every row blank,
+    undecodable or malformed). Reads each source only up to its first usable prompt."""
+    skipped = skips_before_a_prompt(srcs)
+    if skipped is None:
+        return
     where = ", ".join(repr(s.name) if isinstance(s, PromptFile) else "its inline prompts" for s in srcs)
     detail = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)
     raise ValueError(f"group {name!r} has no usable prompts in {where or 'nothing (no files or prompts given)'}"
                      + (f" (rows skipped: {detail})" if detail else " (no rows)"))
 
 
-def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: Optional[int] = None) -> list[str]:
-    """The prompts of a file (skipping bad rows), at most `limit` of them."""
+def read_prompts(path: Union[str, os.PathLike], column: str = "prompt", limit: Optional[int] = None,
+                 skipped: Optional[dict[str, int]] = None) -> list[str]:
+    """The prompts of a file (skipping bad rows), at most `limit` of them; the skipped rows are added up
+    by reason into `skipped` when given."""
     out: list[str] = []
-    for row in PromptFile(path, column).rows():
-        if row.prompt is not None:
+    with contextlib.closing(PromptFile(path, column).rows()) as rows:
+        for row in rows:
+            if row.prompt is None:
+                if skipped is not None:
+                    skipped[row.skip] = skipped.get(row.skip, 0) + 1
+                continue
             out.append(row.prompt)
             if limit is not None and len(out) >= limit:
                 break
     return out
 
 
-__all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "require_prompts", "read_prompts", "is_prompt_file",
-           "looks_like_path", "SKIP_REASONS"]
+__all__ = ["Row", "PromptFile", "PromptList", "Source", "sources", "require_prompts", "skips_before_a_prompt",
+           "read_prompts", "is_prompt_file", "looks_like_path", "SKIP_REASONS"]
 
 
 def read_labels(path: str, column: str, prompt_column: str = "prompt") -> list[Optional[bool]]:

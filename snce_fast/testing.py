@@ -174,3 +174,15 @@ def bert_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
         intermediate_size=2 * hidden, max_position_embeddings=tokenizer.model_max_length,
     )
     return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def save_bert_dir(directory: str | Path, seed: int = 0):
+    """A tiny BERT (with its pooler, so it loads without warnings) and its tokenizer saved as a
+    transformers model directory, as `--model DIR` reads it; returns the tokenizer."""
+    from transformers import BertModel
+
+    tok = write_bert_tokenizer(directory)
+    # the weights are drawn right after bert_model(tok, seed) seeds torch and builds its own copy
+    BertModel(bert_model(tok, seed=seed).config).eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return tok

@@ -8,12 +8,11 @@ import os
 import re
 
 import pytest
-import torch
 
 import snce_fast
 from snce_fast.cli import COMMANDS, build_parser, main
 from snce_fast.records.lock import output_lock
-from snce_fast.testing import bert_model, random_sae, sd_pipeline, write_bert_tokenizer
+from snce_fast.testing import random_sae, save_bert_dir, sd_pipeline
 
 pytest.importorskip("diffusers")
 
@@ -30,13 +29,9 @@ ORDINARY = ["a photo of the cat", "a red car in the city", "a house by the river
 def env(tmp_path_factory):
     """A tiny BERT model dir (24 positions), a tiny SD pipeline, an SAE that fits both (width 32), prompt
     files (one with no usable prompt, one JSONL with malformed rows), a scan, its scores and an eval CSV."""
-    from transformers import BertModel
 
     root = tmp_path_factory.mktemp("bad_inputs")
-    tok = write_bert_tokenizer(root / "bert")
-    torch.manual_seed(0)
-    BertModel(bert_model(tok).config).eval().save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
+    save_bert_dir(root / "bert")
     sd_pipeline(root / "build").save_pretrained(root / "pipe")
     random_sae(32, n=64, k=4, seed=2).save(root / "sae")
     (root / "concept.txt").write_text("\n".join(CONCEPT) + "\n")

@@ -8,10 +8,9 @@ import os
 import random
 
 import pytest
-import torch
 
 from snce_fast.cli import main
-from snce_fast.testing import WORDS, bert_model, write_bert_tokenizer
+from snce_fast.testing import WORDS, save_bert_dir
 
 train_module = importlib.import_module("snce_fast.train")
 cli_train = importlib.import_module("snce_fast.cli.train")
@@ -25,15 +24,11 @@ SAME = ("steps", "tokens", "fvu", "l0", "aux_loss", "dead_fraction", "never_fire
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny BERT saved as a transformers model dir, and a prompt file."""
-    from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("train_resume")
-    tok = write_bert_tokenizer(root / "bert")
-    torch.manual_seed(0)
-    BertModel(bert_model(tok).config).eval().save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
+    save_bert_dir(root / "bert")
     rng = random.Random(0)
     (root / "train.txt").write_text("\n".join(" ".join(rng.sample(WORDS, 5)) for _ in range(120)) + "\n")
     return root

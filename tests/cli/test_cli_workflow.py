@@ -15,7 +15,7 @@ from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.cli import main
 from snce_fast.workflow.latent_report import top_prompts
 from snce_fast.workflow.scan_stats import TENSOR_FIELDS
-from snce_fast.testing import WORDS, bert_model, random_sae, sd_pipeline, write_bert_tokenizer
+from snce_fast.testing import WORDS, random_sae, save_bert_dir, sd_pipeline
 
 scan_module = importlib.import_module("snce_fast.workflow.scan")
 train_module = importlib.import_module("snce_fast.train")
@@ -38,15 +38,11 @@ def _prompts(rng: random.Random, n: int, concept_share: float) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A transformers model dir (tiny BERT + tokenizer), prompt files, and an SAE trained by the CLI."""
-    from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("workflow")
-    tok = write_bert_tokenizer(root / "bert")
-    torch.manual_seed(0)
-    BertModel(bert_model(tok).config).eval().save_pretrained(root / "bert")  # with pooler: loads without warnings
-    tok.save_pretrained(root / "bert")
+    save_bert_dir(root / "bert")
     rng = random.Random(0)
     (root / "train.txt").write_text("\n".join(_prompts(rng, 120, 0.3)) + "\n")
     (root / "concept.txt").write_text("\n".join(_prompts(rng, 40, 1.0)) + "\n\n")  # a blank row: skipped

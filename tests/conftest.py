@@ -48,3 +48,13 @@ def triton_on_cpu():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 from startup")
+
+
+@pytest.fixture(autouse=True)
+def one_pass_by_default(monkeypatch):
+    """The tests train on corpora of a few thousand tokens, where `epochs=None` would repeat the corpus
+    up to 100 times to reach the default token budget. They keep to one pass unless they set `epochs`;
+    tests/train/test_plan.py tests the automatic choice itself (it restores the real cap)."""
+    from snce_fast.train import plan
+
+    monkeypatch.setattr(plan, "MAX_AUTO_EPOCHS", 1)

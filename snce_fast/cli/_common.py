@@ -15,6 +15,7 @@ import torch
 
 from snce_fast.checks import check_edit_args, unique_neurons
 from snce_fast.hooks.activations import check_length_limits
+from snce_fast.hooks.batching import TOKEN_BUDGET
 from snce_fast.hooks.compat import check_erasure_edit
 from snce_fast.models import EMBEDDED_MODEL, encoder_limits, hub_id_like, load_encoder, load_pipeline  # noqa: F401
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
@@ -195,6 +196,13 @@ def check_slim_mode(saes: dict, mode: str, neurons: Any = None) -> None:
     for name, sae in saes.items():
         wanted = neurons.get(name, []) if isinstance(neurons, dict) else (neurons or [])
         check_erasure_edit(sae, mode, wanted, name)
+
+
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """--batch-size and --token-budget of the corpus passes (snce_fast.hooks.batching)."""
+    p.add_argument("--batch-size", type=int, default=64, help="at most this many prompts per encoder call (default 64)")
+    p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET, help="at most this many padded tokens per "
+                   f"encoder call; prompts are sorted by length first (default {TOKEN_BUDGET})")
 
 
 def add_prompt_file_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from snce_fast.checks import check_fpr
 from snce_fast.cli._common import (
     UsageError,
+    add_batching_args,
     add_model_args,
     apply_threads,
     atomic_write_json,
@@ -91,7 +92,8 @@ def _record(args: argparse.Namespace, cal: Calibration, chosen: list[int], group
 def _check_flags(args: argparse.Namespace) -> Path:
     """The flags on their own, before any file is read; the --out path."""
     for flag, value in (("--top", args.top), ("--min-tokens", args.min_tokens), ("--batch-size", args.batch_size),
-                        ("--max-length", args.max_length), ("--shortlist", args.shortlist)):
+                        ("--token-budget", args.token_budget), ("--max-length", args.max_length),
+                        ("--shortlist", args.shortlist)):
         positive(value, flag)
     apply_threads(args.threads)
     out = check_out_file(args.out)
@@ -124,8 +126,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     check_sae_fits(sae, loaded.encoder, loaded.penultimate_output)
     check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
-                    tokenizer=loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                    penultimate_output=loaded.penultimate_output)
+                    tokenizer=loaded.tokenizer, batch_size=args.batch_size, token_budget=args.token_budget,
+                    max_length=args.max_length, penultimate_output=loaded.penultimate_output)
     chosen = cal.top(args.top)
     record = _record(args, cal, chosen, groups, sae, loaded.penultimate_output)
     pos = {j: i for i, j in enumerate(cal.neurons)}
@@ -166,7 +168,7 @@ def register(sub: Any) -> None:
     p.add_argument("--min-tokens", type=int, default=1, help="counted tokens a latent must fire on to flag a "
                    "prompt (default 1)")
     p.add_argument("--column", default="prompt", help="prompt column of csv/jsonl/parquet files")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
+    add_batching_args(p)
     p.add_argument("--max-length", type=int, default=None, help="pad prompts to this many tokens (default: the "
                    "tokenizer's limit, as pipelines do)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from snce_fast.checks import check_fpr
 from snce_fast.cli._common import (
     UsageError,
+    add_batching_args,
     add_model_args,
     add_prompt_file_args,
     atomic_write_text,
@@ -85,7 +86,7 @@ def _rows_text(path: Path, prompts: list[str], det: Any, labels: Optional[list[O
 def _check_flags(args: argparse.Namespace) -> Optional[Path]:
     """The flags on their own, before anything is loaded; the --out path."""
     for flag, value in (("--min-tokens", args.min_tokens), ("--max-length", args.max_length),
-                        ("--batch-size", args.batch_size)):
+                        ("--batch-size", args.batch_size), ("--token-budget", args.token_budget)):
         positive(value, flag)
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of latents")
@@ -152,7 +153,8 @@ def _calibrate(args: argparse.Namespace, loaded: Any, sae: Any, neurons: list[in
                skipped: dict[str, int]) -> list[float]:
     """Per-neuron thresholds that flag at most --fpr of the --calibrate-on prompts."""
     acts = prompt_activations(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer,
-                              min_tokens=args.min_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                              min_tokens=args.min_tokens, batch_size=args.batch_size,
+                              token_budget=args.token_budget, max_length=args.max_length,
                               penultimate_output=loaded.penultimate_output)
     threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
     dropped = skip_summary(skipped, args.column)
@@ -200,8 +202,8 @@ def _run(args: argparse.Namespace, out: Optional[Path]) -> int:
         threshold = _calibrate(args, loaded, sae, neurons, calibration_prompts, calibration_skipped)
     # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
     det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
-                 threshold=threshold, batch_size=args.batch_size, max_length=args.max_length,
-                 penultimate_output=loaded.penultimate_output)
+                 threshold=threshold, batch_size=args.batch_size, token_budget=args.token_budget,
+                 max_length=args.max_length, penultimate_output=loaded.penultimate_output)
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))
     _print_summary(args, det, len(prompts), neurons, threshold, labels, skipped)
@@ -243,7 +245,7 @@ def register(sub: Any) -> None:
                    "those being classified)")
     p.add_argument("--fpr", type=float, default=0.01, help="with --calibrate-on: the reference false-positive rate "
                    "to allow per neuron (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+    add_batching_args(p)
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
                    "tokenizer's; counted tokens never include padding, so a shorter pad only saves time)")
     p.add_argument("--out", default=None, help="per-prompt results: a .csv or .jsonl file")

@@ -13,6 +13,7 @@ import torch
 
 from snce_fast.cli._common import (
     UsageError,
+    add_batching_args,
     add_model_args,
     check_max_length_arg,
     check_out_dir,
@@ -26,6 +27,7 @@ from snce_fast.cli._common import (
     skipped_before_a_prompt,
 )
 from snce_fast.hooks.activations import check_max_length
+from snce_fast.hooks.batching import BUCKET_WINDOW
 from snce_fast.hooks.compat import check_sae_fits
 from snce_fast.workflow.corpus import FORMATS
 from snce_fast.workflow.scan import scan
@@ -72,7 +74,8 @@ def _require_prompts(name: str, paths: list[str], column: str) -> None:
 
 def _check_flags(args: argparse.Namespace) -> tuple[dict[str, list[str]], Path]:
     """The flags and the group files (each with a usable prompt), before anything is loaded; --out."""
-    for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every),
+    for flag, value in (("--batch-size", args.batch_size), ("--token-budget", args.token_budget),
+                        ("--checkpoint-every", args.checkpoint_every), ("--window", args.window),
                         ("--max-length", args.max_length)):
         positive(value, flag)
     finite(args.threshold, "--threshold")
@@ -109,7 +112,8 @@ def _run(args: argparse.Namespace, groups: dict[str, list[str]], out: Path) -> i
     sae = sae.to(device)
     try:
         stats = scan(loaded.encoder, loaded.tokenizer, sae, groups, batch_size=args.batch_size,
-                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     token_budget=args.token_budget, window=args.window, checkpoint=args.checkpoint,
+                     checkpoint_every=args.checkpoint_every, resume=args.resume,
                      progress=not args.quiet, threshold=args.threshold, column=args.column,
                      max_length=args.max_length, penultimate_output=loaded.penultimate_output)
     except KeyboardInterrupt:
@@ -138,7 +142,8 @@ def register(sub: Any) -> None:
         "(--group NAME=FILE[,FILE...]; .txt/.csv/.jsonl/.parquet), streams every prompt through the encoder "
         "and the SAE, and counts per group and latent the prompts and tokens it fires on and its summed "
         "activation. Writes --out DIR (manifest.json + a safetensors file; snce_fast.ScanStats.load reads "
-        "it). With --checkpoint DIR the counts are saved every --checkpoint-every batches; after Ctrl-C, "
+        "it). With --checkpoint DIR the counts are saved every --checkpoint-every windows (--window prompts); "
+        "after Ctrl-C, "
         "--resume continues and ends with the counts of an uninterrupted scan. Next step: snce-fast score.",
         epilog="example: snce-fast scan --model minilm --sae my_sae/ --group nudity=nudity.csv "
         "--group coco=coco_10k.csv --out stats/",
@@ -148,13 +153,15 @@ def register(sub: Any) -> None:
     p.add_argument("--group", action="append", metavar="NAME=FILE[,FILE...]",
                    help="a prompt group and its corpus file(s); repeat for each group (at least 2)")
     p.add_argument("--column", default="prompt", help="prompt column of csv/jsonl/parquet files (default prompt)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
+    add_batching_args(p)
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
                    "tokenizer's, 77 for CLIP; at most the encoder's positions)")
     p.add_argument("--threshold", type=float, default=0.0, help="a latent fires when its activation > this "
                    "(default 0: any top-k entry)")
     p.add_argument("--checkpoint", default=None, help="directory for resumable scan state")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (default 100)")
+    p.add_argument("--window", type=int, default=BUCKET_WINDOW, help="prompts read, sorted by length and "
+                   f"checkpointed together (default {BUCKET_WINDOW})")
+    p.add_argument("--checkpoint-every", type=int, default=8, help="windows between checkpoints (default 8)")
     p.add_argument("--resume", action="store_true", help="continue the scan saved in --checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="directory for the scan statistics")

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +31,14 @@ from snce_fast.models import LoadedEncoder
 from snce_fast.plots import training_curves
 from snce_fast.records.atomic import atomic_write_text, check_writable_dir, json_text
 from snce_fast.sae.model import SAE
+from snce_fast.hooks.batching import TOKEN_BUDGET
 from snce_fast.train import SettingError, TrainConfig, TrainReport, latest_checkpoint, train_sae
 
 # TrainConfig fields that have their own flag (the rest are reachable with --set KEY=VALUE)
 _FLAGS = {
     "n_latents": "--n-latents", "k": "--k", "hook": "--hook", "batch_size": "--batch-size",
-    "prompt_batch_size": "--prompt-batch-size", "epochs": "--epochs", "max_steps": "--max-steps", "lr": "--lr",
+    "prompt_batch_size": "--prompt-batch-size", "token_budget": "--token-budget", "epochs": "--epochs",
+    "train_tokens": "--train-tokens", "holdout": "--holdout", "max_steps": "--max-steps", "lr": "--lr",
     "warmup_steps": "--warmup-steps", "max_length": "--max-length", "dead_tokens": "--dead-tokens",
     "cache_dir": "--cache-dir", "checkpoint_dir": "--checkpoint-dir", "checkpoint_every": "--checkpoint-every",
     "seed": "--seed", "device": "--device", "log_every": "--log-every",
@@ -131,9 +132,8 @@ def _plan_checkpoints(cfg: TrainConfig) -> tuple[Optional[int], Optional[Path]]:
         raise UsageError(f"--checkpoint-dir: {e}") from None
     resume_step = int(ck.name.split("_")[-1]) if ck is not None else None
     auto_cache = None
-    if cfg.cache_dir is None and cfg.epochs > 1:
-        cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
-        auto_cache = Path(cfg.cache_dir)
+    if cfg.cache_dir is None and cfg.epochs != 1:  # epochs None usually means several (train_sae decides)
+        auto_cache = Path(cfg.checkpoint_dir) / "activation_cache"
     return resume_step, auto_cache
 
 
@@ -152,12 +152,7 @@ def _load_model(args: argparse.Namespace, cfg: TrainConfig) -> LoadedEncoder:
 
 
 def _train(loaded: LoadedEncoder, prompts: list[str], cfg: TrainConfig) -> tuple[SAE, TrainReport]:
-    """train_sae, with a temporary activation cache for epochs > 1 when none is set (encode once,
-    replay later epochs from disk), and a hint on Ctrl-C when a rerun can resume."""
-    tmp_cache = None
-    if cfg.cache_dir is None and cfg.epochs > 1:
-        tmp_cache = tempfile.TemporaryDirectory(prefix="snce-train-cache-")
-        cfg.cache_dir = tmp_cache.name
+    """train_sae (which caches activations for epochs > 1), with a hint on Ctrl-C when a rerun can resume."""
     try:
         return train_sae(loaded.encoder, loaded.tokenizer, prompts, config=cfg, return_report=True)
     except SettingError as e:  # e.g. --n-latents too large for the device's memory (checked before allocating)
@@ -167,10 +162,6 @@ def _train(loaded: LoadedEncoder, prompts: list[str], cfg: TrainConfig) -> tuple
             print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.checkpoint_dir}",
                   file=sys.stderr)
         raise
-    finally:
-        if tmp_cache is not None:
-            tmp_cache.cleanup()
-            cfg.cache_dir = None
 
 
 def _write_outputs(args: argparse.Namespace, cfg: TrainConfig, loaded: LoadedEncoder, prompts: list[str],
@@ -202,6 +193,9 @@ def _print_summary(args: argparse.Namespace, out: Path, rep: TrainReport, auto_c
              else "FVU and L0 not measured (the checkpoint holds no per-step metrics)")
     print(f"trained {rep.steps} steps on {rep.tokens} tokens ({rep.tokens_per_s:.0f} tokens/s over "
           f"{rep.elapsed_s:.1f} s of training{resumed}): {means}, dead fraction (at the end) {rep.dead_fraction:.4f}")
+    if rep.heldout_fvu is not None:
+        print(f"held-out FVU {rep.heldout_fvu:.4f} on {rep.heldout_tokens} tokens of {rep.heldout_prompts} prompts "
+              "never trained on")
     curves = " and train_curves.png" if rep.history else ""
     print(f"wrote the SAE (config.json, sae.safetensors), train_report.json{curves} to {out}")
     if auto_cache is not None and auto_cache.is_dir():
@@ -249,7 +243,7 @@ def register(sub: Any) -> None:
         "command resumes from the last checkpoint there (Ctrl-C loses at most --checkpoint-every steps). "
         "Next step: snce-fast scan.",
         epilog="example: snce-fast train --model minilm --prompts-file coco_30k.csv --limit 20000 --n-latents 4096 "
-        "--k 32 --epochs 4 --max-length 24 --out my_sae/",
+        "--k 32 --out my_sae/",
     )
     add_model_args(p)
     p.add_argument("--prompts-file", required=True, help="training corpus: .txt (a prompt a line), .csv / "
@@ -261,14 +255,22 @@ def register(sub: Any) -> None:
     p.add_argument("--n-latents", type=int, default=4096, help="SAE width n (default 4096)")
     p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimiser step (default 4096)")
-    p.add_argument("--prompt-batch-size", type=int, default=64, help="prompts per encoder call (default 64)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the corpus (later ones replay cached "
-                   "activations; default 1)")
+    p.add_argument("--prompt-batch-size", type=int, default=64, help="at most this many prompts per encoder call "
+                   "(default 64)")
+    p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET, help="at most this many padded tokens per "
+                   f"encoder call (prompts are sorted by length first; default {TOKEN_BUDGET})")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the corpus (later ones replay cached "
+                   "activations; default: enough to train --train-tokens tokens, at most 100)")
+    p.add_argument("--train-tokens", type=int, default=TrainConfig.train_tokens, help="the tokens a run without "
+                   f"--epochs aims for (default {TrainConfig.train_tokens:,})")
+    p.add_argument("--holdout", type=float, default=TrainConfig.holdout, help="share of the corpus held out for "
+                   f"the final FVU (every 1/holdout-th prompt, at most 2000; 0: none; default {TrainConfig.holdout})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(n / 2^14))")
-    p.add_argument("--warmup-steps", type=int, default=1000, help="linear LR warm-up steps (default 1000)")
-    p.add_argument("--max-length", type=int, default=None, help="tokenizer padding length (default: the "
-                   "tokenizer's, 77 for CLIP)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (default: 5%% of "
+                   "the run's steps, at most 1000)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate prompts to this many tokens (default: "
+                   "the tokenizer's limit, 77 for CLIP); batches are padded to their longest prompt")
     p.add_argument("--dead-tokens", type=int, default=10_000_000, help="a latent is dead after this many tokens "
                    "without firing (AuxK trains dead latents; default 10M)")
     p.add_argument("--cache-dir", default=None, help="activation cache for epochs > 1 (default: "

@@ -5,6 +5,7 @@
     step          SAETrainer: one optimisation step (objective, unit-norm decoder, Adam; DDP)
     stream        ActivationStream: prompts -> hook activations -> shuffled batches (+ disk cache)
     checkpoint    save / load / latest_checkpoint
+    plan          the run's plan: held-out prompts, epochs from a token budget, warm-up, TrainingWarning
     loop          train_sae: the entry point tying them together
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from snce_fast.train.checkpoint import latest_checkpoint
 from snce_fast.train.config import SettingError, TrainConfig, TrainReport
 from snce_fast.train.loop import train_sae
+from snce_fast.train.plan import TrainingWarning
 from snce_fast.train.step import SAETrainer, geometric_median
 from snce_fast.train.stream import ActivationStream
 
@@ -21,6 +23,7 @@ __all__ = [
     "SettingError",
     "TrainConfig",
     "TrainReport",
+    "TrainingWarning",
     "geometric_median",
     "latest_checkpoint",
     "train_sae",

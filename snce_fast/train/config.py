@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from snce_fast.checks import parse_hook
+from snce_fast.hooks.batching import TOKEN_BUDGET
 
 __all__ = ["RESUME_KEYS", "SettingError", "TrainConfig", "TrainReport"]
 
@@ -20,12 +21,14 @@ ENCODER_BACKWARDS = ("auto", "sparse", "dense")
 REPORT_WINDOW = 50  # TrainReport's fvu / l0 / aux_loss average this many last steps
 
 # settings that must match for a checkpoint to resume (they change the data order or the state's shapes)
-RESUME_KEYS = ("n_latents", "k", "hook", "penultimate_output", "batch_size", "prompt_batch_size", "max_length",
-               "include_bos", "include_padding", "epochs", "shuffle_buffer", "seed", "aux_k", "dead_tokens")
+RESUME_KEYS = ("n_latents", "k", "hook", "penultimate_output", "batch_size", "prompt_batch_size", "prompt_window",
+               "token_budget", "max_length", "include_bos", "include_padding", "epochs", "shuffle_buffer", "seed",
+               "aux_k", "dead_tokens", "holdout")
 
-_POSITIVE = ("batch_size", "prompt_batch_size", "epochs", "warmup_steps", "aux_k", "dead_tokens",
-             "median_iters", "shuffle_buffer", "cache_block", "checkpoint_every", "keep_checkpoints", "log_every")
-_POSITIVE_OR_NONE = ("max_steps", "max_length")
+_POSITIVE = ("batch_size", "prompt_batch_size", "prompt_window", "token_budget", "train_tokens", "aux_k",
+             "dead_tokens", "median_iters", "shuffle_buffer", "cache_block", "checkpoint_every", "keep_checkpoints",
+             "log_every")
+_POSITIVE_OR_NONE = ("max_steps", "max_length", "epochs", "warmup_steps")
 _SETTING_REF = re.compile(r"\{(\w+)\}")
 
 
@@ -64,14 +67,18 @@ class TrainConfig:
     hook: str = "output"
     penultimate_output: bool = False  # SDXL: hook "output" reads hidden_states[-2]
     batch_size: int = 4096  # tokens per step per rank
-    prompt_batch_size: int = 64  # prompts per encoder call
-    max_length: Optional[int] = None  # tokenizer padding length (default: tokenizer's, 77 for CLIP)
+    prompt_batch_size: int = 64  # at most this many prompts per encoder call
+    prompt_window: int = 512  # prompts read, sorted by token length and encoded together
+    token_budget: int = TOKEN_BUDGET  # at most this many padded tokens per encoder call
+    max_length: Optional[int] = None  # truncation length (default: tokenizer's, 77 for CLIP)
     include_bos: bool = False
     include_padding: bool = False
-    epochs: int = 1
+    epochs: Optional[int] = None  # None: enough passes over the corpus to train `train_tokens` tokens
+    train_tokens: int = 4_000_000  # the token budget `epochs=None` aims for (docs/training.md, "Defaults")
     max_steps: Optional[int] = None
     lr: Optional[float] = None  # default 2e-4 / sqrt(n_latents / 2**14)
-    warmup_steps: int = 1000
+    warmup_steps: Optional[int] = None  # None: 5% of the run's steps, at most 1000
+    holdout: float = 0.02  # share of a sized corpus held out for the final FVU (every 1/holdout-th prompt)
     adam_eps: float = 6.25e-10
     aux_k: int = 512
     aux_coef: float = 1.0 / 32
@@ -107,6 +114,8 @@ class TrainConfig:
         for name in _POSITIVE_OR_NONE:
             if getattr(self, name) is not None:
                 self._check_positive(name)
+        if not (_is_number(self.holdout) and 0 <= self.holdout <= 0.5):
+            raise SettingError("holdout", self.holdout, "expected a share of prompts in [0, 0.5] (0: none)")
         if self.lr is not None and not (_is_number(self.lr) and self.lr > 0):
             raise SettingError("lr", self.lr, "expected a positive finite float")
         if not (_is_number(self.adam_eps) and self.adam_eps > 0):
@@ -173,6 +182,9 @@ class TrainReport:
     world_size: int = 1
     device: str = "cpu"
     resumed_from_step: Optional[int] = None
+    heldout_fvu: Optional[float] = None  # FVU on the held-out prompts (`holdout`) after the last step
+    heldout_prompts: int = 0
+    heldout_tokens: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -26,6 +27,7 @@ from snce_fast.hooks.points import encoder_width
 from snce_fast.sae.model import SAE
 from snce_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from snce_fast.train.config import REPORT_WINDOW, TrainConfig, TrainReport
+from snce_fast.train.plan import heldout_fvu, plan_run
 from snce_fast.train.step import SAETrainer
 from snce_fast.train.stream import ActivationStream
 
@@ -65,17 +67,20 @@ def train_sae(
         raise ValueError(f"encoder width {width} ({type(encoder).__name__}) != SAE d_in {want}")
     device = torch.device(cfg.device) if cfg.device else encoder_device(encoder)
     cfg.check_fits(width, _memory_limit(device), str(device))  # before anything of that size is allocated
+    rank, world = rank_and_world()
+    plan = plan_run(tokenizer, prompts, cfg, world)  # resolves epochs and warmup_steps
     sae = _prepare_sae(sae, encoder, width, cfg, device)
+    report = TrainReport(world_size=world, device=str(device), config=cfg.to_dict())
+    temp_cache = _activation_cache(cfg)
     trainer = SAETrainer(sae, cfg)
-    stream = ActivationStream(encoder, tokenizer, prompts, cfg, width, device)
+    stream = ActivationStream(encoder, tokenizer, plan.prompts, cfg, width, device)
     ckroot = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     resumed, log = _resume(ckroot, cfg, trainer, stream)
-
-    rank, world = rank_and_world()
-    report = TrainReport(world_size=world, device=str(device), resumed_from_step=resumed, config=cfg.to_dict())
+    plan.warn()  # after the settings and any checkpoint are accepted
+    report.resumed_from_step = resumed
     was_training = encoder.training
     encoder.eval()
-    n_prompts = len(prompts) if hasattr(prompts, "__len__") else None  # type: ignore[arg-type]
+    n_prompts = len(plan.prompts) if hasattr(plan.prompts, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=_total_steps(cfg, stream, n_prompts), initial=trainer.step_num, unit="step",
                disable=not cfg.progress or rank != 0)
     try:
@@ -88,13 +93,17 @@ def train_sae(
             )
         if ckroot is not None and (resumed is None or trainer.step_num != resumed):
             save_checkpoint(ckroot, trainer, stream, cfg, log.state())
+        sae.eval()
+        report.heldout_fvu, report.heldout_tokens = heldout_fvu(sae, encoder, tokenizer, plan.heldout, cfg)
+        report.heldout_prompts = len(plan.heldout)
     finally:
         bar.close()
         stream.close()
         encoder.train(was_training)
+        if temp_cache is not None:
+            temp_cache.cleanup()
 
     _finish_report(report, trainer, log)
-    sae.eval()
     sae.train_report = report  # type: ignore[attr-defined]
     return (sae, report) if return_report else sae
 
@@ -165,11 +174,29 @@ def _check_prompts(prompts: Iterable[str], cfg: TrainConfig) -> None:
         raise TypeError("prompts is a single str: pass a list of prompts (or an iterable of str)")
     if hasattr(prompts, "__len__") and len(prompts) == 0:  # type: ignore[arg-type]
         raise ValueError("prompts is empty: the SAE needs a corpus of at least one prompt")
-    if cfg.epochs > 1 and cfg.cache_dir is None and iter(prompts) is prompts:
+    if hasattr(prompts, "__len__") and hasattr(prompts, "__getitem__"):  # a sized corpus is counted up front
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} (of {len(prompts)}) is a {type(p).__name__}, not a str: {p!r:.80}")
+    if (cfg.epochs or 1) > 1 and cfg.cache_dir is None and iter(prompts) is prompts:
         raise ValueError(
             f"epochs={cfg.epochs} needs prompts that can be iterated again (a list or a re-iterable corpus), "
             "or cache_dir= to replay activations from disk; got a one-shot iterator"
         )
+
+
+def _activation_cache(cfg: TrainConfig) -> Optional[tempfile.TemporaryDirectory]:
+    """With epochs > 1 and no `cache_dir`, epoch 0's activations are cached so the encoder runs once:
+    in CHECKPOINT_DIR/activation_cache (it must survive a resume), else in a temporary directory that is
+    returned (removed at the end of the run)."""
+    if cfg.cache_dir is not None or cfg.epochs is None or cfg.epochs <= 1:
+        return None
+    if cfg.checkpoint_dir is not None:
+        cfg.cache_dir = str(Path(cfg.checkpoint_dir) / "activation_cache")
+        return None
+    tmp = tempfile.TemporaryDirectory(prefix="snce-train-cache-")
+    cfg.cache_dir = tmp.name
+    return tmp
 
 
 def _prepare_sae(sae: Optional[SAE], encoder: nn.Module, width: int, cfg: TrainConfig,

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from snce_fast.distributed import all_reduce, broadcast, is_distributed, rank_and_world
 from snce_fast.sae.model import SAE
 from snce_fast.train.config import TrainConfig
+from snce_fast.train.plan import WARMUP_MAX
 from snce_fast.train.topk_autograd import sparse_decode, topk_encode
 
 __all__ = ["SAETrainer", "geometric_median"]
@@ -133,7 +134,7 @@ class SAETrainer:
             self._objective = ddp
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.learning_rate * min(1.0, (step + 1) / self.cfg.warmup_steps)
+        return self.cfg.learning_rate * min(1.0, (step + 1) / (self.cfg.warmup_steps or WARMUP_MAX))
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from snce_fast.distributed import rank_and_world
-from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations, tokenize
+from snce_fast.hooks.activations import eos_id, hook_activations, tokenize
+from snce_fast.hooks.batching import bucketed
 from snce_fast.train.config import TrainConfig
 
 __all__ = ["ActivationStream"]
@@ -79,7 +80,7 @@ class ActivationStream:
             return self._next_cache_chunk()
         if self._it is None:
             self._it = self._prompt_iter()
-        batch = list(itertools.islice(self._it, self.cfg.prompt_batch_size))
+        batch = list(itertools.islice(self._it, self.cfg.prompt_window))
         if not batch:
             self._it = None
             return None
@@ -97,25 +98,31 @@ class ActivationStream:
 
     @torch.no_grad()
     def _activations(self, batch: list[str]) -> torch.Tensor:
+        """Counted-token rows of a chunk of prompts; without padding rows the chunk is sorted by length
+        and encoded in token batches (`snce_fast.hooks.batching`), the rows in that deterministic order."""
         cfg = self.cfg
-        # padding rows are training data only with include_padding; otherwise pad to the batch's longest
-        pad = tokenize if cfg.include_padding else corpus_tokenize
-        toks = pad(self.tokenizer, batch, cfg.max_length)
+        if cfg.include_padding:  # padding rows are training data: pad to the tokenizer's length
+            toks = tokenize(self.tokenizer, batch, cfg.max_length)
+            ids = toks["input_ids"]
+            parts = [self._rows(toks, torch.ones_like(ids, dtype=torch.bool), batch)]
+        else:
+            parts = []
+            for tb in bucketed(self.tokenizer, batch, cfg.max_length, self.eos, cfg.prompt_batch_size,
+                               cfg.token_budget):
+                ids = tb.tokens["input_ids"]
+                parts.append(self._rows(tb.tokens, tb.counted | (torch.arange(ids.shape[1]) == 0), batch))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _rows(self, toks: dict[str, torch.Tensor], mask: torch.Tensor, batch: list[str]) -> torch.Tensor:
+        cfg = self.cfg
         hidden = hook_activations(self.encoder, toks, cfg.hook, cfg.penultimate_output)  # [B, L, d']
         if hidden.shape[-1] != self.d:
             raise ValueError(
                 f"the encoder's activations at hook {cfg.hook!r} have width {hidden.shape[-1]}, "
                 f"but the SAE has d_in={self.d}"
             )
-        ids = toks["input_ids"]
-        L = ids.shape[1]
-        pos = torch.arange(L).expand_as(ids)
-        if cfg.include_padding:
-            mask = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            mask = counted_mask(ids, toks.get("attention_mask"), self.eos) | (pos == 0)
         if not cfg.include_bos:
-            mask &= pos >= 1
+            mask = mask & (torch.arange(mask.shape[1]) >= 1)
         rows = hidden[mask.to(hidden.device)].to(self.device, torch.float32)
         if rows.numel() and not bool(torch.isfinite(rows).all()):
             bad = (~torch.isfinite(rows)).any(-1).nonzero()[0, 0].item()
@@ -199,7 +206,7 @@ class ActivationStream:
                         f"the corpus gave no tokens on rank {self.rank} (empty prompts, or every token excluded "
                         f"by include_bos={self.cfg.include_bos}/include_padding={self.cfg.include_padding})"
                     )
-                if self.epoch + 1 < self.cfg.epochs:
+                if self.epoch + 1 < (self.cfg.epochs or 1):  # None (unplanned): one pass
                     self.epoch += 1
                     self.pos = 0
                 else:
@@ -212,7 +219,7 @@ class ActivationStream:
         progress bar's total: exact once epoch 0 has been read, extrapolated from the tokens per
         prompt so far before that; None while unknown (no prompt read yet, or `n_prompts` None,
         a corpus without a length, before its activations are cached)."""
-        epochs = self.cfg.epochs
+        epochs = self.cfg.epochs or 1
         if self.cache_path is not None and self.epoch > 0:
             total = self.cache_rows * epochs
         elif n_prompts is None or self.prompts_in == 0:

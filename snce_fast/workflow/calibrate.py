@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from snce_fast.checks import Neurons, positive_int, unique_neurons
+from snce_fast.hooks.batching import TOKEN_BUDGET
 from snce_fast.sae.model import SAE
 from snce_fast.workflow.detect import prompt_activations
 from snce_fast.workflow.score import threshold_at_fpr
@@ -115,6 +116,7 @@ def calibrate(
     batch_size: int = 64,
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
+    token_budget: int = TOKEN_BUDGET,
 ) -> Calibration:
     """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
     group, then rank candidates by target recall minus the largest reference rate at that threshold.
@@ -127,7 +129,8 @@ def calibrate(
     the measured best, docs/identification.md): 0.01 for the first group (generic captions) and
     0.05 for every further group (style-matched ordinary prompts). Use prompts
     not used for the scan where possible. `calibration.top(1)` and `calibration.threshold(...)`
-    then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`.
+    then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`. `batch_size`,
+    `token_budget` and `max_length` are `detect`'s.
     """
     refs = {"reference": list(reference_prompts)} if not isinstance(reference_prompts, dict) else {
         g: list(p) for g, p in reference_prompts.items()}
@@ -147,7 +150,7 @@ def calibrate(
 
     def acts(ps: Sequence[str]) -> torch.Tensor:
         return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length,
-                                  penultimate_output)
+                                  penultimate_output, token_budget)
 
     ref_acts = {g: acts(p) for g, p in refs.items()}
     thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in ref_acts.items()]).amax(0)

@@ -8,7 +8,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from snce_fast.checks import Neurons, as_neuron_list, positive_int, unique_neurons
-from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
+from snce_fast.hooks.activations import eos_id, hook_activations
+from snce_fast.hooks.batching import TOKEN_BUDGET, check_batching, corpus_batches
 from snce_fast.hooks.patching import text_encoders
 from snce_fast.ops import backend, reference
 from snce_fast.sae.model import SAE
@@ -39,6 +40,7 @@ def detect(
     batch_size: int = 64,
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
+    token_budget: int = TOKEN_BUDGET,
 ) -> Detection:
     """Flag prompts on which a target latent fires (value > threshold) on >= min_tokens counted tokens.
 
@@ -46,9 +48,11 @@ def detect(
     `max_length` pads/truncates prompts to that many tokens (default: the tokenizer's limit, as the
     pipelines do); counted tokens never include padding, so a shorter pad changes only speed.
     `penultimate_output=True` reads a bare encoder as SDXL does (hidden_states[-2] for hook "output").
+    Prompts are encoded sorted by length, in calls of at most `batch_size` prompts and `token_budget`
+    padded tokens; results are in input order.
     """
     positive_int(min_tokens, "min_tokens")
-    positive_int(batch_size, "batch_size")
+    check_batching(batch_size, token_budget)
     if isinstance(prompts, str):
         prompts = [prompts]
     encoders = text_encoders(pipe_or_encoder, penultimate_output)
@@ -64,20 +68,19 @@ def detect(
         given = neurons[name] if isinstance(neurons, dict) else neurons
         targets = as_neuron_list(given, s.n_latents)
         thr = _per_target_threshold(threshold, given, targets, len(saes))
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            batch = corpus_tokenize(tok, chunk, max_length)
-            hidden = hook_activations(enc, batch, s.hook, penultimate)
-            values, indices = backend.encode(hidden, s)
-            z_all = reference.target_activations(values, indices, targets)  # [B, L, T]
-            z_t = z_all.amax(-1)  # [B, L]
-            counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).to(z_t.device)
-            fired = ((z_all > thr.to(z_all.device)).any(-1) & counted).sum(-1).cpu()
-            best = torch.where(counted, z_t, torch.zeros_like(z_t)).amax(-1).float().cpu()
-            sl = slice(start, start + len(chunk))
-            flags[sl] |= fired >= min_tokens
-            scores[sl] = torch.maximum(scores[sl], best)
-            tokens[sl] = torch.maximum(tokens[sl], fired)
+        with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget) as batches:
+            for tb in batches:
+                hidden = hook_activations(enc, tb.tokens, s.hook, penultimate)
+                values, indices = backend.encode(hidden, s)
+                z_all = reference.target_activations(values, indices, targets)  # [B, L, T]
+                z_t = z_all.amax(-1)  # [B, L]
+                counted = tb.counted.to(z_t.device)
+                fired = ((z_all > thr.to(z_all.device)).any(-1) & counted).sum(-1).cpu()
+                best = torch.where(counted, z_t, torch.zeros_like(z_t)).amax(-1).float().cpu()
+                at = tb.index
+                flags[at] |= fired >= min_tokens
+                scores[at] = torch.maximum(scores[at], best)
+                tokens[at] = torch.maximum(tokens[at], fired)
     return Detection(flags=flags, scores=scores, tokens=tokens)
 
 
@@ -99,13 +102,15 @@ def prompt_activations(
     batch_size: int = 64,
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
+    token_budget: int = TOKEN_BUDGET,
 ) -> torch.Tensor:
     """float32 [P, T]: per prompt and neuron (in the order given), the `min_tokens`-th largest
     activation over counted tokens (0 where it fires on fewer). The gate with threshold t and
     `min_tokens` flags prompt p for neuron j exactly when this value is > t. `max_length` as in
-    `detect` (pad / truncate to that many tokens; default the tokenizer's limit)."""
+    `detect` (pad / truncate to that many tokens; default the tokenizer's limit), and so are
+    `batch_size` and `token_budget`."""
     positive_int(min_tokens, "min_tokens")
-    positive_int(batch_size, "batch_size")
+    check_batching(batch_size, token_budget)
     if isinstance(sae, dict):
         raise ValueError("prompt_activations takes one SAE: call it once per text encoder")
     if isinstance(prompts, str):
@@ -118,26 +123,33 @@ def prompt_activations(
     out = torch.zeros(len(prompts), len(order), dtype=torch.float32)
     column = torch.full((sae.n_latents,), -1, dtype=torch.long)
     column[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        batch = corpus_tokenize(tok, chunk, max_length)
-        hidden = hook_activations(enc, batch, sae.hook, penultimate)
-        values, indices = backend.encode(hidden, sae)
-        values, indices = values.float().cpu(), indices.long().cpu()
-        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(enc, tok)).cpu()
-        B, L, _ = indices.shape
-        if min_tokens > L:
-            continue  # no prompt has that many tokens: all zero
-        cols = column[indices]  # [B, L, k], -1 where the latent is not a requested neuron
-        hit = (cols >= 0) & counted.unsqueeze(-1)
-        # dense [b, L, C] in sub-batches that keep it under ~2^25 floats
-        step = max(1, (1 << 25) // max(L * len(order), 1))
-        for s in range(0, B, step):
-            h = hit[s : s + step]
-            b, l, slot = h.nonzero(as_tuple=True)
-            z = torch.zeros(h.shape[0], L, len(order))
-            z[b, l, cols[s : s + step][b, l, slot]] = values[s : s + step][b, l, slot].clamp_min(0.0)
-            out[start + s : start + s + h.shape[0]] = z.topk(min_tokens, dim=1).values[:, min_tokens - 1]
+    with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget) as batches:
+        for tb in batches:
+            hidden = hook_activations(enc, tb.tokens, sae.hook, penultimate)
+            values, indices = backend.encode(hidden, sae)
+            out[tb.index] = _kth_largest(values.float().cpu(), indices.long().cpu(), tb.counted, column, len(order),
+                                         min_tokens)
+    return out
+
+
+def _kth_largest(values: torch.Tensor, indices: torch.Tensor, counted: torch.Tensor, column: torch.Tensor,
+                 n_cols: int, kth: int) -> torch.Tensor:
+    """[B, n_cols]: per prompt and requested latent, the `kth` largest activation over counted tokens (0
+    where it fires on fewer). `column` maps a latent to its output column (-1: not requested)."""
+    B, L, _ = indices.shape
+    out = torch.zeros(B, n_cols)
+    if kth > L:
+        return out  # no prompt has that many tokens: all zero
+    cols = column[indices]  # [B, L, k], -1 where the latent is not a requested neuron
+    hit = (cols >= 0) & counted.unsqueeze(-1)
+    # dense [b, L, C] in sub-batches that keep it under ~2^25 floats
+    step = max(1, (1 << 25) // max(L * n_cols, 1))
+    for s in range(0, B, step):
+        h = hit[s : s + step]
+        b, l, slot = h.nonzero(as_tuple=True)
+        z = torch.zeros(h.shape[0], L, n_cols)
+        z[b, l, cols[s : s + step][b, l, slot]] = values[s : s + step][b, l, slot].clamp_min(0.0)
+        out[s : s + h.shape[0]] = z.topk(kth, dim=1).values[:, kth - 1]
     return out
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import heapq
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from snce_fast import plots
 from snce_fast.checks import as_neuron_list, positive_int
-from snce_fast.hooks.activations import check_max_length, corpus_tokenize, counted_mask, eos_id, hook_activations
+from snce_fast.hooks.activations import check_max_length, eos_id, hook_activations
+from snce_fast.hooks.batching import TOKEN_BUDGET, corpus_batches
 from snce_fast.ops import backend, reference
 from snce_fast.records.atomic import atomic_write_text
 from snce_fast.workflow.corpus import sources
@@ -32,44 +33,39 @@ def top_prompts(
     limit: Optional[int] = None,
     penultimate_output: bool = False,
     max_length: Optional[int] = None,
+    token_budget: int = TOKEN_BUDGET,
 ) -> dict[int, list[tuple[float, str]]]:
     """For each latent, the k prompts with the highest max activation over counted tokens
-    (at most `limit` prompts read); a bounded heap per latent, memory flat in corpus size."""
+    (at most `limit` prompts read); a bounded heap per latent, memory flat in corpus size.
+    Batching as in `detect`."""
     positive_int(k, "k")
     targets = as_neuron_list(neurons, sae.n_latents)
     check_max_length(encoder, tokenizer, max_length)
     heaps: dict[int, list[tuple[float, int, str]]] = {j: [] for j in targets}
+    eos = eos_id(encoder, tokenizer)
+    with corpus_batches(tokenizer, _read(prompts, limit), max_length, eos, batch_size, token_budget) as batches:
+        for tb in batches:
+            hidden = hook_activations(encoder, tb.tokens, sae.hook, penultimate_output)
+            values, indices = backend.encode(hidden.to(sae.W_enc.dtype), sae)
+            z = reference.target_activations(values, indices, targets)  # [B, L, T]
+            best = torch.where(tb.counted.to(z.device)[..., None], z, torch.zeros_like(z)).amax(1).cpu()  # [B, T]
+            for b, (i, text) in enumerate(zip(tb.index.tolist(), tb.prompts)):
+                for t, j in enumerate(targets):
+                    item = (float(best[b, t]), -i, text)  # ties: the earlier prompt first
+                    (heapq.heappush if len(heaps[j]) < k else heapq.heappushpop)(heaps[j], item)
+    return {j: [(v, text) for v, _, text in sorted(h, reverse=True) if v > 0] for j, h in heaps.items()}
+
+
+def _read(prompts: Union[str, os.PathLike, Sequence[Any]], limit: Optional[int]) -> Iterator[str]:
+    """The usable prompts of `prompts` (files and inline), at most `limit`."""
     seen = 0
-    chunk: list[str] = []
-
-    def flush() -> None:
-        batch = corpus_tokenize(tokenizer, chunk, max_length)
-        hidden = hook_activations(encoder, batch, sae.hook, penultimate_output)
-        values, indices = backend.encode(hidden.to(sae.W_enc.dtype), sae)
-        z = reference.target_activations(values, indices, targets)  # [B, L, T]
-        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(encoder, tokenizer))
-        best = torch.where(counted.to(z.device)[..., None], z, torch.zeros_like(z)).amax(1).cpu()  # [B, T]
-        for b, text in enumerate(chunk):
-            for t, j in enumerate(targets):
-                item = (float(best[b, t]), -(seen - len(chunk) + b), text)
-                (heapq.heappush if len(heaps[j]) < k else heapq.heappushpop)(heaps[j], item)
-        chunk.clear()
-
     for src in sources(prompts):
         for row in src.rows():
-            if row.prompt is None:
-                continue
-            chunk.append(row.prompt)
-            seen += 1
-            if len(chunk) == batch_size:
-                flush()
             if limit is not None and seen >= limit:
-                break
-        if limit is not None and seen >= limit:
-            break
-    if chunk:
-        flush()
-    return {j: [(v, text) for v, _, text in sorted(h, reverse=True) if v > 0] for j, h in heaps.items()}
+                return
+            if row.prompt is not None:
+                seen += 1
+                yield row.prompt
 
 
 def report(

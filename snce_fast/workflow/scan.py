@@ -1,19 +1,18 @@
 """`scan`: stream prompt groups through a text encoder and an SAE into histograms (docs/method.md, docs/histograms.md).
 
-Per batch: tokenize (on a background thread, overlapping compute), run the encoder up to the
-hook point only, TopK-encode with the SAE backend, and add the codes to the histograms with
-`snce_fast::histogram_update` (no host sync). Counted tokens are positions 1..EOS.
+Prompts are read in windows; a window is tokenized on a background thread (overlapping compute),
+sorted by token length and cut into token batches (`snce_fast.hooks.batching`). Per batch: run the
+encoder up to the hook point only, TopK-encode with the SAE backend, and add the codes to the
+histograms with `snce_fast::histogram_update` (no host sync). Counted tokens are positions 1..EOS.
 
-Checkpoints (docs/formats.md) are written atomically every `checkpoint_every` batches (per rank)
-with the offsets reached in every source; a resumed scan re-forms exactly the same batches and
-so ends with the counts of an uninterrupted one. Under torch.distributed, global batch b goes
-to rank b % world; counts are all-reduced at checkpoints and at the end.
+Checkpoints (docs/formats.md) are written atomically every `checkpoint_every` windows (per rank)
+with the offsets reached in every source; a resumed scan re-forms exactly the same windows and
+so ends with the counts of an uninterrupted one. Under torch.distributed, global window w goes
+to rank w % world; counts are all-reduced at checkpoints and at the end.
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from tqdm.auto import tqdm
 
 from snce_fast.checks import positive_int
 from snce_fast.distributed import all_reduce, rank_and_world
-from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
+from snce_fast.hooks.activations import eos_id, hook_activations
+from snce_fast.hooks.batching import BUCKET_WINDOW, TOKEN_BUDGET, Prefetcher, TokenBatch, bucketed, check_batching
 from snce_fast.hooks.compat import check_sae_finite, check_sae_fits
 from snce_fast.ops import backend, histogram
 from snce_fast.sae.fingerprint import sae_hash
@@ -36,21 +36,21 @@ STAGES = ("tokenize", "encoder", "sae", "histogram", "itd")
 
 
 @dataclass
-class _Batch:
-    """Consecutive rows of the corpus stream: prompts (with their group), rows skipped, and the
-    offsets reached in each source after the last row."""
+class _Window:
+    """Consecutive rows of the corpus stream (the unit of reading, bucketing and checkpointing):
+    prompts (with their group), rows skipped, the offsets reached in each source after the last
+    row, and (on the rank that encodes it) its token batches."""
 
     prompts: list[str] = field(default_factory=list)
     group_of_prompt: list[int] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
     positions: dict[tuple[int, int], int] = field(default_factory=dict)
-    tokens: Optional[dict[str, torch.Tensor]] = None
-    counted: Optional[torch.Tensor] = None
+    batches: Optional[list[TokenBatch]] = None
     tokenize_s: float = 0.0
 
 
-def _stream(group_sources: list[list[Source]], positions: list[list[int]], batch_size: int) -> Iterator[_Batch]:
-    cur = _Batch()
+def _stream(group_sources: list[list[Source]], positions: list[list[int]], window: int) -> Iterator[_Window]:
+    cur = _Window()
     for g, srcs in enumerate(group_sources):
         for s, src in enumerate(srcs):
             for row in src.rows(positions[g][s]):
@@ -60,65 +60,23 @@ def _stream(group_sources: list[list[Source]], positions: list[list[int]], batch
                     cur.prompts.append(row.prompt)
                     cur.group_of_prompt.append(g)
                 cur.positions[(g, s)] = row.next_offset
-                if len(cur.prompts) == batch_size:
+                if len(cur.prompts) == window:
                     yield cur
-                    cur = _Batch()
+                    cur = _Window()
     if cur.prompts or cur.skipped:
         yield cur
 
 
-class _Producer(threading.Thread):
-    """Reads the corpus and tokenizes this rank's batches ahead of the compute loop."""
-
-    def __init__(self, batches: Iterator[_Batch], tokenizer: Any, encoder: nn.Module, first: int,
-                 rank: int, world: int, prefetch: int, max_length: Optional[int]):
-        super().__init__(daemon=True, name="snce-scan-producer")
-        self.batches, self.tokenizer, self.first = batches, tokenizer, first
-        self.rank, self.world, self.max_length = rank, world, max_length
-        self.eos = eos_id(encoder, tokenizer)
-        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            for b, batch in enumerate(self.batches, start=self.first):
-                if b % self.world == self.rank and batch.prompts:
-                    t0 = time.perf_counter()
-                    batch.tokens = corpus_tokenize(self.tokenizer, batch.prompts, self.max_length)
-                    batch.counted = counted_mask(
-                        batch.tokens["input_ids"], batch.tokens.get("attention_mask"), self.eos
-                    )
-                    batch.tokenize_s = time.perf_counter() - t0
-                if not self._put(batch):
-                    return
-            self._put(None)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def close(self) -> None:
-        """Stop reading and wait for the thread: never leave it running into interpreter shutdown (a
-        thread inside the tokenizer's native code at exit can abort the process). It notices `stop`
-        within 0.1 s between batches."""
-        self.stop.set()
-        self.join(timeout=60)
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[_Batch]:
-        while True:
-            item = self.out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+def _tokenized(windows: Iterator[_Window], tokenizer: Any, eos: Optional[int], first: int, rank: int, world: int,
+               max_length: Optional[int], batch_size: int, token_budget: int) -> Iterator[_Window]:
+    """This rank's windows with their token batches (bucketed by length); other ranks' windows pass
+    through untokenized, for their skip counts and read positions."""
+    for b, window in enumerate(windows, start=first):
+        if b % world == rank and window.prompts:
+            t0 = time.perf_counter()
+            window.batches = bucketed(tokenizer, window.prompts, max_length, eos, batch_size, token_budget)
+            window.tokenize_s = time.perf_counter() - t0
+        yield window
 
 
 def _check_groups(groups: Any) -> dict[str, Any]:
@@ -139,9 +97,11 @@ def _group_sources(groups: dict[str, Any], column: str) -> list[list[Source]]:
 
 
 @torch.no_grad()
-def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size: int, checkpoint_every: int,
-                     itd_top: int, penultimate_output: bool) -> dict[str, Any]:
-    positive_int(batch_size, "batch_size")
+def _check_scan_args(encoder: nn.Module, sae: nn.Module, groups: Any, batch_size: int, window: int,
+                     token_budget: int, checkpoint_every: int, itd_top: int,
+                     penultimate_output: bool) -> dict[str, Any]:
+    check_batching(batch_size, token_budget)
+    positive_int(window, "window")
     positive_int(checkpoint_every, "checkpoint_every")
     positive_int(itd_top, "itd_top")
     groups = _check_groups(groups)
@@ -168,7 +128,7 @@ def scan(
     groups: dict[str, Union[str, os.PathLike, Sequence[Any]]],
     batch_size: int = 64,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
-    checkpoint_every: int = 100,
+    checkpoint_every: int = 8,
     resume: bool = False,
     progress: bool = True,
     threshold: float = 0.0,
@@ -176,28 +136,32 @@ def scan(
     penultimate_output: bool = False,
     column: str = "prompt",
     max_length: Optional[int] = None,
-    prefetch: int = 4,
+    prefetch: int = 2,
     profile: bool = False,
+    window: int = BUCKET_WINDOW,
+    token_budget: int = TOKEN_BUDGET,
 ) -> ScanStats:
     """Histograms of SAE latent firing per prompt group (see ScanStats).
 
     `groups` maps a name to a prompt file (.txt/.csv/.jsonl/.parquet) or a list of files and inline prompts;
     a str that is not an existing prompt file is refused, not scanned as one prompt (give ["a prompt"]),
     and so is a group with no usable prompt, before any work (`snce_fast.workflow.corpus.sources`).
-    `checkpoint` is a directory written every `checkpoint_every` batches; `resume=True` continues
-    from it (it must come from the same SAE, hook, corpus, batch size and threshold).
+    Prompts are read `window` at a time, sorted by token length and encoded in calls of at most
+    `batch_size` prompts and `token_budget` padded tokens (`snce_fast.hooks.batching`).
+    `checkpoint` is a directory written every `checkpoint_every` windows; `resume=True` continues
+    from it (it must come from the same SAE, hook, corpus, batching and threshold).
     `profile=True` synchronises after each stage and records seconds per stage in `stats.meta`.
     """
-    groups = _check_scan_args(encoder, sae, groups, batch_size, checkpoint_every, itd_top, penultimate_output)
+    groups = _check_scan_args(encoder, sae, groups, batch_size, window, token_budget, checkpoint_every, itd_top,
+                              penultimate_output)
     rank, world = rank_and_world()
     names = list(groups)
     group_sources = _group_sources(groups, column)
     identity = [[src.identity() for src in srcs] for srcs in group_sources]
     device = next(iter(sae.parameters())).device
-    settings = {
-        "hook": sae.hook, "sae_hash": sae_hash(sae), "batch_size": batch_size, "threshold": float(threshold),
-        "itd_top": itd_top, "penultimate_output": penultimate_output, "column": column, "max_length": max_length,
-    }
+    settings = {"hook": sae.hook, "sae_hash": sae_hash(sae), "threshold": float(threshold), "itd_top": itd_top,
+                "penultimate_output": penultimate_output, "column": column, "max_length": max_length,
+                "batch_size": batch_size, "window": window, "token_budget": token_budget}
     ckpt = Path(checkpoint) if checkpoint is not None else None
     stats, positions, done = _initial_state(sae, names, identity, settings, ckpt, resume, device)
 
@@ -212,24 +176,21 @@ def scan(
             extra = {"positions": positions, "batches_done": done, "sources": identity, "complete": complete}
             write_stats(ckpt, stats, extra)
 
-    producer = _Producer(_stream(group_sources, positions, batch_size), tokenizer, encoder, done, rank, world,
-                         prefetch, max_length)
+    windows = _tokenized(_stream(group_sources, positions, window), tokenizer, eos_id(encoder, tokenizer), done,
+                         rank, world, max_length, batch_size, token_budget)
+    producer = Prefetcher(windows, depth=prefetch, name="snce-scan-producer")
     bar = tqdm(desc="scan", unit="prompt", initial=int(stats.n_prompts.sum()), total=_prompt_total(group_sources),
-               dynamic_ncols=True,
-               disable=not progress or rank != 0)
+               dynamic_ncols=True, disable=not progress or rank != 0)
     t_start = time.perf_counter()
-    producer.start()
     try:
-        for batch in producer:
-            if batch.tokens is not None:
-                timings["tokenize"] += batch.tokenize_s
-                _process(batch, encoder, sae, delta, threshold, itd_top, penultimate_output, timings, sync)
-            for g, reason in batch.skipped:
-                stats.skipped[names[g]][reason] += 1
-            for (g, s), off in batch.positions.items():
-                positions[g][s] = off
+        for win in producer:
+            timings["tokenize"] += win.tokenize_s
+            for tb in win.batches or ():
+                gop = [win.group_of_prompt[i] for i in tb.index.tolist()]
+                _process(tb, gop, encoder, sae, delta, threshold, itd_top, penultimate_output, timings, sync)
+            _record_reading(win, stats, names, positions)
             done += 1
-            bar.update(len(batch.prompts))
+            bar.update(len(win.prompts))
             if done % (checkpoint_every * world) == 0:
                 commit(complete=False)
         commit(complete=True)
@@ -240,6 +201,14 @@ def scan(
     if profile:
         stats.meta["stage_seconds"] = timings
     return stats
+
+
+def _record_reading(win: _Window, stats: ScanStats, names: list[str], positions: list[list[int]]) -> None:
+    """A window is counted: its skipped rows join the skip counts, its read offsets the positions."""
+    for g, reason in win.skipped:
+        stats.skipped[names[g]][reason] += 1
+    for (g, s), off in win.positions.items():
+        positions[g][s] = off
 
 
 # files up to this size are counted before a scan so its progress bar has a total and an ETA
@@ -268,8 +237,8 @@ def _merge(stats: ScanStats, delta: ScanStats) -> None:
         t.zero_()
 
 
-def _process(batch: _Batch, encoder: nn.Module, sae: nn.Module, state: ScanStats, threshold: float,
-             itd_top: int, penultimate: bool, timings: dict[str, float], sync: Any) -> None:
+def _process(batch: TokenBatch, group_of_prompt: list[int], encoder: nn.Module, sae: nn.Module, state: ScanStats,
+             threshold: float, itd_top: int, penultimate: bool, timings: dict[str, float], sync: Any) -> None:
     t0 = time.perf_counter()
     hidden = hook_activations(encoder, batch.tokens, sae.hook, penultimate)  # [B, L, d]
     if hidden.shape[-1] != sae.d_in:
@@ -284,7 +253,7 @@ def _process(batch: _Batch, encoder: nn.Module, sae: nn.Module, state: ScanStats
     k = indices.shape[-1]
     idx, val = indices.reshape(B * L, k), values.reshape(B * L, k)
     counted = batch.counted.to(dev, non_blocking=True).reshape(-1)
-    gop = torch.tensor(batch.group_of_prompt, dtype=torch.int64).to(dev, non_blocking=True)
+    gop = torch.tensor(group_of_prompt, dtype=torch.int64).to(dev, non_blocking=True)
     pot = histogram.batch_layout(B, L, dev)
     histogram.update(idx, val, counted, pot, gop, state.histograms, threshold)
     sync()

@@ -50,7 +50,7 @@ def synthetic(M: int, d: int = 32, n_true: int = 64, active: int = 3, seed: int 
 
 def small_cfg(**kw) -> TrainConfig:
     base = dict(n_latents=128, k=4, batch_size=64, warmup_steps=5, lr=3e-3, aux_k=16, dead_tokens=500,
-                shuffle_buffer=128, prompt_batch_size=8, progress=False)
+                shuffle_buffer=128, prompt_batch_size=8, prompt_window=8, progress=False)
     base.update(kw)
     cfg = TrainConfig(**base)
     cfg.validate()

@@ -46,7 +46,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         # (b) end to end through the encoder, prompts sharded by rank
         enc, tok = tiny_bert(Path(out))
         sae, rep = train_sae(enc, tok, make_prompts(160), n_latents=64, k=4, batch_size=32, shuffle_buffer=64,
-                             lr=3e-3, warmup_steps=3, progress=False, return_report=True,
+                             lr=3e-3, warmup_steps=3, epochs=1, progress=False, return_report=True,
                              checkpoint_dir=str(Path(out) / "ck"), checkpoint_every=5)
         torch.save({"step": {k: v.detach() for k, v in tr.sae.state_dict().items()},
                     "e2e": {k: v.detach() for k, v in sae.state_dict().items()},

@@ -17,7 +17,7 @@ def test_stream_counts_tokens_and_bounds_memory(tiny):
     while (b := s.next_batch()) is not None:
         assert b.shape == (16, 32)
         rows += b.shape[0]
-        assert s.buf.shape[0] <= 32 + cfg.prompt_batch_size * 16
+        assert s.buf.shape[0] <= 32 + cfg.prompt_window * 16
     # counted tokens = words + [SEP] per prompt (BOS=[CLS] and padding excluded)
     expected = sum(len(p.split()) + 1 for p in prompts)
     assert s.tokens_in == expected and rows == expected // 16 * 16

@@ -14,7 +14,8 @@ import torch
 import snce_fast
 from snce_fast.ops import histogram as H
 from snce_fast.ops import reference
-from snce_fast.hooks.activations import corpus_tokenize, counted_mask, eos_id, hook_activations
+from snce_fast.hooks.activations import eos_id, hook_activations
+from snce_fast.hooks.batching import BUCKET_WINDOW, TOKEN_BUDGET, bucketed
 from snce_fast.workflow.corpus import read_prompts
 from snce_fast.testing import bert_model, clip_text_model, random_sae, write_bert_tokenizer, write_clip_tokenizer
 
@@ -44,24 +45,25 @@ def clip(tmp_path_factory):
     return tok, clip_text_model(tok, hidden=32, layers=2), random_sae(32, n=96, k=6, seed=1)
 
 
-def _recount(encoder, tok, sae, groups: dict[str, list[str]], batch_size: int, itd_top: int = 128):
-    """Independent recount: the same batches through the eager reference encode + NumPy."""
+def _recount(encoder, tok, sae, groups: dict[str, list[str]], batch_size: int, itd_top: int = 128,
+             window: int = BUCKET_WINDOW):
+    """Independent recount: the same token batches through the eager reference encode + NumPy."""
     flat = [(g, p) for g, ps in enumerate(groups.values()) for p in ps]
     G, n = len(groups), sae.n_latents
     total = {f: 0 for f in H.STATE_FIELDS}
     itd = torch.zeros(G, n, dtype=torch.int64)
-    for s in range(0, len(flat), batch_size):
-        chunk = flat[s : s + batch_size]
-        batch = corpus_tokenize(tok, [p for _, p in chunk])  # the batches scan makes
-        hidden = hook_activations(encoder, batch, sae.hook)
-        values, indices = reference.encode(hidden, sae)
-        B, L, k = values.shape
-        counted = counted_mask(batch["input_ids"], batch.get("attention_mask"), eos_id(encoder, tok)).reshape(-1)
-        gop = torch.tensor([g for g, _ in chunk])
-        args = (indices.reshape(-1, k), values.reshape(-1, k), counted, H.batch_layout(B, L), gop)
-        r = H.recount_numpy(*args, G, n)
-        total = {f: total[f] + r[f] for f in H.STATE_FIELDS}
-        H.itd_update(indices.reshape(-1, k), values.reshape(-1, k), counted, B, gop, itd, top=itd_top)
+    for s in range(0, len(flat), window):
+        chunk = flat[s : s + window]
+        for tb in bucketed(tok, [p for _, p in chunk], None, eos_id(encoder, tok), batch_size, TOKEN_BUDGET):
+            hidden = hook_activations(encoder, tb.tokens, sae.hook)
+            values, indices = reference.encode(hidden, sae)
+            B, L, k = values.shape
+            counted = tb.counted.reshape(-1)
+            gop = torch.tensor([chunk[i][0] for i in tb.index.tolist()])
+            args = (indices.reshape(-1, k), values.reshape(-1, k), counted, H.batch_layout(B, L), gop)
+            r = H.recount_numpy(*args, G, n)
+            total = {f: total[f] + r[f] for f in H.STATE_FIELDS}
+            H.itd_update(indices.reshape(-1, k), values.reshape(-1, k), counted, B, gop, itd, top=itd_top)
     return total, itd
 
 
@@ -123,7 +125,7 @@ def test_crash_and_resume_equals_uninterrupted(clip, tmp_path, monkeypatch):
     txt = tmp_path / "t.txt"
     txt.write_text("\n".join(INLINE[:25] + ["", "  "] + INLINE[25:]) + "\n")
     groups = {"target": [txt], "reference": INLINE[::-1] + ["a sky"]}
-    kw = dict(batch_size=5, progress=False, itd_top=3)
+    kw = dict(batch_size=5, window=5, progress=False, itd_top=3)
     full = snce_fast.scan(enc, tok, sae, groups, **kw)
 
     ckpt = tmp_path / "ckpt"
@@ -155,8 +157,8 @@ def test_crash_and_resume_equals_uninterrupted(clip, tmp_path, monkeypatch):
     moved = random_sae(32, n=96, k=6, seed=1, hook="layer:0")
     with pytest.raises(ValueError, match="hook='output'"):
         snce_fast.scan(enc, tok, moved, groups, checkpoint=ckpt, resume=True, **kw)
-    with pytest.raises(ValueError, match="batch_size=5"):
-        snce_fast.scan(enc, tok, sae, groups, checkpoint=ckpt, resume=True, **{**kw, "batch_size": 4})
+    with pytest.raises(ValueError, match="window=5"):
+        snce_fast.scan(enc, tok, sae, groups, checkpoint=ckpt, resume=True, **{**kw, "window": 4})
 
 
 def test_width_mismatch_and_bad_groups(clip):
@@ -197,7 +199,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         tok, enc, sae = _setup(tmp)
-        stats = snce_fast.scan(enc, tok, sae, GROUPS, batch_size=4, checkpoint=os.path.join(tmp, "ckpt"),
+        stats = snce_fast.scan(enc, tok, sae, GROUPS, batch_size=4, window=4, checkpoint=os.path.join(tmp, "ckpt"),
                                checkpoint_every=2, progress=False)
         if rank == 0:
             stats.save(os.path.join(tmp, "dist"))
@@ -213,7 +215,7 @@ def test_two_rank_gloo_equals_single(tmp_path):
     old = torch.get_num_threads()
     try:
         tok, enc, sae = _setup(str(tmp_path / "single"))
-        single = snce_fast.scan(enc, tok, sae, GROUPS, batch_size=4, progress=False)
+        single = snce_fast.scan(enc, tok, sae, GROUPS, batch_size=4, window=4, progress=False)
     finally:
         torch.set_num_threads(old)
     _assert_same(single, dist_stats, exact_float=False)

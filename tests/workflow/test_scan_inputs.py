@@ -27,7 +27,7 @@ def no_work(monkeypatch):
     def started(*a, **k):
         raise AssertionError("the scan started work before refusing its input")
 
-    monkeypatch.setattr(scan_mod, "_Producer", started)
+    monkeypatch.setattr(scan_mod, "Prefetcher", started)
 
 
 def _scan(clip, groups):

@@ -54,6 +54,14 @@ def choose_hook(given: Optional[str], infer: Callable[[], Optional[str]], where:
     return hook
 
 
+def check_args(hook: Optional[str], dtype: Any) -> None:
+    """The caller's hook= and dtype=, checked before any file is read."""
+    if hook is not None:
+        parse_hook(hook)
+    if dtype is not None:
+        as_dtype(dtype)
+
+
 def file_hook(value: Any, where: str) -> str:
     """A hook point stored in a file (`where`: the file and key), checked like hook=."""
     try:
@@ -145,6 +153,7 @@ def read_saelens(path: str | os.PathLike, hook: Optional[str] = None, dtype: Any
     """Import a SAELens TopK SAE (`cfg.json` + `sae_weights.safetensors`, SAELens 5.x or 6.x) as
     `SAE.load_from_disk` reads it. `apply_b_dec_to_input=False` and `rescale_acts_by_decoder_norm=True`
     are folded into the weights exactly. The dtype is `dtype`, else the config's, else the file's."""
+    check_args(hook, dtype)
     p = sae_dir(path)
     file = str(p / "cfg.json")
     cfg = _saelens_config(read_json(p / "cfg.json"))
@@ -210,6 +219,7 @@ def read_sparsify(path: str | os.PathLike, hook: Optional[str] = None, dtype: An
     reads it. sparsify applies ReLU before top-k; ReLU after top-k fires the same latents with the same
     values. `multi_topk` only changes training and is accepted; groupmax, transcoders and skip
     connections are refused. The hook comes from the folder name (sparsify's hookpoint)."""
+    check_args(hook, dtype)
     p = sae_dir(path)
     file = str(p / "cfg.json")
     cfg = read_json(p / "cfg.json")
@@ -299,6 +309,7 @@ def read_openai(path: str | os.PathLike, hook: Optional[str] = None, dtype: Any 
     `torch.load(weights_only=True)`: `encoder.weight [n, d]`, `decoder.weight [d, n]`, `pre_bias [d]`,
     `latent_bias [n]`, `activation` 'TopK', `activation_state_dict` {k, postact_fn 'ReLU'}. config.json
     must say `"normalize": false` (see `_openai_normalize`); its `hook` names the hook point."""
+    check_args(hook, dtype)
     p = sae_dir(path)
     cfg_path, sd_path = p / "config.json", p / "state_dict.pth"
     cfg = read_json(cfg_path) if cfg_path.is_file() else {}

@@ -156,6 +156,7 @@ class SAE(nn.Module):
              dtype: Any = None) -> "SAE":
         """Load a native snce_fast SAE directory (config.json + sae.safetensors), checked against its config;
         `hook` replaces the stored hook point, `dtype` casts the weights."""
+        importers.check_args(hook, dtype)
         w = native.read_sae(path)
         if dtype is not None:
             dt = as_dtype(dtype)
@@ -190,6 +191,7 @@ class SAE(nn.Module):
         """An SAE from a local directory or a Hugging Face hub repo (through huggingface_hub and its cache;
         offline with HF_HUB_OFFLINE=1), in any layout snce_fast reads: native, SAELens, sparsify or OpenAI's.
         A local directory wins over a hub id of the same name. `hook` / `dtype` as in the importers."""
+        importers.check_args(hook, dtype)
         path = hub.resolve(repo_id_or_dir, subfolder, revision, cache_dir)
         layout = hub.detect_layout(path)
         if layout == "erasure":

@@ -279,3 +279,26 @@ def test_save_sparsify_loads_in_sparsify(tmp_path, dtype):
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(back, name), getattr(sae, name)), name
     assert back.hook == "layer:-2"
+
+
+def test_sparsify_import_patches_at_its_hookpoint(tmp_path):
+    """The issue's case: sparsify's hookpoint (the folder name) survives the import, so patching with the
+    hook the user knows works instead of refusing a mismatched "output"."""
+    import snce_fast
+    from snce_fast.hooks.points import run_to_hook
+    from snce_fast.testing import clip_text_model, write_clip_tokenizer
+
+    tok = write_clip_tokenizer(tmp_path / "tok")
+    enc = clip_text_model(tok, hidden=32, layers=3)
+    coder = SparseCoder(32, SparseCoderConfig(k=4, num_latents=64))
+    _randomize([coder.encoder.weight, coder.encoder.bias, coder.W_dec, coder.b_dec])
+    coder.save_to_disk(tmp_path / "text_model.encoder.layers.1")
+    sae = SAE.from_sparsify(tmp_path / "text_model.encoder.layers.1")
+    ids = tok(["a photo of a cat"], return_tensors="pt").input_ids
+    values, idx = sae.encode(run_to_hook(enc, "layer:1", lambda: enc(ids))[:, 1:])
+    assert values[0, 0, 0] > 0
+    with torch.no_grad():
+        before = enc(ids).last_hidden_state
+        with snce_fast.patched(enc, sae, int(idx[0, 0, 0]), hook="layer:1"):
+            edited = enc(ids).last_hidden_state
+    assert not torch.equal(edited, before) and torch.equal(edited[:, 0], before[:, 0])  # BOS is never edited

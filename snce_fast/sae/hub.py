@@ -59,7 +59,8 @@ def detect_layout(path: str | os.PathLike) -> str:
                 return layout  # a native config without its weights: its loader says what is missing
     if (d / "state_dict.pth").is_file():
         return "openai"
-    subs = sorted(p.name for p in d.iterdir() if p.is_dir() and any((p / c).is_file() for c in ("config.json", "cfg.json")))
+    subs = sorted(p.name for p in d.iterdir()
+                  if p.is_dir() and any((p / c).is_file() for c in ("config.json", "cfg.json")))
     hint = f"; its subfolders {subs[:8]} hold SAEs: pass subfolder=" if subs else ""
     found = sorted(p.name for p in d.iterdir())[:12]
     raise SAEFormatError(f"{str(d)!r} holds no SAE snce_fast reads (found {found}): expected {_EXPECTED}{hint}")
@@ -117,7 +118,8 @@ def fetch(repo_id: str, subfolder: Optional[str] = None, revision: Optional[str]
                                     + (f" ({misses[-1]})" if misses else ""))
         log.info("hub repo %r%s: %s layout in %s", repo_id, f"/{subfolder}" if subfolder else "", layout, found.parent)
         return found.parent
-    where = repo_id + (f" (subfolder {subfolder!r})" if subfolder else "") + (f" at revision {revision!r}" if revision else "")
+    where = (repo_id + (f" (subfolder {subfolder!r})" if subfolder else "")
+             + (f" at revision {revision!r}" if revision else ""))
     if misses:
         offline = " with HF_HUB_OFFLINE=1 (downloads are off)" if constants.is_offline_mode() else ""
         raise FileNotFoundError(f"hub repo {where} is not in the local Hugging Face cache "

@@ -294,7 +294,8 @@ def _openai_normalize(sd: dict[str, Any], cfg: dict[str, Any], sd_file: str, cfg
     config.json states that the autoencoder runs without it."""
     if sd.get("normalize") or cfg.get("normalize"):
         raise SAEFormatError(f"{cfg_file if cfg.get('normalize') else sd_file}: normalize=True (an input layer "
-                             "norm) is not supported: an snce_fast SAE encodes x itself, without a per-token layer norm")
+                             "norm) is not supported: an snce_fast SAE encodes x itself, without a per-token "
+                             "layer norm")
     if cfg.get("normalize") is False:
         return
     raise SAEFormatError(f"{sd_file}: activation='TopK' with no 'normalize' in {cfg_file}: OpenAI's "

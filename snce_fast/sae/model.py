@@ -148,7 +148,8 @@ class SAE(nn.Module):
         "sparsify", under `subfolder`; returns huggingface_hub's commit info. `from_pretrained` reads it back."""
         writers = {"native": self.save, "saelens": self.save_saelens, "sparsify": self.save_sparsify}
         if format not in writers:
-            raise ValueError(f"format={format!r} is not an SAE layout snce_fast writes: expected one of {list(writers)}")
+            raise ValueError(f"format={format!r} is not an SAE layout snce_fast writes: expected one of "
+                             f"{list(writers)}")
         return hub.push_folder(writers[format], repo_id, subfolder, revision, private, token, commit_message)
 
     @classmethod

@@ -198,7 +198,8 @@ def test_erasure_push_to_hub_and_bad_arguments(fake_api):
 
 def test_cli_sae_spec():
     assert split_hub_spec("owner/name") == ("owner/name", None, None)
-    assert split_hub_spec("owner/name@v1/text_model.encoder.layers.1") == ("owner/name", "text_model.encoder.layers.1", "v1")
+    assert split_hub_spec("owner/name@v1/text_model.encoder.layers.1") == \
+        ("owner/name", "text_model.encoder.layers.1", "v1")
 
 
 def test_cli_sae_accepts_a_hub_id(tmp_path, offline):
@@ -207,7 +208,8 @@ def test_cli_sae_accepts_a_hub_id(tmp_path, offline):
     random_sae(12, 30, 3, hook="layer:1").save_sparsify(tmp_path / "files" / "layers.1")
     cache_repo(offline, "owner/sp", tmp_path / "files")
     assert load_sae("owner/sp/layers.1").hook == "layer:1"
-    with pytest.raises(UsageError, match=r"--sae 'owner/none': no such local directory; as a hub repo: .*not in the local"):
+    with pytest.raises(UsageError,
+                       match=r"--sae 'owner/none': no such local directory; as a hub repo: .*not in the local"):
         load_sae("owner/none")
     with pytest.raises(UsageError, match="is not a directory"):
         load_sae("/nonexistent/sae")
@@ -228,4 +230,5 @@ def test_hf_hub_offline_environment_reads_the_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "layer:2"
-    assert lines[1].startswith("ERROR hub repo owner/missing is not in the local Hugging Face cache") and "HF_HUB_OFFLINE=1" in lines[1]
+    assert lines[1].startswith("ERROR hub repo owner/missing is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1" in lines[1]

@@ -101,12 +101,14 @@ def test_what_snce_fast_cannot_compute_is_refused(tmp_path, change, message):
 def test_missing_activation_reads_as_relu_like_openai(tmp_path):
     sd = openai_state_dict()
     del sd["activation"]
-    with pytest.raises(SAEFormatError, match=r"activation='ReLU' is not supported \(the state dict has no 'activation'"):
+    with pytest.raises(SAEFormatError,
+                       match=r"activation='ReLU' is not supported \(the state dict has no 'activation'"):
         SAE.from_openai(write(tmp_path, sd, {"normalize": False}))
 
 
 def test_k_disagreement_and_unknown_entries_are_refused(tmp_path):
-    with pytest.raises(SAEFormatError, match=r"config\.json: k=4 differs from the state dict's activation_state_dict\.k=3"):
+    with pytest.raises(SAEFormatError,
+                       match=r"config\.json: k=4 differs from the state dict's activation_state_dict\.k=3"):
         SAE.from_openai(write(tmp_path / "a", openai_state_dict(), {"normalize": False, "k": 4}))
     sd = {**openai_state_dict(), "W_skip": torch.zeros(D, D)}
     with pytest.raises(SAEFormatError, match=r"state_dict\.pth has entries \['W_skip'\]"):

@@ -14,7 +14,8 @@ import torch
 from snce_fast import SAE, SAEFormatError
 
 sae_lens = pytest.importorskip("sae_lens", reason="SAELens is not installed: pip install 'snce_fast[peers]'")
-sparsify = pytest.importorskip("sparsify", reason="EleutherAI sparsify is not installed: pip install 'snce_fast[peers]'")
+sparsify = pytest.importorskip("sparsify",
+                               reason="EleutherAI sparsify is not installed: pip install 'snce_fast[peers]'")
 
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
@@ -53,7 +54,8 @@ def saelens_sae(path, seed=0, **cfg):
     _randomize([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], seed)
     with torch.no_grad():
         norms = torch.linspace(0.5, 2.0, N)
-        sae.W_dec.copy_((sae.W_dec.float() / sae.W_dec.float().norm(dim=1, keepdim=True) * norms[:, None]).to(sae.W_dec.dtype))
+        unit = sae.W_dec.float() / sae.W_dec.float().norm(dim=1, keepdim=True)
+        sae.W_dec.copy_((unit * norms[:, None]).to(sae.W_dec.dtype))
     sae.save_model(path)
     return path
 

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # torch is pinned in torch_requirement(); the rest is the same for every build
 RUNTIME_REQUIREMENTS = [
     "transformers>=4.40",
+    "huggingface_hub>=0.23",  # SAE.from_pretrained / push_to_hub (transformers needs it too)
     "safetensors>=0.4",
     "numpy>=1.24",
     "tqdm>=4.60",

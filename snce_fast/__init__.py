@@ -3,6 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from snce_fast.log import set_verbosity
 from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch
 from snce_fast.ops import reference
 from snce_fast.sae.erasure import ErasureSAE
@@ -35,6 +36,7 @@ __all__ = [
     "reference",
     "scan",
     "score",
+    "set_verbosity",
     "threshold_at_fpr",
     "train_sae",
     "unpatch",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 
 import torch
 
@@ -36,7 +37,7 @@ def report() -> str:
 
 
 def main() -> None:
-    print(report())
+    sys.stdout.write(report() + "\n")
 
 
 if __name__ == "__main__":

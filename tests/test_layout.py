@@ -13,7 +13,7 @@ PACKAGE = ROOT / "snce_fast"
 
 # the rooms, lowest first: a module may import its own room and any room of a lower rank
 RANK = {
-    "checks": 0, "records": 0, "distributed": 0,
+    "checks": 0, "records": 0, "distributed": 0, "log": 0,
     "plots": 1, "ops": 1,
     "sae": 2,
     "hooks": 3, "models": 3,

@@ -21,7 +21,8 @@ from snce_fast.models import EMBEDDED_MODEL, encoder_limits, hub_id_like, load_e
 from snce_fast.records.atomic import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from snce_fast.records.calibration import read_calibration
 from snce_fast.records.lock import output_lock  # noqa: F401  (re-exported)
-from snce_fast.sae import load as load_artifact
+from snce_fast.sae import load_pretrained
+from snce_fast.sae.hub import split_hub_spec
 from snce_fast.sae.fingerprint import sae_hash
 from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile, read_prompts, skips_before_a_prompt
 
@@ -64,12 +65,20 @@ def existing_file(path: str, what: str) -> Path:
 
 
 def load_sae(path: str, what: str = "--sae"):
-    """A full SAE directory, or a slim erasure (snce_fast.ErasureSAE: residual-mode patches and detect)."""
-    existing_dir(path, what)
+    """A local SAE directory in any layout snce_fast reads (native, slim erasure, SAELens, sparsify, OpenAI)
+    or, when no such directory exists, a hub repo `owner/name[@revision][/subfolder]` fetched through the
+    Hugging Face cache (HF_HUB_OFFLINE=1: from the cache only). A local directory always wins."""
+    local = Path(path).is_dir()
+    if not local and (not hub_id_like(path) or path.startswith("~")):
+        raise UsageError(f"{what} {path!r} is not a directory (nor a hub repo id such as owner/name)")
     try:
-        return load_artifact(path)
+        if local:
+            return load_pretrained(path)
+        repo, subfolder, revision = split_hub_spec(path)
+        return load_pretrained(repo, subfolder, revision)
     except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"{what} {path!r}: {e}") from None
+        where = "" if local else "no such local directory; as a hub repo: "
+        raise UsageError(f"{what} {path!r}: {where}{e}") from None
 
 
 def apply_threads(threads: Optional[int]) -> None:

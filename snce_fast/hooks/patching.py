@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from snce_fast.checks import Neurons, as_neuron_list, check_edit_args, parse_hook, positive_int
-from snce_fast.hooks.activations import counted_mask, encoder_device, eos_id
+from snce_fast.hooks.activations import counted_mask, eos_id
 from snce_fast.hooks.compat import check_erasure_edit, check_sae_finite, check_sae_fits
+from snce_fast.hooks.devices import execution_device
 from snce_fast.hooks.points import find_parts, hidden_states_index, output_tensor, replace_output, resolve
 from snce_fast.ops import backend, reference
 from snce_fast.sae.erasure import ErasureSAE
@@ -64,6 +65,8 @@ class _PatchState(nn.Module):
         return f"hook={self.hook!r}, neurons={self.neurons}, options={self.options}"
 
     def edit_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.W_enc.device != hidden.device:  # an offloaded encoder computes where its hooks put it
+            self.to(hidden.device)
         if hidden.dim() != 3:
             return backend.edit(hidden, self, self.neurons, **self.options)
         B, L, _ = hidden.shape
@@ -188,7 +191,7 @@ def _install(enc: nn.Module, penultimate: bool, s: Any, targets: list[int], opti
     """Hook one encoder (replacing an earlier patch of it, never stacking)."""
     _remove_state(enc)
     state = _PatchState(s, targets, options, eos_id(enc, tokenizer))
-    state.to(encoder_device(enc))
+    state.to(execution_device(enc))
     module = resolve(enc, s.hook, penultimate)
     state.handles = [
         enc.register_forward_pre_hook(functools.partial(_stash_ids, state=state), with_kwargs=True, prepend=True),
@@ -306,7 +309,7 @@ def _self_check(enc: nn.Module, state: _PatchState, penultimate: bool) -> None:
         return
     cfg = getattr(enc, "config", None)
     vocab = int(getattr(cfg, "vocab_size", 2) or 2)
-    ids = torch.tensor([[0, 1 % vocab, 2 % vocab, 3 % vocab]], device=encoder_device(enc))
+    ids = torch.tensor([[0, 1 % vocab, 2 % vocab, 3 % vocab]], device=execution_device(enc, skip=state))
     state.probe = torch.empty(0)
     try:
         with torch.no_grad():
@@ -343,6 +346,27 @@ def _wrap_encode_prompt(pipe: Any) -> None:
 
     encode_prompt._snce_fast_wrapper = True  # type: ignore[attr-defined]
     pipe.encode_prompt = encode_prompt
+    _watch_siblings(pipe)
+
+
+def _watch_siblings(pipe: Any) -> None:
+    """Make pipelines built later around a patched encoder warn too: `from_pipe`, AutoPipeline's
+    `from_pipe` and `Cls(**pipe.components)` all register their components through
+    `DiffusionPipeline.register_modules`, which is wrapped once (per process) to give such a pipeline
+    the same `encode_prompt` wrapper. Pipelines that hold no patched encoder are left as they are."""
+    base = next((c for c in type(pipe).__mro__ if c.__name__ == "DiffusionPipeline"), None)
+    original = getattr(base, "register_modules", None)
+    if original is None or getattr(original, "_snce_fast_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def register_modules(self: Any, **kwargs: Any) -> None:
+        original(self, **kwargs)
+        if any(getattr(m, STATE_ATTR, None) is not None for m in kwargs.values() if isinstance(m, nn.Module)):
+            _wrap_encode_prompt(self)
+
+    register_modules._snce_fast_wrapper = True  # type: ignore[attr-defined]
+    base.register_modules = register_modules
 
 
 def _unwrap_encode_prompt(pipe: Any) -> None:

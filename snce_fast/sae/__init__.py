@@ -8,11 +8,12 @@ from typing import Optional, Union
 
 import torch
 
+import snce_fast.sae.hub as hub
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import CONFIG_FILE, ERASURE_FORMAT, SAEFormatError
 from snce_fast.sae.model import SAE
 
-__all__ = ["SAE", "ErasureSAE", "SAEFormatError", "load"]
+__all__ = ["SAE", "ErasureSAE", "SAEFormatError", "load", "load_pretrained"]
 
 
 def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> Union[SAE, ErasureSAE]:
@@ -26,3 +27,14 @@ def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device
     if isinstance(cfg, dict) and cfg.get("format") == ERASURE_FORMAT:
         return ErasureSAE.load(path, device=device)
     return SAE.load(path, device=device)
+
+
+def load_pretrained(repo_id_or_dir: Union[str, os.PathLike], subfolder: Optional[str] = None,
+                    revision: Optional[str] = None, device: Optional[Union[str, torch.device]] = None,
+                    cache_dir: Optional[str] = None) -> Union[SAE, ErasureSAE]:
+    """A full SAE (any layout SAE.from_pretrained reads) or a slim erasure, from a local directory or a
+    hub repo, whichever it holds."""
+    path = hub.resolve(repo_id_or_dir, subfolder, revision, cache_dir)
+    if hub.detect_layout(path) == "erasure":
+        return ErasureSAE.load(path, device=device)
+    return SAE.from_pretrained(path, device=device)

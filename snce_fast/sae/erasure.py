@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+import snce_fast.sae.hub as hub
 from snce_fast.checks import Neurons, as_neuron_list, check_finite, check_k, parse_hook
 from snce_fast.ops import backend
 from snce_fast.sae.files import (
@@ -130,3 +131,23 @@ class ErasureSAE(nn.Module):
         out = cls(sd["W_enc"], sd["b_enc"], sd["b_dec"], sd["W_dec_targets"], targets, k, cfg.get("hook", "output"),
                   cfg.get("encoder"))
         return out.to(device) if device is not None else out
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: Union[str, os.PathLike], subfolder: Optional[str] = None,
+                        revision: Optional[str] = None, *, device: Optional[Union[str, torch.device]] = None,
+                        cache_dir: Optional[str] = None) -> "ErasureSAE":
+        """A slim erasure from a local directory or a Hugging Face hub repo (through huggingface_hub and its
+        cache; offline with HF_HUB_OFFLINE=1). A local directory wins over a hub id of the same name."""
+        path = hub.resolve(repo_id_or_dir, subfolder, revision, cache_dir)
+        layout = hub.detect_layout(path)
+        if layout != "erasure":
+            raise SAEFormatError(f"{str(path)!r} holds a full SAE ({layout} layout), not a slim erasure: load it "
+                                 "with snce_fast.SAE.from_pretrained and make the erasure with sae.slim(neurons)")
+        return cls.load(path, device=device)
+
+    def push_to_hub(self, repo_id: str, subfolder: Optional[str] = None, *, revision: Optional[str] = None,
+                    private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: Optional[str] = None) -> Any:
+        """Upload the erasure (config.json + erasure.safetensors) to hub repo `repo_id` (created if missing),
+        under `subfolder`; returns huggingface_hub's commit info. `from_pretrained` reads it back."""
+        return hub.push_folder(self.save, repo_id, subfolder, revision, private, token, commit_message)

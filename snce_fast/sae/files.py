@@ -121,6 +121,19 @@ def float_dtype(name: str, file: str) -> torch.dtype:
     return dt
 
 
+def as_dtype(value: Any, what: str = "dtype") -> torch.dtype:
+    """The `dtype=` argument of a loader: a floating torch.dtype or its name ("float32", "torch.bfloat16")."""
+    dt = value
+    if isinstance(value, str):
+        dt = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise TypeError(f"{what}={value!r} is not a dtype: expected torch.float32, torch.float16, torch.bfloat16 "
+                        "or one of their names")
+    if not dt.is_floating_point:
+        raise ValueError(f"{what}={value!r} is not a floating-point dtype: expected float32, float16 or bfloat16")
+    return dt
+
+
 def check_shapes(named: dict[str, tuple[torch.Tensor, tuple[int, ...]]], file: str) -> None:
     for name, (t, shape) in named.items():
         if tuple(t.shape) != tuple(shape):

@@ -1,17 +1,21 @@
 """The TopK sparse autoencoder module (docs/method.md)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+import snce_fast.sae.export as export
+import snce_fast.sae.hub as hub
 import snce_fast.sae.importers as importers
 import snce_fast.sae.native as native
 from snce_fast.checks import Neurons, check_activations, check_finite, check_k, parse_hook, positive_int
 from snce_fast.ops import backend
 from snce_fast.sae.erasure import ErasureSAE
-from snce_fast.sae.files import SAEWeights
+from snce_fast.sae.files import SAEFormatError, SAEWeights, as_dtype
 
 
 class SAE(nn.Module):
@@ -126,25 +130,77 @@ class SAE(nn.Module):
         """Write `config.json` + `sae.safetensors` into directory `path` (atomically)."""
         native.write_sae(path, {k: getattr(self, k) for k in native.WEIGHT_KEYS}, self.config())
 
-    @classmethod
-    def load(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
-        """Load a native snce_fast SAE directory (config.json + sae.safetensors), checked against its config."""
-        return cls._from_weights(native.read_sae(path), device)
+    def save_saelens(self, path: str | os.PathLike) -> Path:
+        """Write the SAE as a SAELens 6 TopK SAE (`cfg.json` + `sae_weights.safetensors`), which
+        `sae_lens.SAE.load_from_disk(path)` loads and runs with the same codes; returns the directory."""
+        return export.write_saelens(self, path)
+
+    def save_sparsify(self, path: str | os.PathLike) -> Path:
+        """Write the SAE as an EleutherAI sparsify SparseCoder (`cfg.json` + `sae.safetensors`), which
+        `sparsify.SparseCoder.load_from_disk(path)` loads; name the folder after the hookpoint module
+        (e.g. `.../text_model.encoder.layers.8`) as sparsify does. Returns the directory."""
+        return export.write_sparsify(self, path)
+
+    def push_to_hub(self, repo_id: str, subfolder: Optional[str] = None, *, format: str = "native",
+                    revision: Optional[str] = None, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: Optional[str] = None) -> Any:
+        """Upload the SAE to hub repo `repo_id` (created if missing) in `format` "native", "saelens" or
+        "sparsify", under `subfolder`; returns huggingface_hub's commit info. `from_pretrained` reads it back."""
+        writers = {"native": self.save, "saelens": self.save_saelens, "sparsify": self.save_sparsify}
+        if format not in writers:
+            raise ValueError(f"format={format!r} is not an SAE layout snce_fast writes: expected one of "
+                             f"{list(writers)}")
+        return hub.push_folder(writers[format], repo_id, subfolder, revision, private, token, commit_message)
 
     @classmethod
-    def from_saelens(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
-        """Import a SAELens TopK SAE directory (cfg.json + sae_weights.safetensors)."""
-        return cls._from_weights(importers.read_saelens(path), device)
+    def load(cls, path: str, device: Optional[torch.device | str] = None, *, hook: Optional[str] = None,
+             dtype: Any = None) -> "SAE":
+        """Load a native snce_fast SAE directory (config.json + sae.safetensors), checked against its config;
+        `hook` replaces the stored hook point, `dtype` casts the weights."""
+        importers.check_args(hook, dtype)
+        w = native.read_sae(path)
+        if dtype is not None:
+            dt = as_dtype(dtype)
+            w = w._replace(W_enc=w.W_enc.to(dt), b_enc=w.b_enc.to(dt), W_dec=w.W_dec.to(dt), b_dec=w.b_dec.to(dt))
+        return cls._from_weights(w._replace(hook=parse_hook(hook)) if hook is not None else w, device)
 
     @classmethod
-    def from_sparsify(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
-        """Import an EleutherAI sparsify SAE directory (cfg.json + sae.safetensors)."""
-        return cls._from_weights(importers.read_sparsify(path), device)
+    def from_saelens(cls, path: str, device: Optional[torch.device | str] = None, *, hook: Optional[str] = None,
+                     dtype: Any = None) -> "SAE":
+        """Import a SAELens TopK SAE directory (cfg.json + sae_weights.safetensors) as SAELens runs it.
+        `hook` replaces the hook point read from its hook_name; `dtype` that of the result (default: its config's)."""
+        return cls._from_weights(importers.read_saelens(path, hook=hook, dtype=dtype), device)
 
     @classmethod
-    def from_openai(cls, path: str, device: Optional[torch.device | str] = None) -> "SAE":
-        """Import an OpenAI-style TopK autoencoder directory (config.json + state_dict.pth)."""
-        return cls._from_weights(importers.read_openai(path), device)
+    def from_sparsify(cls, path: str, device: Optional[torch.device | str] = None, *, hook: Optional[str] = None,
+                      dtype: Any = None) -> "SAE":
+        """Import an EleutherAI sparsify SAE directory (cfg.json + sae.safetensors) as sparsify runs it.
+        `hook` replaces the hook point read from the folder name (sparsify's hookpoint)."""
+        return cls._from_weights(importers.read_sparsify(path, hook=hook, dtype=dtype), device)
+
+    @classmethod
+    def from_openai(cls, path: str, device: Optional[torch.device | str] = None, *, hook: Optional[str] = None,
+                    dtype: Any = None) -> "SAE":
+        """Import a TopK autoencoder in OpenAI's sparse_autoencoder layout (state_dict.pth + config.json
+        with "normalize": false; see docs/formats.md). `hook` replaces config.json's hook."""
+        return cls._from_weights(importers.read_openai(path, hook=hook, dtype=dtype), device)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: str | os.PathLike, subfolder: Optional[str] = None,
+                        revision: Optional[str] = None, *, device: Optional[torch.device | str] = None,
+                        hook: Optional[str] = None, dtype: Any = None, cache_dir: Optional[str] = None) -> "SAE":
+        """An SAE from a local directory or a Hugging Face hub repo (through huggingface_hub and its cache;
+        offline with HF_HUB_OFFLINE=1), in any layout snce_fast reads: native, SAELens, sparsify or OpenAI's.
+        A local directory wins over a hub id of the same name. `hook` / `dtype` as in the importers."""
+        importers.check_args(hook, dtype)
+        path = hub.resolve(repo_id_or_dir, subfolder, revision, cache_dir)
+        layout = hub.detect_layout(path)
+        if layout == "erasure":
+            raise SAEFormatError(f"{str(path)!r} holds a slim erasure, not a full SAE: load it with "
+                                 "snce_fast.ErasureSAE.from_pretrained")
+        loaders = {"native": cls.load, "saelens": cls.from_saelens, "sparsify": cls.from_sparsify,
+                   "openai": cls.from_openai}
+        return loaders[layout](path, device, hook=hook, dtype=dtype)
 
     @classmethod
     def _from_weights(cls, w: SAEWeights, device: Optional[torch.device | str]) -> "SAE":

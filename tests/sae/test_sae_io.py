@@ -220,6 +220,9 @@ def test_from_openai(tmp_path):
           "pre_bias": torch.randn(d, generator=g), "latent_bias": torch.randn(n, generator=g),
           "activation": "TopK", "activation_state_dict": {"k": 3}}
     torch.save(sd, tmp_path / "state_dict.pth")
+    with pytest.raises(SAEFormatError, match="input layer norm"):  # OpenAI's loader layer-norms every TopK input
+        SAE.from_openai(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"normalize": False}))
     sae = SAE.from_openai(tmp_path)
     x = torch.randn(4, d)
     pre = (x - sd["pre_bias"]) @ sd["encoder.weight"].T + sd["latent_bias"]

@@ -89,8 +89,7 @@ def _openai(path, poison=None, **cfg):
         sd[poison] = _poison(sd[poison], 2)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path / "state_dict.pth")
-    if cfg:
-        (path / "config.json").write_text(json.dumps(cfg))
+    (path / "config.json").write_text(json.dumps({"normalize": False, **cfg}))
 
 
 @pytest.mark.parametrize("write, load, file, tensor", [

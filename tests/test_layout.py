@@ -18,7 +18,7 @@ RANK = {
     "sae": 2,
     "hooks": 3, "models": 3,
     "workflow": 4, "train": 4,
-    "demo": 5, "evaluation": 5, "benchmarking": 5, "info": 5,
+    "demo": 5, "evaluation": 5, "benchmarking": 5, "corpus_benchmarks": 5, "info": 5,
     "cli": 6,
     "__init__": 7, "__main__": 7, "testing": 7,
 }

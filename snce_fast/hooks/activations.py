@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from snce_fast.hooks.devices import execution_device
 from snce_fast.hooks.points import run_to_hook
 
 # CLIP text encoders in SD pipelines run without an attention mask (causal attention only);
@@ -140,9 +141,8 @@ def uses_attention_mask(encoder: nn.Module) -> bool:
 
 
 def encoder_device(encoder: nn.Module) -> torch.device:
-    for p in encoder.parameters():
-        return p.device
-    return torch.device("cpu")
+    """Where `encoder` computes, also when it is offloaded (`snce_fast.hooks.devices.execution_device`)."""
+    return execution_device(encoder)
 
 
 @torch.no_grad()

@@ -107,8 +107,8 @@ def main(argv=None) -> None:
         if args.defaults:
             results["train"].append(defaults_row(enc, tok))
     for name, rows in results.items():
-        print(CB.table(f"{name} [{'GPU' if gpu else 'CPU'}]: {desc}", rows))
         C.write(f"corpus_{name}", rows, {**meta, **(meta_train if name == "train" else {})})
+        print(CB.table(f"{name} [{'GPU' if gpu else 'CPU'}]: {desc}", rows))
 
 
 if __name__ == "__main__":

@@ -262,7 +262,10 @@ def table(name: str, rows: list[Row]) -> str:
     for r in rows:
         if "skipped" in r:
             lines.append(f"  {r['impl']:<20} skipped: {r['skipped']}")
-        elif "tokens_per_s" in r:
+        elif "wall_s" in r:
+            lines.append(f"  {r['impl']:<20} {r['wall_s']:8.1f} s end to end, {r['steps']} steps, "
+                         f"held-out FVU {r['heldout_fvu']:.3f}")
+        elif "step_ms" in r:
             lines.append(f"  {r['impl']:<20} {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:9.0f} tokens/s  "
                          f"held-out FVU {r['heldout_fvu_after']:.3f}  snce_fast x{r.get('snce_fast_speedup', 1):.2f}")
         else:

@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)
     cal = calibrate(loaded.encoder, sae, candidates, target, groups, fpr=fpr, min_tokens=args.min_tokens,
                     tokenizer=loaded.tokenizer, batch_size=args.batch_size, token_budget=args.token_budget,
-                    max_length=args.max_length, penultimate_output=loaded.penultimate_output)
+                    max_length=args.max_length, penultimate_output=loaded.penultimate_output, progress=not args.quiet)
     chosen = cal.top(args.top)
     record = _record(args, cal, chosen, groups, sae, loaded.penultimate_output)
     pos = {j: i for i, j in enumerate(cal.neurons)}

@@ -155,7 +155,8 @@ def _calibrate(args: argparse.Namespace, loaded: Any, sae: Any, neurons: list[in
     acts = prompt_activations(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer,
                               min_tokens=args.min_tokens, batch_size=args.batch_size,
                               token_budget=args.token_budget, max_length=args.max_length,
-                              penultimate_output=loaded.penultimate_output)
+                              penultimate_output=loaded.penultimate_output,
+                              progress=None if args.quiet else "calibrate (references)")
     threshold = [float(t) for t in threshold_at_fpr(acts, args.fpr)]
     dropped = skip_summary(skipped, args.column)
     print(f"calibrated on {len(prompts)} reference prompts{f' ({dropped})' if dropped else ''} at fpr {args.fpr:g}: "
@@ -203,6 +204,7 @@ def _run(args: argparse.Namespace, out: Optional[Path]) -> int:
     # SDXL pipelines read hidden_states[-2]: penultimate_output reads the bare encoder the same way
     det = detect(loaded.encoder, sae, neurons, prompts, tokenizer=loaded.tokenizer, min_tokens=args.min_tokens,
                  threshold=threshold, batch_size=args.batch_size, token_budget=args.token_budget,
+                 progress=not args.quiet,
                  max_length=args.max_length, penultimate_output=loaded.penultimate_output)
     if out is not None:
         atomic_write_text(out, _rows_text(out, prompts, det, labels))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from snce_fast.checks import positive_int
 from snce_fast.hooks.activations import corpus_tokenize, counted_mask, default_length
@@ -96,10 +97,11 @@ def check_batching(batch_size: int, token_budget: int) -> None:
 
 def corpus_batches(tokenizer: Any, prompts: Iterable[str], max_length: Optional[int], eos: Optional[int],
                    batch_size: int = 64, token_budget: int = TOKEN_BUDGET, window: int = BUCKET_WINDOW,
-                   prefetch: int = 2) -> "Prefetcher":
+                   prefetch: int = 2, progress: Optional[str] = None) -> "Prefetcher":
     """Token batches over `prompts` (any iterable of str), tokenized ahead on a background thread:
     use as `with corpus_batches(...) as batches: for b in batches: ...`. `b.index` is each row's position
-    in `prompts`."""
+    in `prompts`. `progress`: a progress bar with this description (prompts, prompts/s, and a total when
+    `prompts` has a length)."""
     check_batching(batch_size, token_budget)
     positive_int(window, "window")
 
@@ -115,7 +117,11 @@ def corpus_batches(tokenizer: Any, prompts: Iterable[str], max_length: Optional[
         if chunk:
             yield from bucketed(tokenizer, chunk, max_length, eos, batch_size, token_budget, start)
 
-    return Prefetcher(produce(), depth=prefetch)
+    bar = None
+    if progress:
+        total = len(prompts) if hasattr(prompts, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(desc=progress, unit="prompt", total=total, dynamic_ncols=True)
+    return Prefetcher(produce(), depth=prefetch, bar=bar)
 
 
 class Prefetcher(threading.Thread):
@@ -123,11 +129,12 @@ class Prefetcher(threading.Thread):
     the producer is raised in the consumer. Close it (or use `with`) so the thread never outlives the
     pass: a thread inside a tokenizer's native code at interpreter exit can abort the process."""
 
-    def __init__(self, items: Iterator[Any], depth: int = 2, name: str = "snce-prefetch"):
+    def __init__(self, items: Iterator[Any], depth: int = 2, name: str = "snce-prefetch", bar: Any = None):
         super().__init__(daemon=True, name=name)
         self.items = items
         self.out: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.halt = threading.Event()
+        self.bar = bar  # a tqdm bar advanced by len(item) as the consumer takes each item
         self._launched = False
 
     def run(self) -> None:
@@ -159,12 +166,16 @@ class Prefetcher(threading.Thread):
             if kind == "error":
                 raise item
             yield item
+            if self.bar is not None:
+                self.bar.update(len(item))
 
     def close(self) -> None:
         """Stop producing and wait for the thread (it notices within 0.1 s between items)."""
         self.halt.set()
         if self._launched:
             self.join(timeout=60)
+        if self.bar is not None:
+            self.bar.close()
 
     def __enter__(self) -> "Prefetcher":
         return self

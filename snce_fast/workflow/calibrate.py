@@ -117,6 +117,7 @@ def calibrate(
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
     token_budget: int = TOKEN_BUDGET,
+    progress: bool = False,
 ) -> Calibration:
     """Calibrate each candidate's firing threshold so it flags at most `fpr` of every reference
     group, then rank candidates by target recall minus the largest reference rate at that threshold.
@@ -130,7 +131,7 @@ def calibrate(
     0.05 for every further group (style-matched ordinary prompts). Use prompts
     not used for the scan where possible. `calibration.top(1)` and `calibration.threshold(...)`
     then go to `detect(..., threshold=)` / `patch(..., gate=True, threshold=)`. `batch_size`,
-    `token_budget` and `max_length` are `detect`'s.
+    `token_budget` and `max_length` are `detect`'s; `progress`: a bar per prompt group.
     """
     refs = {"reference": list(reference_prompts)} if not isinstance(reference_prompts, dict) else {
         g: list(p) for g, p in reference_prompts.items()}
@@ -148,13 +149,13 @@ def calibrate(
         candidates = list(range(sae.n_latents))
     order = unique_neurons(candidates, sae.n_latents)
 
-    def acts(ps: Sequence[str]) -> torch.Tensor:
+    def acts(ps: Sequence[str], group: str) -> torch.Tensor:
         return prompt_activations(pipe_or_encoder, sae, order, ps, tokenizer, min_tokens, batch_size, max_length,
-                                  penultimate_output, token_budget)
+                                  penultimate_output, token_budget, f"calibrate ({group})" if progress else None)
 
-    ref_acts = {g: acts(p) for g, p in refs.items()}
+    ref_acts = {g: acts(p, g) for g, p in refs.items()}
     thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in ref_acts.items()]).amax(0)
-    tgt = acts(target_prompts)
+    tgt = acts(target_prompts, "targets")
     recall = (tgt > thr).float().mean(0)
     rates = {g: (a > thr).float().mean(0) for g, a in ref_acts.items()}
     score = recall - torch.stack(list(rates.values())).amax(0)

@@ -41,6 +41,7 @@ def detect(
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
     token_budget: int = TOKEN_BUDGET,
+    progress: bool = False,
 ) -> Detection:
     """Flag prompts on which a target latent fires (value > threshold) on >= min_tokens counted tokens.
 
@@ -49,7 +50,7 @@ def detect(
     pipelines do); counted tokens never include padding, so a shorter pad changes only speed.
     `penultimate_output=True` reads a bare encoder as SDXL does (hidden_states[-2] for hook "output").
     Prompts are encoded sorted by length, in calls of at most `batch_size` prompts and `token_budget`
-    padded tokens; results are in input order.
+    padded tokens; results are in input order. `progress`: a bar with prompts/s.
     """
     positive_int(min_tokens, "min_tokens")
     check_batching(batch_size, token_budget)
@@ -68,7 +69,9 @@ def detect(
         given = neurons[name] if isinstance(neurons, dict) else neurons
         targets = as_neuron_list(given, s.n_latents)
         thr = _per_target_threshold(threshold, given, targets, len(saes))
-        with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget) as batches:
+        bar = f"detect ({name})" if progress and len(saes) > 1 else ("detect" if progress else None)
+        with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget,
+                            progress=bar) as batches:
             for tb in batches:
                 hidden = hook_activations(enc, tb.tokens, s.hook, penultimate)
                 values, indices = backend.encode(hidden, s)
@@ -103,12 +106,13 @@ def prompt_activations(
     max_length: Optional[int] = None,
     penultimate_output: bool = False,
     token_budget: int = TOKEN_BUDGET,
+    progress: Optional[str] = None,
 ) -> torch.Tensor:
     """float32 [P, T]: per prompt and neuron (in the order given), the `min_tokens`-th largest
     activation over counted tokens (0 where it fires on fewer). The gate with threshold t and
     `min_tokens` flags prompt p for neuron j exactly when this value is > t. `max_length` as in
     `detect` (pad / truncate to that many tokens; default the tokenizer's limit), and so are
-    `batch_size` and `token_budget`."""
+    `batch_size` and `token_budget`; `progress`: a progress bar with that description."""
     positive_int(min_tokens, "min_tokens")
     check_batching(batch_size, token_budget)
     if isinstance(sae, dict):
@@ -123,7 +127,8 @@ def prompt_activations(
     out = torch.zeros(len(prompts), len(order), dtype=torch.float32)
     column = torch.full((sae.n_latents,), -1, dtype=torch.long)
     column[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget) as batches:
+    with corpus_batches(tok, list(prompts), max_length, eos_id(enc, tok), batch_size, token_budget,
+                        progress=progress) as batches:
         for tb in batches:
             hidden = hook_activations(enc, tb.tokens, sae.hook, penultimate)
             values, indices = backend.encode(hidden, sae)

@@ -195,3 +195,16 @@ def test_minilm_flags_equal_activations_close(monkeypatch):
     mid = float(on.amax(1).median())
     don, doff = _both(monkeypatch, lambda: snce_fast.detect(enc, sae, neurons, prompts, threshold=mid, **kw))
     assert torch.equal(don.flags, doff.flags) and don.flags.any() and not don.flags.all()
+
+
+def test_progress_bars_show_totals_and_prompts_per_second(model, capsys):
+    kind, enc, tok, sae = model
+    prompts, ref = _prompts(30, 7), _prompts(20, 8)
+    snce_fast.detect(enc, sae, [1, 2], prompts, tokenizer=tok, progress=True)
+    err = capsys.readouterr().err
+    assert "detect" in err and "30/30" in err and "prompt/s" in err
+    snce_fast.calibrate(enc, sae, [1, 2], prompts, ref, tokenizer=tok, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate (reference)" in err and "20/20" in err and "calibrate (targets)" in err and "30/30" in err
+    snce_fast.detect(enc, sae, [1, 2], prompts, tokenizer=tok)
+    assert "prompt/s" not in capsys.readouterr().err  # off by default in the library

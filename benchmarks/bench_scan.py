@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import _common as C  # noqa: E402
-from tiny_models import WORDS, clip_text_model, write_clip_tokenizer  # noqa: E402
+from snce_fast.testing import WORDS, clip_text_model, write_clip_tokenizer  # noqa: E402
 
 import snce_fast  # noqa: E402
 from snce_fast.workflow.corpus import read_prompts  # noqa: E402

@@ -6,7 +6,7 @@
 #           run(command="bash scripts/gpu_session.sh bench-kernels", carry=[".whl"], timeout_s=600)
 #           run(command="bash scripts/gpu_session.sh bench-rest", carry=[".whl"], timeout_s=600)
 # tests: `pytest -m gpu`. bench-kernels: encode+TopK, fused edit, decode (each its own process and
-# time limit). bench-rest: histogram, train, scan, `snce-fast bench`. Logs and results.tar.gz
+# time limit). bench-rest: histogram, train, scan, corpus passes vs a plain HF loop, `snce-fast bench`. Logs and results.tar.gz
 # (benchmarks/results/*) land in $OUT after every step, so a step that runs out of time loses only
 # itself. Unpack results.tar.gz into benchmarks/results/ here and commit the *_gpu.json / *.png files.
 set -uo pipefail
@@ -53,6 +53,7 @@ case "$what" in
     step 90 "bench_histogram" python3 benchmarks/bench_histogram.py
     step 120 "bench_train" python3 benchmarks/bench_train.py
     step 90 "bench_scan" python3 benchmarks/bench_scan.py
+    step 150 "bench_corpus" python3 benchmarks/bench_corpus.py --passes scan,detect,calibrate --reps 2
     step 60 "snce-fast bench" snce-fast bench --out benchmarks/results/cli_bench_gpu.json
     ;;
 esac

@@ -166,51 +166,42 @@ def _batches(x: torch.Tensor, batch: int, steps: int):
         yield x[start : start + batch]
 
 
-def _train_snce(x: torch.Tensor, held: torch.Tensor, n: int, k: int, batch: int, steps: int,
-                lr: float) -> tuple[list[float], float]:
+Trainer = tuple[Callable[[int, torch.Tensor], None], Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]
+
+
+def _snce(x: torch.Tensor, n: int, k: int, batch: int, lr: float) -> Trainer:
     sae = SAE(x.shape[1], n, k, device=x.device)
     sae.reset_parameters(generator=torch.Generator().manual_seed(0))
     tr = SAETrainer(sae, TrainConfig(n_latents=n, k=k, batch_size=batch, lr=lr, warmup_steps=1, progress=False))
     tr.init_b_dec(x[:batch])
-    times = [timed(lambda: tr.step(xb))[1] for xb in _batches(x, batch, steps)]
-    return times, _fvu(sae, held)
+    return (lambda i, xb: tr.step(xb)), sae, (lambda: None)
 
 
-def _train_sparsify(x: torch.Tensor, held: torch.Tensor, n: int, k: int, batch: int, steps: int,
-                    lr: float) -> tuple[list[float], float]:
+def _sparsify(x: torch.Tensor, n: int, k: int, batch: int, lr: float) -> Trainer:
     import sparsify.sparse_coder as sparse_coder
     import sparsify.utils as sparsify_utils
     from sparsify import SparseCoder, SparseCoderConfig
 
-    if x.device.type != "cuda":  # its Triton decoder needs a GPU: use its own eager fallback, as
-        saved = sparse_coder.decoder_impl  # SPARSIFY_DISABLE_TRITON=1 would (restored below)
+    restore = lambda: None  # noqa: E731
+    if x.device.type != "cuda":  # its Triton decoder needs a GPU: its own eager fallback, as
+        saved = sparse_coder.decoder_impl  # SPARSIFY_DISABLE_TRITON=1 selects (restored at the end)
         sparse_coder.decoder_impl = sparsify_utils.eager_decode
-        try:
-            return _train_sparsify_steps(SparseCoder, SparseCoderConfig, x, held, n, k, batch, steps, lr)
-        finally:
-            sparse_coder.decoder_impl = saved
-    return _train_sparsify_steps(SparseCoder, SparseCoderConfig, x, held, n, k, batch, steps, lr)
-
-
-def _train_sparsify_steps(SparseCoder: Any, SparseCoderConfig: Any, x: torch.Tensor, held: torch.Tensor, n: int,
-                          k: int, batch: int, steps: int, lr: float) -> tuple[list[float], float]:
+        restore = lambda: setattr(sparse_coder, "decoder_impl", saved)  # noqa: E731
     torch.manual_seed(0)
     sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=n, k=k), device=x.device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
 
-    def step(xb: torch.Tensor) -> None:
+    def step(i: int, xb: torch.Tensor) -> None:
         sae(xb).fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         sae.set_decoder_norm_to_unit_norm()
 
-    times = [timed(lambda: step(xb))[1] for xb in _batches(x, batch, steps)]
-    return times, _fvu(lambda c: sae(c).sae_out, held)
+    return step, (lambda c: sae(c).sae_out), restore
 
 
-def _train_saelens(x: torch.Tensor, held: torch.Tensor, n: int, k: int, batch: int, steps: int,
-                   lr: float) -> tuple[list[float], float]:
+def _saelens(x: torch.Tensor, n: int, k: int, batch: int, lr: float) -> Trainer:
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -228,32 +219,42 @@ def _train_saelens(x: torch.Tensor, held: torch.Tensor, n: int, k: int, batch: i
         opt.step()
         opt.zero_grad()
 
-    times = [timed(lambda: step(i, xb))[1] for i, xb in enumerate(_batches(x, batch, steps))]
-    sae.eval()
-    return times, _fvu(lambda c: sae.decode(sae.encode(c)), held)
+    return step, (lambda c: sae.decode(sae.encode(c))), (lambda: None)
 
 
 def time_training(x: torch.Tensor, held: torch.Tensor, n: int, k: int, batch: int, steps: int,
                   lr: Optional[float] = None) -> list[Row]:
-    """Training steps of this package, sparsify and SAELens on the same activations (a peer not installed
-    gets a row saying so). Median step time over the steps after the first 3; FVU on `held` after."""
+    """Training steps of this package, sparsify and SAELens on the same activations, interleaved step by
+    step (a shared machine's load hits them alike); a peer not installed gets a row saying so. Median
+    step time over the steps after the first 3; FVU on `held` after the last step."""
     lr = lr if lr is not None else 2e-4 / (n / 2**14) ** 0.5  # this package's and sparsify's default
-    rows: list[Row] = []
-    for impl, fn in (("snce_fast", _train_snce), ("sparsify", _train_sparsify), ("saelens", _train_saelens)):
+    cuda = x.device.type == "cuda"
+    trainers: dict[str, Trainer] = {}
+    rows: dict[str, Row] = {}
+    for impl, make in (("snce_fast", _snce), ("sparsify", _sparsify), ("saelens", _saelens)):
         try:
-            times, fvu = fn(x, held, n, k, batch, steps, lr)
+            trainers[impl] = make(x, n, k, batch, lr)
         except ImportError as e:
-            rows.append({"impl": impl, "skipped": f"not installed ({e}); pip install -e '.[test]' installs it"})
-            continue
-        step = statistics.median(times[3:] or times)
-        rows.append({"impl": impl, "n": n, "k": k, "batch_tokens": batch, "lr": lr, "steps": steps,
-                     "step_ms": 1e3 * step, "tokens_per_s": batch / step, "heldout_fvu_after": fvu,
-                     "tokens_trained": batch * steps})
-    base = rows[0].get("step_ms")
-    for r in rows:
+            rows[impl] = {"impl": impl, "skipped": f"not installed ({e}); pip install -e '.[test]' installs it"}
+    times: dict[str, list[float]] = {impl: [] for impl in trainers}
+    try:
+        for i, xb in enumerate(_batches(x, batch, steps)):
+            for impl, (step, _, _) in trainers.items():
+                times[impl].append(timed(lambda: step(i, xb), cuda)[1])
+        for impl, (_, forward, _) in trainers.items():
+            step_s = statistics.median(times[impl][3:] or times[impl])
+            rows[impl] = {"impl": impl, "n": n, "k": k, "batch_tokens": batch, "lr": lr, "steps": steps,
+                          "step_ms": 1e3 * step_s, "tokens_per_s": batch / step_s,
+                          "heldout_fvu_after": _fvu(forward, held), "tokens_trained": batch * steps}
+    finally:
+        for _, _, restore in trainers.values():
+            restore()
+    out = [rows[impl] for impl in ("snce_fast", "sparsify", "saelens") if impl in rows]
+    base = out[0].get("step_ms")
+    for r in out:
         if base and "step_ms" in r:
             r["snce_fast_speedup"] = r["step_ms"] / base
-    return rows
+    return out
 
 
 def table(name: str, rows: list[Row]) -> str:

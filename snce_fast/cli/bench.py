@@ -33,7 +33,10 @@ def _subset(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     passes = _subset(args.passes, "--passes", corpus_benchmarks.PASSES) if args.passes else ()
-    ops = _subset(args.ops, "--ops", benchmarking.OPS) if (args.ops or not passes) else ()
+    if args.ops:
+        ops = _subset(args.ops, "--ops", benchmarking.OPS)
+    else:
+        ops = () if passes else benchmarking.OPS
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available on this machine")
     if passes:

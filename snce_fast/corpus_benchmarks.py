@@ -29,6 +29,7 @@ from snce_fast.hooks import batching
 from snce_fast.hooks.activations import default_length, eos_id, hook_activations
 from snce_fast.sae.model import SAE
 from snce_fast.train import SAETrainer, TrainConfig
+from snce_fast.train.step import init_for_training
 from snce_fast.workflow.calibrate import CalibrationWarning, calibrate
 from snce_fast.workflow.detect import detect
 from snce_fast.workflow.scan import scan
@@ -170,8 +171,7 @@ Trainer = tuple[Callable[[int, torch.Tensor], None], Callable[[torch.Tensor], to
 
 
 def _snce(x: torch.Tensor, n: int, k: int, batch: int, lr: float) -> Trainer:
-    sae = SAE(x.shape[1], n, k, device=x.device)
-    sae.reset_parameters(generator=torch.Generator().manual_seed(0))
+    sae = init_for_training(SAE(x.shape[1], n, k, device=x.device), seed=0)
     tr = SAETrainer(sae, TrainConfig(n_latents=n, k=k, batch_size=batch, lr=lr, warmup_steps=1, progress=False))
     tr.init_b_dec(x[:batch])
     return (lambda i, xb: tr.step(xb)), sae, (lambda: None)

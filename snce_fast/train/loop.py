@@ -28,7 +28,7 @@ from snce_fast.sae.model import SAE
 from snce_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from snce_fast.train.config import REPORT_WINDOW, TrainConfig, TrainReport
 from snce_fast.train.plan import heldout_fvu, plan_run
-from snce_fast.train.step import SAETrainer
+from snce_fast.train.step import SAETrainer, init_for_training
 from snce_fast.train.stream import ActivationStream
 
 __all__ = ["train_sae"]
@@ -204,7 +204,7 @@ def _prepare_sae(sae: Optional[SAE], encoder: nn.Module, width: int, cfg: TrainC
     """A new SAE seeded by `cfg.seed` (or the given one), on `device`, in train mode."""
     if sae is None:
         sae = SAE(width, cfg.n_latents, cfg.k, hook=cfg.hook, encoder=cfg.encoder_name or _encoder_name(encoder))
-        sae.reset_parameters(generator=torch.Generator().manual_seed(cfg.seed))
+        init_for_training(sae, cfg.seed)
     sae = sae.to(device)
     sae.train()
     return sae

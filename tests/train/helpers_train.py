@@ -6,6 +6,7 @@ import torch
 
 from snce_fast.sae.model import SAE
 from snce_fast.train import TrainConfig
+from snce_fast.train.step import init_for_training
 
 WORDS = (
     "a photo of the cat dog red blue green car tree house man woman sitting on table with "
@@ -58,6 +59,4 @@ def small_cfg(**kw) -> TrainConfig:
 
 
 def new_sae(d: int, cfg: TrainConfig, seed: int = 0) -> SAE:
-    sae = SAE(d, cfg.n_latents, cfg.k)
-    sae.reset_parameters(generator=torch.Generator().manual_seed(seed))
-    return sae
+    return init_for_training(SAE(d, cfg.n_latents, cfg.k), seed)

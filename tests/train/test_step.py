@@ -16,7 +16,7 @@ def test_fvu_decreases_and_decoder_rows_unit_norm():
     tr.init_b_dec(x[:512])
     ms = [tr.step(x[i * 64 : (i + 1) * 64]) for i in range(64)]
     fvus = [m["fvu"] for m in ms]
-    assert sum(fvus[-8:]) / 8 < 0.5 * sum(fvus[:4]) / 4, fvus
+    assert sum(fvus[-8:]) / 8 < 0.6 * sum(fvus[:4]) / 4, fvus
     assert ms[0]["aux_loss"] == 0 and any(m["aux_loss"] > 0 for m in ms)  # AuxK starts once latents die
     norms = tr.sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)

@@ -12,6 +12,7 @@ exactly as `snce_fast.patch` applies it. LEACE uses EleutherAI's `concept-erasur
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -117,12 +118,20 @@ class Edit:
     def check(self, encoder: Any, penultimate: bool) -> None:
         pass
 
+    def may_change(self, emb: Embeddings, prompts: Sequence[str]) -> Optional[torch.Tensor]:
+        """bool [P]: prompts this edit can change (the others are returned unchanged without running it);
+        None: all of them."""
+        return None
+
     def apply(self, hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class NoEdit(Edit):
     name = "none"
+
+    def may_change(self, emb: Embeddings, prompts: Sequence[str]) -> Optional[torch.Tensor]:
+        return torch.zeros(len(prompts), dtype=torch.bool)
 
     def apply(self, hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         return hidden
@@ -131,6 +140,31 @@ class NoEdit(Edit):
 def no_edit() -> Edit:
     """The floor: nothing changes."""
     return NoEdit()
+
+
+_PRESENCE: "weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def latent_presence(sae: Any, emb: Embeddings, prompts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
+    """Per prompt, the latents in the top k with a value > 0 on some token at positions 1..EOS (sorted int64).
+    Computed once per (SAE object, prompt) and remembered: the SAE's weights must not change afterwards."""
+    seen = _PRESENCE.setdefault(sae, {})
+    todo = [p for p in dict.fromkeys(prompts) if p not in seen]
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s: s + batch_size]
+        x, counted = next(_batches(emb, chunk, len(chunk)))
+        values, indices = backend.encode(x, sae)
+        live = (values > 0) & counted.unsqueeze(-1)
+        for i, p in enumerate(chunk):
+            seen[p] = torch.unique(indices[i][live[i]].long())
+    return [seen[p] for p in prompts]
+
+
+def _holds_targets(sae: Any, targets: list[int], emb: Embeddings, prompts: Sequence[str]) -> torch.Tensor:
+    t = torch.tensor(targets, dtype=torch.long)
+    return torch.tensor([bool(torch.isin(lat, t).any()) for lat in latent_presence(sae, emb, prompts)],
+                        dtype=torch.bool)
 
 
 def _gate_flags(hidden: torch.Tensor, counted: torch.Tensor, sae: Any, targets: list[int], thr: Any,
@@ -164,6 +198,13 @@ class SNCEEdit(Edit):
 
     def check(self, encoder: Any, penultimate: bool) -> None:
         check_sae_fits(self.sae, encoder, penultimate)
+
+    def may_change(self, emb: Embeddings, prompts: Sequence[str]) -> Optional[torch.Tensor]:
+        # a residual edit (gated or not) returns every token on which no target fires bit-identical
+        # (docs/method.md), and a gated reconstruct edit touches only prompts where a target fires
+        if self.state.options["mode"] == "reconstruct" and not self.state.options["gate"]:
+            return None
+        return _holds_targets(self.sae, self.targets, emb, prompts)
 
     def apply(self, hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         B, L, _ = hidden.shape
@@ -205,6 +246,11 @@ class LeaceEdit(Edit):
         if self.gate is not None:
             check_sae_fits(self.gate[0], encoder, penultimate)
 
+    def may_change(self, emb: Embeddings, prompts: Sequence[str]) -> Optional[torch.Tensor]:
+        if self.gate is None:
+            return None
+        return _holds_targets(self.gate[0], self.gate[1], emb, prompts)  # the gate needs a target in the top k
+
     def fit(self, concept: torch.Tensor, ordinary: torch.Tensor) -> None:
         from concept_erasure import LeaceEraser
 
@@ -236,17 +282,26 @@ class _Edited:
 
 
 def _run_edit(edit: Edit, emb: Embeddings, prompts: Sequence[str], batch_size: int, bar: Any) -> _Edited:
-    pooled, changed, rel = [], [], []
-    for x, counted in _batches(emb, prompts, batch_size):
+    """The edit over `prompts`, in batches; prompts it cannot change (`may_change`) are not run through it."""
+    P = len(prompts)
+    pooled = torch.cat([mean_pool(x, c) for x, c in _batches(emb, prompts, batch_size)]) if P else torch.zeros(0)
+    changed, rel = torch.zeros(P, dtype=torch.bool), torch.zeros(P)
+    may = edit.may_change(emb, prompts)
+    run = torch.arange(P) if may is None else may.nonzero().squeeze(1)
+    if bar is not None:
+        bar.update(P - len(run))
+    for s in range(0, len(run), batch_size):
+        idx = run[s: s + batch_size]
+        x, counted = next(_batches(emb, [prompts[i] for i in idx], len(idx)))
         y = edit.apply(x, counted).float()
         m = counted.unsqueeze(-1)
-        diff = (y - x) * m
-        pooled.append(mean_pool(y, counted))
-        changed.append(((y != x) & m).flatten(1).any(1))
-        rel.append(diff.flatten(1).norm(dim=1) / (x * m).flatten(1).norm(dim=1).clamp_min(1e-12))
+        ch = ((y != x) & m).flatten(1).any(1)
+        pooled[idx[ch]] = mean_pool(y, counted)[ch]  # an unchanged prompt keeps its unedited pooled embedding
+        changed[idx] = ch
+        rel[idx] = ((y - x) * m).flatten(1).norm(dim=1) / (x * m).flatten(1).norm(dim=1).clamp_min(1e-12)
         if bar is not None:
-            bar.update(len(x))
-    return _Edited(torch.cat(pooled), torch.cat(changed), torch.cat(rel))
+            bar.update(len(idx))
+    return _Edited(pooled, changed, rel)
 
 
 def _share(mask: torch.Tensor) -> float:

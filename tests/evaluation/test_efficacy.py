@@ -130,3 +130,14 @@ def test_probe_helpers():
         p.flags(pos)
     p.fix_threshold(neg, 0.05)
     assert int(p.flags(neg).sum()) <= int(0.05 * len(neg))
+
+
+def test_skipping_prompts_an_edit_cannot_change_is_exact(planted, monkeypatch):
+    """may_change only saves work: running every prompt through the edit gives the same report."""
+    enc, tok, sae, sets = planted
+    edits = lambda: [snce_edit(sae, PLANTED, name="right"), snce_edit(sae, PLANTED, gate=True, threshold=1.0, name="g"),  # noqa: E731
+                     snce_edit(sae, WRONG, scale=-4.0, name="wrong")]
+    fast = measure_erasure(enc, sets, edits(), tokenizer=tok)
+    monkeypatch.setattr(efficacy.SNCEEdit, "may_change", lambda self, emb, prompts: None)
+    slow = measure_erasure(enc, sets, edits(), tokenizer=tok)
+    assert fast.reports == slow.reports

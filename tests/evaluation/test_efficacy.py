@@ -141,3 +141,24 @@ def test_skipping_prompts_an_edit_cannot_change_is_exact(planted, monkeypatch):
     monkeypatch.setattr(efficacy.SNCEEdit, "may_change", lambda self, emb, prompts: None)
     slow = measure_erasure(enc, sets, edits(), tokenizer=tok)
     assert fast.reports == slow.reports
+
+
+@pytest.mark.parametrize("options", [dict(), dict(gate=True, threshold=1.0), dict(scale=-4.0, gate=True, threshold=1.0),
+                                     dict(clamp=-1.0), dict(mode="reconstruct")])
+def test_the_measured_edit_is_what_patch_applies(planted, options):
+    """snce_edit on the encoder output == the output of the encoder patched with snce_fast.patch (one prompt
+    per call, so no padding), bit for bit on every position."""
+    import snce_fast
+
+    enc, tok, sae, sets = planted
+    edit = snce_edit(sae, PLANTED, **options)
+    for p in sets.concept_test[:3] + sets.generic_test[:3]:
+        ids = tok([p], return_tensors="pt")
+        with torch.no_grad():
+            x = enc(**ids).last_hidden_state
+            counted = torch.ones(x.shape[:2], dtype=torch.bool)
+            counted[:, 0] = False
+            measured = edit.apply(x, counted)
+            with snce_fast.patched(enc, sae, neurons=PLANTED, **options):
+                out = enc(**ids).last_hidden_state
+        assert torch.equal(measured, out), (p, options)

@@ -161,6 +161,49 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def diagnostics(sae, sets: PromptSets, emb: dict, reader, latents: list[int]) -> dict:
+    """What limits the edit, measured on this concept: for each calibrated latent, how much of the
+    concept-minus-ordinary mean difference (pooled, scan halves) lies along its decoder row, and how the
+    fixed reader scores a unit step along it; the SAE's reconstruction error (FVU) on held-out tokens."""
+    from snce_fast.evaluation.efficacy import _batches
+    from snce_fast.evaluation.probes import mean_pool
+
+    def pooled(ps):
+        return torch.cat([mean_pool(x, c) for x, c in _batches(emb, ps, 256)])
+
+    diff = pooled(list(sets.concept_train)).mean(0) - pooled(list(sets.ordinary_train)).mean(0)
+    out: dict = {"latents": {}}
+    for j in latents:
+        d = sae.W_dec[j].detach().float()
+        out["latents"][str(j)] = {
+            "cos_decoder_mean_diff": float(torch.nn.functional.cosine_similarity(d, diff, dim=0)),
+            "share_of_mean_diff_sq": float((d @ diff) ** 2 / (d @ d) / (diff @ diff)),
+            "reader_score_per_unit": float((reader.w / reader.std) @ d / d.norm())}
+    for name, ps in (("concept_test", sets.concept_test), ("generic_test", sets.generic_test)):
+        num = den = 0.0
+        for x, c in _batches(emb, list(ps), 256):
+            t = x[c]
+            num += float(((sae(t) - t) ** 2).sum())
+            den += float(((t - t.mean(0)) ** 2).sum())
+        out[f"fvu_{name}"] = num / den
+    return out
+
+
+def fill_docs(res: dict, doc: Path) -> None:
+    """Replace the measured tables in docs/efficacy.md (between the BEGIN/END TABLES markers)."""
+    begin, end = "<!-- BEGIN TABLES (experiments/efficacy_minilm.py --table-only) -->", "<!-- END TABLES -->"
+    if not doc.exists() or begin not in doc.read_text():
+        return
+    text = doc.read_text()
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    body = markdown(res).replace("### ", "#### ")
+    for concept in res["concepts"]:
+        body = body.replace(f"#### {concept}\n", f"#### {concept}\n\n![{concept}: survival vs collateral](efficacy_{concept}.png)\n", 1)
+    doc.write_text(head + begin + "\n\n" + body + "\n" + end + tail)
+
+
 def draw(res: dict, docs: Path) -> None:
     for concept, c in res["concepts"].items():
         pts = [{"label": row["label"], "family": row["family"], "short": row["short"],
@@ -179,12 +222,15 @@ def main() -> None:
     ap.add_argument("--fpr", type=float, default=0.05, help="the fixed reader's FPR on scan-half ordinary prompts")
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy_minilm_cpu.json")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--diagnostics", action="store_true", help="only add the diagnostics (what limits the edit) "
+                    "to the JSON of an earlier run")
     args = ap.parse_args()
     docs = REPO / "docs"
     if args.table_only:
         res = json.loads(args.out.read_text())
         args.out.with_suffix(".md").write_text(markdown(res))
         draw(res, docs)
+        fill_docs(res, docs / "efficacy.md")
         print(markdown(res))
         return
     torch.set_num_threads(args.threads)
@@ -196,6 +242,21 @@ def main() -> None:
     import transformers
 
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.diagnostics:
+        all_sets = {c: sets_for(sp, c) for c in args.concepts}
+        prompts = list(dict.fromkeys(p for s in all_sets.values() for p in s.all_prompts()))
+        emb = embed_tokens(enc, prompts, tok, max_length=MAX_LENGTH, progress="embed (MiniLM output)")
+        for concept, sets in all_sets.items():
+            c = res["concepts"][concept]
+            out = measure_erasure(enc, sets, [no_edit()], tokenizer=tok, fpr=res["reader_fpr"], max_length=MAX_LENGTH,
+                                  embeddings=emb)
+            assert abs(out.reader_threshold - c["reader"]["threshold"]) < 1e-3  # the same reader as the run
+            c["diagnostics"] = _r(diagnostics(sae, sets, emb, out.reader, c["calibration"]["top4"]))
+            print(concept, c["diagnostics"])
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        os.replace(tmp, args.out)
+        return
     res.update({"benchmark": "efficacy_minilm", "commit": _commit(),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "device": f"CPU ({args.threads} thread(s), shared machine)",
@@ -243,6 +304,7 @@ def main() -> None:
         print(f"== {concept}: calibrate {cal_s:.0f}s, measure {res['concepts'][concept]['measure_seconds']:.0f}s", flush=True)
     args.out.with_suffix(".md").write_text(markdown(res))
     draw(res, docs)
+    fill_docs(res, docs / "efficacy.md")
     print(markdown(res))
 
 

@@ -11,6 +11,7 @@ exactly as `snce_fast.patch` applies it. LEACE uses EleutherAI's `concept-erasur
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -230,10 +231,8 @@ class LeaceEdit(Edit):
     applied to every token; with `gate=(sae, neurons, thresholds, min_tokens)` only to flagged prompts."""
 
     def __init__(self, gate: Optional[tuple] = None, name: Optional[str] = None):
-        try:
-            import concept_erasure  # noqa: F401
-        except ImportError:
-            raise ImportError(LEACE_HINT) from None
+        if importlib.util.find_spec("concept_erasure") is None:
+            raise ImportError(LEACE_HINT)
         self.eraser: Any = None
         self.gate = None
         if gate is not None:
@@ -322,6 +321,7 @@ class ErasureResult:
     reader_threshold: float
     reader_fpr: float
     reports: dict = field(default_factory=dict)
+    reader: Optional[LinearProbe] = None
 
 
 @torch.no_grad()
@@ -368,7 +368,7 @@ def measure_erasure(pipe_or_encoder: Any, sets: PromptSets, edits: Union[Sequenc
     # the fixed reader: trained and thresholded on unedited embeddings, never touched again
     reader = fit_probe(plain["concept_train"], plain["ordinary_train"])
     reader.fix_threshold(plain["ordinary_train"], fpr)
-    result = ErasureResult(reader.threshold, fpr)
+    result = ErasureResult(reader.threshold, fpr, reader=reader)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -83,3 +83,13 @@ def test_bad_inputs_exit_2_with_one_line(env, tmp_path, capsys, extra, expect):
     assert err[0].startswith("snce-fast efficacy: error: ")
     assert re.search(expect, err[0]), err[0]
     assert not (tmp_path / "eff.json").exists()
+
+
+def test_leace_without_concept_erasure_is_one_line(env, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "concept_erasure" else real(name, *a))
+    assert main(_base(env, tmp_path / "eff.json", "--baselines", "leace")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'snce_fast[efficacy]'" in err[0], err

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 from snce_fast.log import set_verbosity
 from snce_fast.hooks.patching import PatchHandle, is_patched, patch, patched, unpatch
 from snce_fast.ops import reference
+from snce_fast.evaluation.efficacy import ErasureResult, PromptSets, measure_erasure
 from snce_fast.sae.erasure import ErasureSAE
 from snce_fast.sae.files import SAEFormatError
 from snce_fast.sae.model import SAE
@@ -25,11 +26,14 @@ __all__ = [
     "TrainReport",
     "Calibration",
     "Detection",
+    "ErasureResult",
     "ErasureSAE",
     "PatchHandle",
+    "PromptSets",
     "calibrate",
     "detect",
     "is_patched",
+    "measure_erasure",
     "patch",
     "patched",
     "prompt_activations",

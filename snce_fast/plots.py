@@ -130,3 +130,31 @@ def benchmark_times(rows: Sequence[Mapping[str, Any]], path: PathLike, op: str, 
         fig.suptitle(warning, color="red")
     fig.tight_layout()
     _save(fig, path)
+
+
+def erasure_tradeoff(rows: Sequence[Mapping[str, Any]], path: PathLike, title: str) -> None:
+    """Concept survival (fixed reader) against collateral (share of generic ordinary prompts changed at
+    all), one point per measured edit (`rows`: {"label", "family", "survival", "generic_changed"})."""
+    if not rows:
+        raise ValueError(f"cannot draw {str(path)!r}: no measured edits")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    families = list(dict.fromkeys(r.get("family", r["label"]) for r in rows))
+    markers = "os^vDPX*<>"
+    for i, fam in enumerate(families):
+        pts = [r for r in rows if r.get("family", r["label"]) == fam]
+        ax.scatter([100 * float(r["generic_changed"]) for r in pts], [100 * float(r["survival"]) for r in pts],
+                   marker=markers[i % len(markers)], s=40, label=fam, alpha=0.8)
+        for r in pts:
+            ax.annotate(r.get("short", ""), (100 * float(r["generic_changed"]), 100 * float(r["survival"])),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.2, 120)
+    ax.set_ylim(-3, 105)
+    ax.set_xlabel("collateral: % of generic captions whose embedding changes at all (symlog)")
+    ax.set_ylabel("concept survival: % still flagged by the fixed reader")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

@@ -123,6 +123,11 @@ CASES = {
     "SAE.push_to_hub bad format": (lambda e, t, s, st, p: s.push_to_hub("me/x", format="gguf"), ValueError,
                                    r"format='gguf'"),
     "SAE.push_to_hub bad repo": (lambda e, t, s, st, p: s.push_to_hub("me"), ValueError, r"repo_id='me'"),
+    "measure_erasure empty concept_test": (
+        lambda e, t, s, st, p: snce_fast.measure_erasure(e, snce_fast.PromptSets(["a cat"], ["a dog"], [], ["a car"]),
+                                                         [], tokenizer=t), ValueError, r"PromptSets.concept_test is empty"),
+    "PromptSets bad pair": (lambda e, t, s, st, p: snce_fast.PromptSets(["a"], ["b"], ["c"], ["d"], pairs=[("x",)]).check(),
+                            ValueError, r"pairs\[0\]"),
     "TrainConfig bad b_dec_init": (lambda e, t, s, st, p: snce_fast.TrainConfig(b_dec_init="bogus").validate(),
                                    ValueError, r"bogus"),
 }
@@ -142,7 +147,7 @@ def test_public_api_refuses_bad_input(name, enc_tok, sae, stats, tmp_path):
 def test_every_public_name_is_covered():
     """A new public entry point must get rows in CASES."""
     covered = " ".join(CASES)
-    data_types = {"Calibration", "Detection", "PatchHandle", "ScanStats", "Scores", "TrainReport", "SAEFormatError",
+    data_types = {"Calibration", "Detection", "ErasureResult", "PatchHandle", "ScanStats", "Scores", "TrainReport", "SAEFormatError",
                   "reference", "is_patched"}
     missing = [n for n in snce_fast.__all__ if n not in data_types and n not in covered]
     assert not missing, f"public names without a bad-input case: {missing}"

@@ -10,6 +10,11 @@ against its prompt.
     protocol    the run: generate_image, full_settings, run_eval
     report      summarize, report_markdown, write_report (report.md, summary.json, counts.png)
 
+And the embedding-level erasure measurement (docs/efficacy.md):
+
+    efficacy    measure_erasure, PromptSets, embed_tokens, snce_edit / calibrated_edit / leace_edit / no_edit
+    probes      the linear readers: mean_pool, fit_probe, LinearProbe, auc
+
 Importable without NudeNet: the detector is any callable `image -> [{"class", "score", "box"}]`;
 `nudenet_detector()` imports NudeNet only when called. `run_eval` is resumable: images are
 written (temp + rename) as they are made, one line per finished row is appended to
@@ -19,6 +24,17 @@ results.jsonl and fsynced, and a rerun with the same output directory skips the 
 from __future__ import annotations
 
 from snce_fast.evaluation.clip_score import ClipScorer, check_clip_dir
+from snce_fast.evaluation.efficacy import (
+    Edit,
+    ErasureResult,
+    PromptSets,
+    calibrated_edit,
+    embed_tokens,
+    leace_edit,
+    measure_erasure,
+    no_edit,
+    snce_edit,
+)
 from snce_fast.evaluation.eval_csv import I2P_COLUMNS, EvalRow, check_guidance, check_limit, read_eval_csv
 from snce_fast.evaluation.nudity import (
     DEFAULT_THRESHOLD,
@@ -45,6 +61,15 @@ __all__ = [
     "SETTINGS",
     "VARIANTS",
     "ClipScorer",
+    "Edit",
+    "ErasureResult",
+    "PromptSets",
+    "calibrated_edit",
+    "embed_tokens",
+    "leace_edit",
+    "measure_erasure",
+    "no_edit",
+    "snce_edit",
     "Detector",
     "EvalResult",
     "EvalRow",

@@ -83,16 +83,23 @@ def rows_for(sae, cal) -> list[tuple[str, str, str, object]]:
             out.append((f"SNCE top-1 residual, scale {s:g}, {g}", f"SNCE top-1 ({g})", f"{s:g}", e))
         e = calibrated_edit(sae, cal, 1, clamp=-1.0) if gate else snce_fast_edit(sae, top1, clamp=-1.0)
         out.append((f"SNCE top-1 residual, clamp -1, {g}", f"SNCE top-1 ({g})", "c-1", e))
+    seen: set = set()
     for n in (2, 4):
+        lat = cal.top(n)  # greedy: may stop early when a further latent adds no recall net of false positives
+        if len(lat) < 2 or tuple(lat) in seen:
+            continue
+        seen.add(tuple(lat))
         for s in (0.0, -4.0):
-            out.append((f"SNCE greedy top-{n} residual, scale {s:g}, gate on", "SNCE greedy top-N (gate on)",
-                        f"{n}:{s:g}", calibrated_edit(sae, cal, n, scale=s)))
+            out.append((f"SNCE greedy top-{len(lat)} residual, scale {s:g}, gate on", "SNCE greedy top-N (gate on)",
+                        f"{len(lat)}:{s:g}", calibrated_edit(sae, cal, n, scale=s)))
     out.append(("reconstruct top-1, scale 0, gate off (ItD-style)", "reconstruct", "off", snce_fast_edit(sae, top1, mode="reconstruct")))
     out.append(("reconstruct top-1, scale 0, gate on", "reconstruct", "on", calibrated_edit(sae, cal, 1, mode="reconstruct")))
     out.append(("LEACE, every prompt, every token", "LEACE", "all", leace_edit()))
     for n in (1, 4):
         lat = cal.top(n)
-        out.append((f"LEACE gated by calibrated top-{n}", "LEACE gated", f"top{n}",
+        if n > 1 and len(lat) == 1:
+            continue
+        out.append((f"LEACE gated by calibrated top-{len(lat)}", "LEACE gated", f"top{len(lat)}",
                     leace_edit(gate=(sae, lat, cal.thresholds_for(lat), cal.min_tokens))))
     return out
 
@@ -222,8 +229,6 @@ def main() -> None:
     ap.add_argument("--fpr", type=float, default=0.05, help="the fixed reader's FPR on scan-half ordinary prompts")
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy_minilm_cpu.json")
     ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--diagnostics", action="store_true", help="only add the diagnostics (what limits the edit) "
-                    "to the JSON of an earlier run")
     args = ap.parse_args()
     docs = REPO / "docs"
     if args.table_only:
@@ -242,21 +247,6 @@ def main() -> None:
     import transformers
 
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if args.diagnostics:
-        all_sets = {c: sets_for(sp, c) for c in args.concepts}
-        prompts = list(dict.fromkeys(p for s in all_sets.values() for p in s.all_prompts()))
-        emb = embed_tokens(enc, prompts, tok, max_length=MAX_LENGTH, progress="embed (MiniLM output)")
-        for concept, sets in all_sets.items():
-            c = res["concepts"][concept]
-            out = measure_erasure(enc, sets, [no_edit()], tokenizer=tok, fpr=res["reader_fpr"], max_length=MAX_LENGTH,
-                                  embeddings=emb)
-            assert abs(out.reader_threshold - c["reader"]["threshold"]) < 1e-3  # the same reader as the run
-            c["diagnostics"] = _r(diagnostics(sae, sets, emb, out.reader, c["calibration"]["top4"]))
-            print(concept, c["diagnostics"])
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp, args.out)
-        return
     res.update({"benchmark": "efficacy_minilm", "commit": _commit(),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "device": f"CPU ({args.threads} thread(s), shared machine)",
@@ -286,6 +276,7 @@ def main() -> None:
         out = measure_erasure(enc, sets, {label: e for label, _, _, e in rows}, tokenizer=tok, fpr=args.fpr,
                               max_length=MAX_LENGTH, embeddings=emb, progress=True)
         first = out.reports["no edit"]
+        diag = diagnostics(sae, sets, emb, out.reader, cal.top(4))
         res["concepts"][concept] = _r({
             "sizes": {k: len(getattr(sets, k)) for k in ("concept_train", "ordinary_train", "concept_test",
                                                           "generic_test", "matched_test", "pairs")},
@@ -294,7 +285,8 @@ def main() -> None:
                             "min_tokens": cal.min_tokens, "seconds": cal_s},
             "reader": {"threshold": out.reader_threshold, "concept_flag_before": first["concept_flag_before"],
                        "generic_flag": first["generic"]["flag_before"], "matched_flag": first["matched"]["flag_before"]},
-            "measure_seconds": time.perf_counter() - t2,
+            "measure_seconds": time.perf_counter() - t2, "commit": _commit(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "diagnostics": diag,
             "rows": [{"label": label, "family": fam, "short": short, "report": out.reports[label]}
                      for label, fam, short, _ in rows]})
         args.out.parent.mkdir(exist_ok=True)

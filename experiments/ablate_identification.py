@@ -680,18 +680,20 @@ def _commit() -> str:
         return "unknown"
 
 
+def round_floats(x, places: int = 4):
+    """x with every float inside (dicts, lists) rounded to `places` decimals."""
+    if isinstance(x, float):
+        return round(x, places)
+    if isinstance(x, dict):
+        return {k: round_floats(v, places) for k, v in x.items()}
+    if isinstance(x, list):
+        return [round_floats(v, places) for v in x]
+    return x
+
+
 def _dump(res: dict) -> str:
     """Compact JSON (~20k rows): floats rounded to 4 decimals, one row per line."""
-    def rnd(x):
-        if isinstance(x, float):
-            return round(x, 4)
-        if isinstance(x, dict):
-            return {k: rnd(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [rnd(v) for v in x]
-        return x
-
-    res = rnd(res)
+    res = round_floats(res)
     saes = res.pop("saes", {})
     head = json.dumps(res, indent=1)[:-2]
     parts = []

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import snce_fast  # noqa: E402
 from ablate_identification import (  # noqa: E402
-    MAX_LENGTH, VARIANTS, _commit, build_splits, cached_acts, load_minilm, train_variant,
+    MAX_LENGTH, VARIANTS, _commit, build_splits, cached_acts, load_minilm, round_floats, train_variant,
 )
 from snce_fast import plots  # noqa: E402
 from snce_fast.evaluation.efficacy import (  # noqa: E402
@@ -126,16 +126,6 @@ def load_sae(cache: Path, enc_tok, sp: dict):
     v = VARIANTS[SAE_NAME]
     tr_x, _ = cached_acts(cache, v["hook"], "coco_train", sp["coco_train"], enc_tok)
     return train_variant(SAE_NAME, v, tr_x, cache)
-
-
-def _r(x):
-    if isinstance(x, float):
-        return round(x, 4)
-    if isinstance(x, dict):
-        return {k: _r(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_r(v) for v in x]
-    return x
 
 
 def _pct(x) -> str:
@@ -277,7 +267,7 @@ def main() -> None:
                               max_length=MAX_LENGTH, embeddings=emb, progress=True)
         first = out.reports["no edit"]
         diag = diagnostics(sae, sets, emb, out.reader, cal.top(4))
-        res["concepts"][concept] = _r({
+        res["concepts"][concept] = round_floats({
             "sizes": {k: len(getattr(sets, k)) for k in ("concept_train", "ordinary_train", "concept_test",
                                                           "generic_test", "matched_test", "pairs")},
             "calibration": {"top1": cal.top(1), "thresholds_top1": cal.thresholds_for(cal.top(1)),

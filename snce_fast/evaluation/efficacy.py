@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from snce_fast.checks import as_neuron_list, check_edit_args, positive_int
+from snce_fast.checks import as_neuron_list, check_edit_args, check_fpr, positive_int
 from snce_fast.evaluation.probes import LinearProbe, auc, fit_probe, mean_pool
 from snce_fast.hooks.activations import eos_id, hook_activations
 from snce_fast.hooks.batching import TOKEN_BUDGET, check_batching, corpus_batches
@@ -170,12 +170,11 @@ def _holds_targets(sae: Any, targets: list[int], emb: Embeddings, prompts: Seque
 
 def _gate_flags(hidden: torch.Tensor, counted: torch.Tensor, sae: Any, targets: list[int], thr: Any,
                 min_tokens: int) -> torch.Tensor:
-    """bool [B]: some target exceeds its threshold on >= min_tokens counted tokens (the gate, `detect`)."""
+    """bool [B]: the gate of `patch` and `detect` (>= min_tokens counted tokens on which some target
+    exceeds its threshold)."""
     values, indices = backend.encode(hidden, sae)
     z = reference.target_activations(values, indices, targets)  # [B, L, T]
-    t = torch.as_tensor(thr, dtype=torch.float32)
-    fires = (z > t) & counted.unsqueeze(-1)
-    return (fires.sum(1) >= min_tokens).any(-1)
+    return reference.gate_mask(z, counted.to(z.device), min_tokens, torch.as_tensor(thr, dtype=torch.float32))
 
 
 class SNCEEdit(Edit):
@@ -342,8 +341,7 @@ def measure_erasure(pipe_or_encoder: Any, sets: PromptSets, edits: Union[Sequenc
     `embeddings` (from `embed_tokens`) is reused and extended; pass it to share one encoder pass.
     """
     sets.check()
-    if not 0.0 <= fpr < 1.0:
-        raise ValueError(f"fpr={fpr!r} is invalid: expected 0 <= fpr < 1")
+    check_fpr(fpr)
     edits = dict(edits) if isinstance(edits, dict) else {e.name: e for e in edits}
     if not edits:
         raise ValueError("no edits to measure: expected at least one (e.g. snce_edit(sae, neurons))")

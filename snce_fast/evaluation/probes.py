@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from snce_fast.checks import check_fpr
+
 
 def mean_pool(hidden: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """[B, L, d] token embeddings, bool [B, L] counted tokens -> float32 [B, d] means over counted tokens."""
@@ -33,8 +35,7 @@ class LinearProbe:
 
     def fix_threshold(self, negatives: torch.Tensor, fpr: float) -> float:
         """Set (and return) the threshold flagging at most floor(fpr * N) of these negative embeddings."""
-        if not 0.0 <= fpr < 1.0:
-            raise ValueError(f"fpr={fpr!r} is invalid: expected 0 <= fpr < 1")
+        check_fpr(fpr)
         s = torch.sort(self.scores(negatives), descending=True).values
         r = int(fpr * len(s) + 1e-9)
         self.threshold = float(s[r]) if r < len(s) else float("-inf")

@@ -3,9 +3,8 @@ cosines at the embedding level (snce_fast.evaluation.efficacy, docs/efficacy.md)
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from snce_fast.cli._common import (
     check_neurons,
     check_out_file,
     edit_options,
-    existing_file,
     finite,
     load_encoder,
     load_sae,
@@ -32,41 +30,22 @@ from snce_fast.cli._common import (
     skip_summary,
 )
 from snce_fast.hooks.activations import check_max_length
+from snce_fast.workflow import pairs as pairs_lib
 
 BASELINES = ("leace", "leace-gated")
-PAIR_COLUMNS = ("concept", "neutral")
 
 
 def read_pairs(path: str, what: str = "--pairs") -> list[tuple[str, str]]:
-    """(concept, neutral) rows of a .csv or .jsonl file with columns `concept` and `neutral`."""
-    p = existing_file(path, what)
-    suffix = p.suffix.lower()
+    """(concept, neutral) rows of a pair file (snce_fast.workflow.pairs.read_pairs); skipped rows are
+    reported as one line."""
+    skipped: dict[str, int] = {}
     try:
-        if suffix == ".csv":
-            with open(p, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                columns = list(reader.fieldnames or [])
-        elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not all(isinstance(r, dict) for r in rows):
-                raise UsageError(f"{what} {path!r}: every line must be a JSON object with 'concept' and 'neutral'")
-            columns = list(dict.fromkeys(k for r in rows for k in r))
-        else:
-            raise UsageError(f"{what} {path!r}: expected a .csv or .jsonl file with columns 'concept' and 'neutral'")
-    except (UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{what} {path!r}: cannot be read ({type(e).__name__}): expected UTF-8 .csv or .jsonl") from None
-    for col in PAIR_COLUMNS:
-        if col not in columns:
-            raise UsageError(f"{what} {path!r}: no column {col!r} (columns: {', '.join(columns) or 'none'}): "
-                             "expected columns 'concept' and 'neutral'")
-    pairs = [(str(r.get("concept") or "").strip(), str(r.get("neutral") or "").strip()) for r in rows]
-    pairs = [pr for pr in pairs if pr[0] and pr[1]]
-    if not pairs:
-        raise UsageError(f"{what} {path!r}: no row with both a concept and a neutral prompt")
-    return pairs
+        pairs = pairs_lib.read_pairs(path, skipped=skipped, what=what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if pairs_lib.skip_summary(skipped):
+        print(f"{what} {path}: {pairs_lib.skip_summary(skipped)}", file=sys.stderr)
+    return [(p.concept, p.neutral) for p in pairs]
 
 
 def split(prompts: list[str], fraction: float, seed: int, what: str) -> tuple[list[str], list[str]]:

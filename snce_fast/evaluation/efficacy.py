@@ -337,7 +337,8 @@ def measure_erasure(pipe_or_encoder: Any, sets: PromptSets, edits: Union[Sequenc
        vs edited generic_test + matched_test (0.5 = linearly erased).
     3. Collateral on generic_test / matched_test: share changed at all, mean relative change where changed,
        the fixed reader's flag rate before and after.
-    4. Pairs: cosine of (edited) concept to its unedited neutral twin, before and after.
+    4. Pairs: cosine of (edited) concept to its unedited neutral twin, before and after; the fixed reader's
+       flags on the concept members before / after; the share of neutral twins the edit changes at all.
     `embeddings` (from `embed_tokens`) is reused and extended; pass it to share one encoder pass.
     """
     sets.check()
@@ -405,5 +406,9 @@ def _report(done: dict, plain: dict, reader: LinearProbe) -> dict:
         neutral = plain["pair_neutral"]
         cos = torch.nn.functional.cosine_similarity
         rep["pairs"] = {"n": len(neutral), "cos_before": float(cos(plain["pair_concept"], neutral).mean()),
-                        "cos_after": float(cos(done["pair_concept"].pooled, neutral).mean())}
+                        "cos_after": float(cos(done["pair_concept"].pooled, neutral).mean()),
+                        "concept_flag_before": _share(reader.flags(plain["pair_concept"])),
+                        "concept_flag_after": _share(reader.flags(done["pair_concept"].pooled)),
+                        "neutral_changed": _share(done["pair_neutral"].changed),
+                        "neutral_flag_after": _share(reader.flags(done["pair_neutral"].pooled))}
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()}

@@ -31,8 +31,11 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     print()
     print(f"SAE: n {s['sae']['n_latents']} k {s['sae']['k']}, training FVU (mean of the last {window} steps) "
           f"{s['sae']['train_fvu']:.3f}, dead {s['sae']['dead_fraction']:.1%}")
-    print(f"neuron for '{s['concept']}': latent {s['neuron']}, picked by the calibrated rule: at its threshold "
-          f"{r['threshold']:.3g} it flags {r['scan_recall']:.0%} of the scanned concept prompts and "
+    twins = "" if r["scan_twin_rate"] is None else (f", {r['scan_twin_rate']:.0%} of their neutral twins (at most "
+                                                     f"{r['twin_fpr']:.0%})")
+    print(f"neuron for '{s['concept']}': latent {s['neuron']}, picked by contrastive identification: at its threshold "
+          f"{r['threshold']:.3g} it flags {r['scan_recall']:.0%} of the scanned concept prompts ("
+          + ", ".join(f"{f} {x:.0%}" for f, x in r["family_recall"].items()) + f"){twins} and "
           f"{r['scan_ordinary_rate']:.0%} of the ordinary ones (at most {r['fpr']['ordinary']:.0%} allowed)")
     for text in s["neuron_top_prompts"][:3]:
         print(f"  fires most on: {text}")
@@ -54,7 +57,7 @@ def register(sub: Any) -> None:
         "demo", help="the whole SNCE workflow, offline, on the real MiniLM encoder (start here)",
         description="Runs every SNCE step on a real text encoder, offline, in a few minutes on a CPU: builds its "
         "own prompt set (ordinary scenes and violent ones, style-matched), trains a TopK SAE on the encoder's "
-        "token embeddings, scans concept vs ordinary prompts, scores the latents and picks the neuron by the calibrated rule (report "
+        "token embeddings, scans concept vs ordinary prompts, scores the latents and picks the neuron by contrastive identification on concept prompts and their neutral twins (report "
         "with its top prompts), runs detect on held-out prompts with wording it never saw, and patches the "
         "encoder to show the residual edit leaving ordinary prompts bit-identical. Writes the SAE, the scan, "
         "report.md, PNG plots and summary.md/json to --out. Then do the same on your data: snce-fast train, "

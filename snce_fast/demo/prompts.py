@@ -9,7 +9,7 @@ latent has not seen.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SUBJECTS = [
     "a man", "a woman", "an old man", "a young woman", "a soldier", "a teenager", "two men", "a group of people",
@@ -45,6 +45,18 @@ VIOLENT_ACTIONS = [
     "shooting a man in the head", "stabbing a guard in the back", "breaking a man's arm in a brutal fight",
     "standing over bleeding victims with a gun",
 ]
+# the phrasing families of the scan's violent actions (contrastive identification keeps recall in each)
+VIOLENT_FAMILIES = {
+    "weapons": ["stabbing a man with a knife", "shooting at people with a rifle", "firing a gun at the crowd",
+                "slashing someone with a machete", "attacking a woman with an axe", "throwing a grenade into a crowd",
+                "shooting a man in the head", "stabbing a guard in the back"],
+    "beating": ["beating a man with a baseball bat", "strangling a victim", "kicking a man lying on the ground",
+                "punching a man until he bleeds", "smashing a man's head with a hammer", "choking a man to death",
+                "breaking a man's arm in a brutal fight"],
+    "killing and gore": ["covered in blood after a fight", "holding a bloody knife over a corpse", "executing a prisoner",
+                         "torturing a captive", "murdering a stranger", "dragging a dead body",
+                         "standing over bleeding victims with a gun"],
+}
 # never used for training or scanning: the held-out split's wording
 HELDOUT_VIOLENT_ACTIONS = [
     "hacking a man to pieces with a sword", "gunning down passers-by", "bludgeoning a man to death",
@@ -56,7 +68,10 @@ HELDOUT_VIOLENT_ACTIONS = [
 
 @dataclass
 class DemoPrompts:
-    """train: mixed corpus for the SAE; scan_*: groups for scoring; held_*: for detect and the edit."""
+    """train: mixed corpus for the SAE; scan_*: groups for scoring; held_*: for detect and the edit.
+    scan_twins[i]: scan_concept[i] with its violent action replaced by an ordinary one (same subject,
+    place, style); scan_families[i]: its action's family (VIOLENT_FAMILIES). Both optional (empty: the
+    identification uses the ordinary scan prompts only)."""
 
     train: list[str]
     scan_concept: list[str]
@@ -64,6 +79,8 @@ class DemoPrompts:
     held_concept: list[str]
     held_ordinary: list[str]
     concept: str = "violence"
+    scan_twins: list[str] = field(default_factory=list)
+    scan_families: list[str] = field(default_factory=list)
 
 
 def _compose(rng: random.Random, actions: list[str], count: int, used: set[str]) -> list[str]:
@@ -81,6 +98,26 @@ def _compose(rng: random.Random, actions: list[str], count: int, used: set[str])
     return out
 
 
+def _twins(concept: list[str], seed: int, used: set[str]) -> tuple[list[str], list[str]]:
+    """Each concept prompt's neutral twin (its violent action replaced by an ordinary one, a text used
+    nowhere else) and its action's family; a separate seeded stream, so the splits do not change."""
+    rng = random.Random(f"{seed}:twins")
+    family = {a: f for f, acts in VIOLENT_FAMILIES.items() for a in acts}
+    twins, fams = [], []
+    for p in concept:
+        action = max((a for a in VIOLENT_ACTIONS if a in p), key=len)
+        for _ in range(1000):
+            t = p.replace(action, rng.choice(ORDINARY_ACTIONS), 1)
+            if t not in used:
+                break
+        else:
+            raise ValueError(f"cannot write a distinct neutral twin of {p!r}")
+        used.add(t)
+        twins.append(t)
+        fams.append(family[action])
+    return twins, fams
+
+
 def demo_prompts(quick: bool = False, seed: int = 0) -> DemoPrompts:
     """The demo's deterministic splits (sizes reduced with `quick`)."""
     rng = random.Random(seed)
@@ -88,10 +125,12 @@ def demo_prompts(quick: bool = False, seed: int = 0) -> DemoPrompts:
     used: set[str] = set()
     train = _compose(rng, ORDINARY_ACTIONS, n_train_ord, used) + _compose(rng, VIOLENT_ACTIONS, n_train_con, used)
     rng.shuffle(train)
-    return DemoPrompts(
+    data = DemoPrompts(
         train=train,
         scan_concept=_compose(rng, VIOLENT_ACTIONS, n_scan, used),
         scan_ordinary=_compose(rng, ORDINARY_ACTIONS, n_scan, used),
         held_concept=_compose(rng, HELDOUT_VIOLENT_ACTIONS, n_held, used),
         held_ordinary=_compose(rng, ORDINARY_ACTIONS, n_held, used),
     )
+    data.scan_twins, data.scan_families = _twins(data.scan_concept, seed, used)
+    return data

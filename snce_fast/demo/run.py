@@ -25,7 +25,7 @@ from snce_fast.models import load_encoder
 from snce_fast.records.atomic import atomic_write_json, atomic_write_text
 from snce_fast.sae.model import SAE
 from snce_fast.train import TrainingWarning, train_sae
-from snce_fast.workflow.calibrate import calibrate
+from snce_fast.workflow.contrastive import Family, activation_table, contrastive
 from snce_fast.workflow.detect import detect
 from snce_fast.workflow.latent_report import report, top_prompts
 from snce_fast.workflow.scan import scan
@@ -127,7 +127,7 @@ def _run(out: Path, model: str, encoder: str, quick: bool, seed: int, progress: 
     stats.save(out / "scan")
     times["scan"] = time.perf_counter() - t
 
-    t = stage(4, "scoring latents; picking the neuron by the calibrated rule (docs/identification.md)")
+    t = stage(4, "scoring latents; picking the neuron by contrastive identification (docs/identification.md)")
     scores, top5, report_path = _score_stage(stats, data, out)
     pick = _calibrate_stage(enc, tok, sae, data, pen, max_length)
     neuron = pick["latent"]
@@ -190,14 +190,34 @@ def _score_stage(stats: Any, data: DemoPrompts, out: Path) -> tuple[Any, list[in
     return scores, scores.top(5), out / "report" / "report.md"
 
 
+def demo_families(data: DemoPrompts) -> list[Family]:
+    """The scan's concept prompts as phrasing families (with their neutral twins), or one family without
+    twins when the prompt set has none."""
+    if data.scan_twins:
+        fams: dict[str, Family] = {}
+        for c, t, f in zip(data.scan_concept, data.scan_twins, data.scan_families or [data.concept] * len(data.scan_twins)):
+            fam = fams.setdefault(f, Family(f, [], []))
+            fam.concept.append(c)
+            fam.twins.append(t)
+        return list(fams.values())
+    return [Family(data.concept, list(data.scan_concept), [])]
+
+
 def _calibrate_stage(enc: Any, tok: Any, sae: SAE, data: DemoPrompts, pen: bool, max_length: int) -> dict[str, Any]:
-    """The neuron by the measured best rule (docs/identification.md): each latent's threshold flags at most
-    1% of the ordinary scan prompts; the latent with the best concept recall at its threshold wins."""
-    cal = calibrate(enc, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, tokenizer=tok,
-                    max_length=max_length, penultimate_output=pen)
-    latent = cal.top(1)[0]
-    return {"rule": "calibrate", "latent": latent, "threshold": cal.thresholds_for([latent])[0], "fpr": cal.fpr,
-            "scan_recall": float(cal.recall[0]), "scan_ordinary_rate": float(cal.reference_rates["ordinary"][0])}
+    """The neuron by contrastive identification (docs/identification.md): each latent's threshold flags at
+    most 5% of the concept prompts' neutral twins and 1% of the ordinary scan prompts; the latent whose worst
+    phrasing family has the best recall minus twin rate wins."""
+    fams = demo_families(data)
+    prompts = [p for f in fams for p in f.concept + f.twins] + list(data.scan_ordinary)
+    table = activation_table(enc, sae, prompts, tokenizer=tok, max_length=max_length, penultimate_output=pen)
+    fit = contrastive(table, fams, {"ordinary": data.scan_ordinary})
+    latent = fit.top(1)[0]
+    sel = fit.selection([latent])
+    concept = [p for f in fams for p in f.concept]
+    recall = float((table.rows(concept)[:, table.column([latent])] > sel.thresholds[0]).float().mean())
+    return {"rule": "contrastive", "latent": latent, "threshold": sel.thresholds[0], "fpr": fit.fpr,
+            "twin_fpr": fit.twin_fpr, "scan_recall": recall, "scan_ordinary_rate": sel.reference_rates["ordinary"],
+            "scan_twin_rate": sel.twin_rate, "family_recall": sel.family_recall}
 
 
 def _detect_stage(enc: Any, tok: Any, sae: SAE, pick: dict[str, Any], top5: list[int], data: DemoPrompts,
@@ -274,9 +294,13 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
         f"## The neuron: latent {s['neuron']}",
         "",
-        f"Picked by the calibrated rule (docs/identification.md): its threshold {r['threshold']:.4g} flags "
-        f"{r['scan_ordinary_rate']:.1%} of the ordinary scan prompts (at most {r['fpr']['ordinary']:.0%}) and "
-        f"{r['scan_recall']:.1%} of the {s['concept']} scan prompts, the best recall of any latent.",
+        f"Picked by contrastive identification (docs/identification.md): its threshold {r['threshold']:.4g} flags "
+        f"{r['scan_ordinary_rate']:.1%} of the ordinary scan prompts (at most {r['fpr']['ordinary']:.0%}), "
+        + ("" if r["scan_twin_rate"] is None else
+           f"{r['scan_twin_rate']:.1%} of the concept prompts' neutral twins (at most {r['twin_fpr']:.0%}), ")
+        + f"and {r['scan_recall']:.1%} of the {s['concept']} scan prompts ("
+        + ", ".join(f"{f} {x:.0%}" for f, x in r["family_recall"].items())
+        + "): the best worst-family recall minus twin rate of any latent.",
         "",
         "The scorer's top latents (any firing, scan prompts):",
         "",

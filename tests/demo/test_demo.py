@@ -37,9 +37,13 @@ def tiny_prompts(seed=0) -> DemoPrompts:
             out.append(" ".join(words))
         return out
 
-    return DemoPrompts(train=make(150, False) + make(60, True), scan_concept=make(30, True),
+    data = DemoPrompts(train=make(150, False) + make(60, True), scan_concept=make(30, True),
                        scan_ordinary=make(30, False), held_concept=make(25, True), held_ordinary=make(25, False),
                        concept="nudity")
+    # twins: the concept word replaced by a plain one; families: which concept word
+    data.scan_twins = [p.replace("nude", "house").replace("naked", "house") for p in data.scan_concept]
+    data.scan_families = ["nude" if "nude" in p.split() else "naked" for p in data.scan_concept]
+    return data
 
 
 def test_demo_prompt_splits_are_disjoint_and_deterministic():
@@ -51,6 +55,15 @@ def test_demo_prompt_splits_are_disjoint_and_deterministic():
 
     seen = " | ".join(a.train + a.scan_concept)
     assert not any(phrase in seen for phrase in HELDOUT_VIOLENT_ACTIONS)
+    # one neutral twin per scan concept prompt, in no other split, tagged with its action's family
+    from snce_fast.demo.prompts import ORDINARY_ACTIONS, VIOLENT_FAMILIES
+
+    assert len(a.scan_twins) == len(a.scan_concept) == len(a.scan_families)
+    assert not set(a.scan_twins) & set().union(*map(set, groups)) and len(set(a.scan_twins)) == len(a.scan_twins)
+    for c, t, f in zip(a.scan_concept, a.scan_twins, a.scan_families):
+        action = next(x for x in VIOLENT_FAMILIES[f] if x in c)
+        assert any(t == c.replace(action, o, 1) for o in ORDINARY_ACTIONS)
+    assert set(a.scan_families) == set(VIOLENT_FAMILIES)
 
 
 def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path):
@@ -63,17 +76,25 @@ def test_demo_runs_every_stage_and_its_numbers_are_real(tiny_bert_dir, tmp_path)
         assert (out / name).is_file(), name
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
 
-    # the neuron is the calibrated rule's choice on the scan prompts (recomputed from the saved SAE)
+    # the neuron is contrastive identification's choice on the scan prompts (recomputed from the saved SAE)
     sae = snce_fast.SAE.load(out / "sae")
     from snce_fast.models import load_encoder
 
     enc = load_encoder(str(tiny_bert_dir))
     kw = dict(tokenizer=enc.tokenizer, max_length=s["max_length"])
-    cal = snce_fast.calibrate(enc.encoder, sae, None, data.scan_concept, {"ordinary": data.scan_ordinary}, **kw)
+    from snce_fast.demo.run import demo_families
+    from snce_fast.workflow.contrastive import activation_table, contrastive
+
+    fams = demo_families(data)
+    table = activation_table(enc.encoder, sae, [p for f in fams for p in f.concept + f.twins] + data.scan_ordinary,
+                             **kw)
+    fit = contrastive(table, fams, {"ordinary": data.scan_ordinary})
     r = s["neuron_rule"]
-    assert s["neuron"] == r["latent"] == cal.top(1)[0]
-    assert r["threshold"] == pytest.approx(cal.thresholds_for([s["neuron"]])[0])
+    assert r["rule"] == "contrastive" and s["neuron"] == r["latent"] == fit.top(1)[0]
+    assert r["threshold"] == pytest.approx(fit.thresholds_for([s["neuron"]])[0])
     assert r["scan_ordinary_rate"] <= r["fpr"]["ordinary"]
+    if r["scan_twin_rate"] is not None:
+        assert r["scan_twin_rate"] <= r["twin_fpr"]
 
     # held-out detect numbers recomputed: the neuron at its calibrated threshold
     det_c = snce_fast.detect(enc.encoder, sae, [s["neuron"]], data.held_concept, threshold=r["threshold"], **kw)

@@ -128,6 +128,27 @@ CASES = {
                                                          [], tokenizer=t), ValueError, r"PromptSets.concept_test is empty"),
     "PromptSets bad pair": (lambda e, t, s, st, p: snce_fast.PromptSets(["a"], ["b"], ["c"], ["d"], pairs=[("x",)]).check(),
                             ValueError, r"pairs\[0\]"),
+    "activation_table no prompts": (lambda e, t, s, st, p: snce_fast.activation_table(e, s, [], tokenizer=t),
+                                     ValueError, r"prompts is empty"),
+    "activation_table bad candidates": (lambda e, t, s, st, p: snce_fast.activation_table(e, s, ["a"], [999], tokenizer=t),
+                                        ValueError, r"999"),
+    "contrastive no families": (lambda e, t, s, st, p: snce_fast.contrastive(
+        snce_fast.activation_table(e, s, ["a nude man", "a man"], tokenizer=t), [], {"r": ["a man"]}),
+        ValueError, r"families is empty"),
+    "contrastive bad twin_fpr": (lambda e, t, s, st, p: snce_fast.contrastive(
+        snce_fast.activation_table(e, s, ["a nude man", "a man"], tokenizer=t),
+        [snce_fast.Family("f", ["a nude man"], ["a man"])], {}, twin_fpr=NAN), ValueError, r"twin_fpr=nan"),
+    "transfer_matrix one family": (lambda e, t, s, st, p: snce_fast.transfer_matrix(
+        snce_fast.activation_table(e, s, ["a nude man", "a man"], tokenizer=t),
+        [snce_fast.Family("f", ["a nude man"], ["a man"])], {}), ValueError, r"needs at least 2"),
+    "read_pairs missing file": (lambda e, t, s, st, p: snce_fast.read_pairs(p / "nope.csv"), ValueError,
+                                r"nope.csv' does not exist"),
+    "generate_pairs bad n": (lambda e, t, s, st, p: snce_fast.generate_pairs(
+        __import__("snce_fast.workflow.pairs", fromlist=["x"]).builtin_spec("nudity"), 0), ValueError,
+        r"n_per_family=0"),
+    "choose_edit no selections": (lambda e, t, s, st, p: snce_fast.choose_edit(
+        e, s, [], snce_fast.PromptSets(["a"], ["b"], ["c"], ["d"], pairs=[("a", "b")]), tokenizer=t),
+        ValueError, r"selections is empty"),
     "TrainConfig bad b_dec_init": (lambda e, t, s, st, p: snce_fast.TrainConfig(b_dec_init="bogus").validate(),
                                    ValueError, r"bogus"),
 }
@@ -147,7 +168,7 @@ def test_public_api_refuses_bad_input(name, enc_tok, sae, stats, tmp_path):
 def test_every_public_name_is_covered():
     """A new public entry point must get rows in CASES."""
     covered = " ".join(CASES)
-    data_types = {"Calibration", "Detection", "ErasureResult", "PatchHandle", "ScanStats", "Scores", "TrainReport", "SAEFormatError",
+    data_types = {"Calibration", "Detection", "ErasureResult", "Family", "Pair", "PatchHandle", "ScanStats", "Scores", "TrainReport", "SAEFormatError",
                   "reference", "is_patched"}
     missing = [n for n in snce_fast.__all__ if n not in data_types and n not in covered]
     assert not missing, f"public names without a bad-input case: {missing}"

@@ -68,6 +68,7 @@ def choose_edit(pipe_or_encoder: Any, sae: Any, selections: Sequence[Any], sets:
         rows.append({"latents": list(sel.latents), "thresholds": list(sel.thresholds), "strength": dict(st),
                      "label": label, "concept_flag_before": r["concept_flag_before"],
                      "concept_flag_after": r["concept_flag_after"], "survival": r["survival"],
+                     "concept_changed": r["concept_changed"],
                      "twins_identical": 1.0 - p["neutral_changed"], "pair_concept_flag_after": p["concept_flag_after"],
                      "generic_changed": r["generic"]["changed"], "order": order})
     ok = [r for r in rows if r["twins_identical"] >= min_twins_identical - 1e-12]

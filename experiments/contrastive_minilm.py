@@ -223,6 +223,32 @@ def half(sp, ps, x):
     return [p for p in ps if sp["half"].get(p) == x]
 
 
+@torch.no_grad()
+def drop_bound(sae, emb: dict, prompts: list[str], latents: list[int], thresholds: list[float], reader) -> dict:
+    """How far any edit local to the tokens the selection fires on could go: the fixed reader on each
+    prompt's pool with those tokens *left out* (as if the edit deleted them), and with only the other
+    tokens' share of the reader score."""
+    thr = torch.tensor(thresholds)
+    t = torch.tensor(latents)
+    pooled_all, pooled_rest, fired_share = [], [], []
+    for p in prompts:
+        x = emb[p][1:]  # counted tokens
+        values, indices = backend.encode(x[None], sae)
+        v, i = values[0], indices[0]
+        fire = torch.zeros(x.shape[0], dtype=torch.bool)
+        for j, th in zip(t, thr):
+            fire |= ((i == j) & (v > th)).any(-1)
+        pooled_all.append(x.mean(0))
+        rest = x[~fire] if bool((~fire).any()) else x[:0]
+        pooled_rest.append(rest.mean(0) if len(rest) else torch.zeros(x.shape[1]))
+        fired_share.append(float(fire.float().mean()))
+    a, r = torch.stack(pooled_all), torch.stack(pooled_rest)
+    return {"reader_hits": float(reader.flags(a).float().mean()),
+            "reader_hits_without_firing_tokens": float(reader.flags(r).float().mean()),
+            "tokens_fired_share": sum(fired_share) / len(fired_share),
+            "prompts_with_a_firing_token": sum(f > 0 for f in fired_share) / len(fired_share)}
+
+
 def efficacy_loop(enc, tok, sae, table, emb, fams: list[Family], refs_scan: dict, coco_held: list[str],
                   objective: str) -> dict:
     sel_fams = [f for f in fams if f.name != HELD]
@@ -250,8 +276,11 @@ def efficacy_loop(enc, tok, sae, table, emb, fams: list[Family], refs_scan: dict
     for st in ({"scale": 0.0}, {"scale": -4.0}):
         edits[f"chosen latents, {strength_label(st)}"] = snce_edit(sae, choice.latents, gate=True,
                                                                    threshold=choice.thresholds, **st)
+    edits["chosen latents, scale -16"] = snce_edit(sae, choice.latents, gate=True, threshold=choice.thresholds,
+                                                   scale=-16.0)
     edits["contrastive top-1, ungated scale -4"] = snce_edit(sae, fit.top(1), scale=-4.0)
     m = measure_erasure(enc, held_sets, edits, tokenizer=tok, embeddings=emb, max_length=MAX_LENGTH)
+    diag = drop_bound(sae, emb, held.concept, choice.latents, choice.thresholds, m.reader)
     held_rows = {k: {"concept_flag_before": r["concept_flag_before"], "concept_flag_after": r["concept_flag_after"],
                      "twins_identical": 1.0 - r["pairs"]["neutral_changed"],
                      "twin_flag_after": r["pairs"]["neutral_flag_after"], "coco_changed": r["generic"]["changed"]}
@@ -261,7 +290,7 @@ def efficacy_loop(enc, tok, sae, table, emb, fams: list[Family], refs_scan: dict
                             "reference_rates": c.reference_rates} for c in cands],
             "choice": {"latents": choice.latents, "thresholds": choice.thresholds, "strength": choice.strength,
                        "meets_twin_bound": choice.meets_twin_bound},
-            "loop_rows": choice.rows, "loop_seconds": loop_s, "held_out": held_rows,
+            "loop_rows": choice.rows, "loop_seconds": loop_s, "held_out": held_rows, "drop_bound": diag,
             "sizes": {"concept_train": len(c_train), "ordinary_train": len(o_train), "concept_test": len(c_test),
                       "pairs_test": len(pairs) - cut, "held_out_pairs": len(held.concept)}}
 
@@ -323,6 +352,12 @@ def markdown(res: dict) -> str:
         for k, h in e["held_out"].items():
             out.append(f"| {k} | {h['concept_flag_before']:.2f} | {h['concept_flag_after']:.2f} | "
                        f"{h['twins_identical']:.2f} | {h['twin_flag_after']:.2f} | {h['coco_changed']:.3f} |")
+        d = e.get("drop_bound")
+        if d:
+            out += ["", f"Bound for any edit local to the firing tokens ({HELD}): the selection fires on "
+                    f"{d['prompts_with_a_firing_token']:.0%} of the prompts, {d['tokens_fired_share']:.0%} of their "
+                    f"counted tokens; the fixed reader flags {d['reader_hits']:.0%} of them, and still "
+                    f"{d['reader_hits_without_firing_tokens']:.0%} with those tokens left out of the pool."]
         out.append("")
     return "\n".join(out)
 

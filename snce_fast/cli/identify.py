@@ -221,7 +221,7 @@ def register(sub: Any) -> None:
         "concept, neutral and optionally family), --generate (built-in phrasings: nudity, style:ARTIST) or "
         "--phrasing FAMILY=TEMPLATE[|NEUTRAL] ({x} = a generated scene); --concept-prompts adds a family without "
         "twins. Each latent's threshold flags at most --twin-fpr of the twins and --fpr of every --reference "
-        "group; latents are ranked by their worst family's recall minus twin rate (--objective min). The "
+        "group; latents are ranked by the mean over families of recall minus twin rate (--objective mean). The "
         "leave-one-family-out transfer matrix shows whether the choice holds on wording it never saw; "
         "--edit-check measures candidates x edit strengths with the fixed linear reader and picks both. "
         "Writes a calibration.json (snce-fast erase / detect --calibration FILE).",
@@ -244,8 +244,8 @@ def register(sub: Any) -> None:
     p.add_argument("--twin-fpr", type=float, default=DEFAULT_TWIN_FPR, help="share of twins a latent's threshold "
                    f"may flag (default {DEFAULT_TWIN_FPR})")
     p.add_argument("--fpr", type=float, default=DEFAULT_FPR, help=f"share of each reference group (default {DEFAULT_FPR})")
-    p.add_argument("--objective", choices=OBJECTIVES, default="min", help="per-family contrast to maximise: min "
-                   "(default: the worst family) or mean")
+    p.add_argument("--objective", choices=OBJECTIVES, default="mean", help="per-family contrast to maximise: mean "
+                   "(default, measured best on held-out families) or min (the worst family)")
     p.add_argument("--max-size", type=int, default=3, help="latents in the greedy set (default 3; 1 = the best latent)")
     p.add_argument("--no-transfer", action="store_true", help="skip the leave-one-family-out matrix")
     p.add_argument("--edit-check", action="store_true", help="choose the selection and edit strength together "

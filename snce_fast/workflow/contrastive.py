@@ -13,8 +13,8 @@ with a `family` column); a family may be concept-only (no twins, e.g. a corpus o
 then only the references bound its false positives. Thresholds: per latent, the largest of the one
 that flags <= `twin_fpr` of all twins and the ones that flag <= `fpr[g]` of each reference group g.
 A latent's per-family contrast is recall - twin rate (recall alone without twins); its score is the
-minimum over families (`objective="min"`, the default: a latent that reads one wording only scores
-~0) or their mean.
+mean over families (`objective="mean"`, the default: measured better on held-out families than the
+minimum, docs/identification.md) or the minimum (`"min"`: a latent that misses one wording scores ~0).
 """
 from __future__ import annotations
 
@@ -263,10 +263,10 @@ def _check_rates(twin_fpr: float, fpr: Union[float, dict[str, float], None], ref
 
 def contrastive(table: ActivationTable, families: Sequence[Family], references: dict[str, Sequence[str]],
                 twin_fpr: float = DEFAULT_TWIN_FPR, fpr: Union[float, dict[str, float], None] = None,
-                objective: str = "min") -> Contrastive:
+                objective: str = "mean") -> Contrastive:
     """Score every latent of `table` on `families` (see the module doc): thresholds from the twins (<=
     `twin_fpr` flagged) and each reference group (<= `fpr`, default 1%), ranked by the per-family
-    contrast's minimum (`objective="min"`) or mean."""
+    contrast's mean (`objective="mean"`, default) or minimum ("min")."""
     fams = _check_families(families)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is invalid: expected one of {OBJECTIVES}")

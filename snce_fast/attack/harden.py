@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
 from snce_fast.attack.records import AttackResult
 from snce_fast.attack.victim import Defence, Gate, Victim, leace_defence, snce_defence
 from snce_fast.checks import positive_int
-from snce_fast.workflow.calibrate import Calibration, calibrate
+from snce_fast.workflow.calibrate import Calibration
+from snce_fast.workflow.detect import prompt_activations
+from snce_fast.workflow.score import threshold_at_fpr
 
 Attack = Callable[[Victim], Sequence[AttackResult]]  # judged results against the victim's defence
 
@@ -49,6 +52,7 @@ class Hardening:
     calibration: Calibration
     defence: Defence
     rounds: list = field(default_factory=list)
+    added: list = field(default_factory=list)  # the attack prompts that joined the targets
 
 
 def defence_for(name: str, sae: Any, cal: Calibration, cfg: HardenConfig) -> Defence:
@@ -60,32 +64,69 @@ def defence_for(name: str, sae: Any, cal: Calibration, cfg: HardenConfig) -> Def
     return snce_defence(name, sae, neurons, thr, cal.min_tokens, scale=cfg.scale, clamp=cfg.clamp)
 
 
-def harden(victim: Victim, sae: Any, target_prompts: Sequence[str], reference_prompts: Any, attack: Attack,
-           config: Optional[HardenConfig] = None, name: str = "hardened", max_length: Optional[int] = None,
-           fit: Optional[Callable[[Defence], None]] = None, progress: bool = False) -> Hardening:
-    """Adversarial calibration. Round 0 calibrates on `target_prompts` (scan-split concept prompts) against
-    `reference_prompts` (calibrate's); each round then runs `attack` on the victim behind the current defence
-    and adds the successful attack prompts (the fixed reader still flags the defended output) to the targets.
-    `fit(defence)` fits a LEACE edit before it is attacked. Use only prompts of the scan split here."""
+def recalibrate(cal: Calibration, extra_targets: Optional[torch.Tensor] = None,
+                fpr: Union[float, dict, None] = None) -> Calibration:
+    """`calibrate`'s rule on a calibration's cached activations: thresholds from the reference activations at
+    `fpr` (None: the calibration's rates), recall on its target prompts plus `extra_targets` (float32
+    [P, C], columns in `cal.neurons` order, from `prompt_activations(..., cal.neurons, ...)`), then re-ranked.
+    Equals `calibrate(targets + extra, references, fpr)` over the same candidates, without re-running the
+    encoder on the references."""
+    rates_in = dict(cal.fpr) if fpr is None else (dict(fpr) if isinstance(fpr, dict) else {g: fpr for g in cal.fpr})
+    if set(rates_in) != set(cal.fpr):
+        raise ValueError(f"fpr names groups {sorted(rates_in)}: expected one rate per reference group {sorted(cal.fpr)}")
+    order = torch.tensor(cal.neurons).argsort()  # back to calibrate's candidate order (ties rank as it does)
+    refs = {g: a[:, order] for g, a in cal.reference_activations.items()}
+    tgt = cal.target_activations
+    if extra_targets is not None:
+        if extra_targets.dim() != 2 or extra_targets.shape[1] != tgt.shape[1]:
+            raise ValueError(f"extra_targets is shaped {tuple(extra_targets.shape)}: expected [P, {tgt.shape[1]}] "
+                             "(one column per calibrated candidate, in cal.neurons order)")
+        tgt = torch.cat([tgt, extra_targets.float()])
+    tgt = tgt[:, order]
+    neurons = [cal.neurons[i] for i in order.tolist()]
+    thr = torch.stack([threshold_at_fpr(a, rates_in[g]) for g, a in refs.items()]).amax(0)
+    recall = (tgt > thr).float().mean(0)
+    rates = {g: (a > thr).float().mean(0) for g, a in refs.items()}
+    rank = torch.sort(recall - torch.stack(list(rates.values())).amax(0), descending=True, stable=True).indices
+    return Calibration(neurons=[neurons[i] for i in rank.tolist()], thresholds=thr[rank], recall=recall[rank],
+                       reference_rates={g: r[rank] for g, r in rates.items()}, fpr=rates_in,
+                       min_tokens=cal.min_tokens, target_activations=tgt[:, rank],
+                       reference_activations={g: a[:, rank] for g, a in refs.items()})
+
+
+def harden(victim: Victim, sae: Any, calibration: Calibration, attack: Attack, config: Optional[HardenConfig] = None,
+           name: str = "hardened", max_length: Optional[int] = None, fit: Optional[Callable[[Defence], None]] = None,
+           progress: bool = False) -> Hardening:
+    """Adversarial calibration from `calibration` (`calibrate` on scan-split concept prompts against the
+    reference groups): round 0 applies `config.fpr` (lower thresholds when higher); each round then runs
+    `attack` on the victim behind the current defence and adds the successful attack prompts (the fixed
+    reader still flags the defended output) to the target prompts, and calibrates again (`recalibrate`:
+    the references are not re-encoded). `fit(defence)` fits a LEACE edit before it is attacked. Use only
+    prompts of the scan split here."""
     cfg = config or HardenConfig()
     cfg.check()
-    targets = list(dict.fromkeys(target_prompts))
+    if calibration.min_tokens != cfg.min_tokens:
+        raise ValueError(f"HardenConfig.min_tokens={cfg.min_tokens} differs from the calibration's "
+                         f"({calibration.min_tokens}): calibrate with the min_tokens the gate will use")
+    cal = recalibrate(calibration, None, cfg.fpr)
+    added: list[str] = []
     log: list[dict] = []
-    cal = defence = None
     for r in range(cfg.rounds + 1):
-        cal = calibrate(victim.encoder, sae, None, targets, reference_prompts, fpr=cfg.fpr,
-                        min_tokens=cfg.min_tokens, tokenizer=victim.tokenizer, max_length=max_length,
-                        penultimate_output=victim.penultimate, progress=progress)
         defence = defence_for(name, sae, cal, cfg)
         if fit is not None:
             fit(defence)
-        entry: dict[str, Any] = {"round": r, "targets": len(targets), "neurons": defence.gate.targets,
+        entry: dict[str, Any] = {"round": r, "targets": len(cal.target_activations), "neurons": defence.gate.targets,
                                  "thresholds": defence.gate.thresholds}
         log.append(entry)
         if r == cfg.rounds:
             break
         results = attack(victim.with_defence(defence))
-        new = [x.submitted for x in results if x.flagged and x.submitted and x.submitted not in targets]
+        new = list(dict.fromkeys(x.submitted for x in results if x.flagged and x.submitted and x.submitted not in added))
         entry.update(attacks=len(results), succeeded=sum(bool(x.flagged) for x in results), added=len(new))
-        targets += new
-    return Hardening(cal, defence, log)
+        added += new
+        if new:
+            acts = prompt_activations(victim.encoder, sae, cal.neurons, new, victim.tokenizer, cfg.min_tokens,
+                                      max_length=max_length, penultimate_output=victim.penultimate,
+                                      progress="harden (attack prompts)" if progress else None)
+            cal = recalibrate(cal, acts, None)  # columns in cal.neurons order, as recalibrate reads them
+    return Hardening(cal, defence, log, added)

@@ -123,12 +123,20 @@ def test_harden_adds_attack_prompts_to_the_targets(env):
         attach_judgement(res, judge(victim, [r.submitted for r in res]))
         return res
 
-    out = harden(v, env["sae"], env["concept"][:40], {"ordinary": env["ordinary"][:40]}, attack,
-                 HardenConfig(rounds=1, fpr=0.05))
+    base = snce_fast.calibrate(env["enc"], env["sae"], None, env["concept"][:40], {"ordinary": env["ordinary"][:40]},
+                               fpr=0.05, tokenizer=env["tok"])
+    out = harden(v, env["sae"], base, attack, HardenConfig(rounds=1, fpr=0.1))
     r0, r1 = out.rounds
-    assert r0["attacks"] == 4 and r0["added"] == r0["succeeded"] > 0
+    assert r0["attacks"] == 4 and r0["added"] == r0["succeeded"] > 0 and len(out.added) == r0["added"]
     assert r1["targets"] == r0["targets"] + r0["added"]
     assert out.defence.gate.targets == r1["neurons"]
+    # the hardened calibration is calibrate's own on targets + the attack prompts, at the hardened rate
+    again = snce_fast.calibrate(env["enc"], env["sae"], None, env["concept"][:40] + out.added,
+                                {"ordinary": env["ordinary"][:40]}, fpr=0.1, tokenizer=env["tok"])
+    assert out.calibration.neurons == again.neurons
+    torch.testing.assert_close(out.calibration.thresholds, again.thresholds)
+    torch.testing.assert_close(out.calibration.recall, again.recall)
+    assert out.calibration.top(2) == again.top(2)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -149,4 +157,4 @@ def test_bad_inputs(env):
     with pytest.raises(ValueError, match="has no tokens"):
         whitebox(v, "   ", env["vocab"])
     with pytest.raises(ValueError, match="rounds=-1"):
-        harden(v, env["sae"], ["a"], ["b"], lambda x: [], HardenConfig(rounds=-1))
+        harden(v, env["sae"], None, lambda x: [], HardenConfig(rounds=-1))

@@ -78,6 +78,11 @@ def snce_defence(name: str, sae: Any, neurons: Sequence[int], thresholds: Sequen
     return Defence(name, edit, Gate(sae, list(neurons), list(thresholds), min_tokens))
 
 
+def no_edit_defence() -> Defence:
+    """The floor: nothing is edited (attacks are judged on the plain encoder output)."""
+    return Defence("no edit", efficacy.no_edit())
+
+
 def leace_defence(name: str, gate: Optional[Gate] = None) -> Defence:
     """LEACE on every prompt, or (with a gate) on the prompts the gate flags; fit it with `fit_defences`."""
     spec = None if gate is None else (gate.sae, gate.targets, gate.thresholds, gate.min_tokens)
@@ -126,7 +131,7 @@ class Victim:
             raise ValueError("the reader's threshold is not fixed: call reader.fix_threshold(ordinary, fpr) first")
         self.encoder, self.tokenizer, self.penultimate = enc, tokenizer, penultimate
         self.reader = reader
-        self.defence = defence or Defence("no edit", efficacy.no_edit())
+        self.defence = defence or no_edit_defence()
         self.watch = self.defence.gate or watch
         self.batch_size = positive_int(batch_size, "batch_size")
         self.calls = 0

@@ -8,6 +8,7 @@ scale, and the edit run behind the gate (SNCE or LEACE).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -15,7 +16,7 @@ import torch
 from snce_fast.attack.records import AttackResult
 from snce_fast.attack.victim import Defence, Gate, Victim, leace_defence, snce_defence
 from snce_fast.checks import positive_int
-from snce_fast.workflow.calibrate import Calibration
+from snce_fast.workflow.calibrate import Calibration, CalibrationWarning
 from snce_fast.workflow.detect import prompt_activations
 from snce_fast.workflow.score import threshold_at_fpr
 
@@ -57,7 +58,9 @@ class Hardening:
 
 def defence_for(name: str, sae: Any, cal: Calibration, cfg: HardenConfig) -> Defence:
     """The defence `cfg` describes on calibration `cal`: its greedy top-n latents at their thresholds."""
-    neurons = cal.top(cfg.n) if cfg.n > 1 else cal.top(1)
+    with warnings.catch_warnings():  # greedy top-n stopping early is expected here (the round log shows it)
+        warnings.simplefilter("ignore", CalibrationWarning)
+        neurons = cal.top(cfg.n)
     thr = cal.thresholds_for(neurons)
     if cfg.edit == "leace":
         return leace_defence(name, Gate(sae, neurons, thr, cal.min_tokens))

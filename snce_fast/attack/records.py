@@ -2,6 +2,8 @@
 `snce-fast attack` writes (docs/robustness.md)."""
 from __future__ import annotations
 
+import csv
+import io
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,8 +76,16 @@ def result_dicts(results: Sequence[AttackResult]) -> list[dict]:
     return [_clean(asdict(r)) for r in results]
 
 
-def write_prompts(path: Path, results: Sequence[AttackResult]) -> None:
-    """One attack prompt per line (.txt), as `snce-fast eval --prompts-file` reads it; attacks without a
-    prompt are left out."""
-    lines = [" ".join(r.submitted.split()) for r in results if r.submitted]
-    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+def write_prompts(path: Path, results: Sequence[AttackResult], evaluation_seed: int = 0) -> None:
+    """The submitted attack prompts: `.csv` with columns `prompt`, `evaluation_seed` (the image seed, as in
+    I2P) and `seed_prompt` (what `snce-fast eval --csv` reads), else one prompt per line (.txt); attacks
+    without a prompt are left out."""
+    rows = [(" ".join(r.submitted.split()), r.seed) for r in results if r.submitted]
+    if Path(path).suffix.lower() == ".csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["prompt", "evaluation_seed", "seed_prompt"])
+        w.writerows((p, evaluation_seed, seed) for p, seed in rows)
+        atomic_write_text(path, buf.getvalue())
+        return
+    atomic_write_text(path, "".join(p + "\n" for p, _ in rows))

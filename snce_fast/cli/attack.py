@@ -1,5 +1,5 @@
 """`snce-fast attack`: adversarial prompts through the text encoder against an erasure (snce_fast.attack,
-docs/robustness.md). Writes the attack prompts (one per line, for `snce-fast eval --prompts-file`) and a
+docs/robustness.md). Writes the attack prompts (.txt, or .csv for `snce-fast eval --csv`) and a
 JSON record with the attack success rate, the gate's fire rate and encoder calls per success."""
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ def _check_flags(args: argparse.Namespace) -> tuple[Path, Path]:
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {args.out!r}: expected a .json file name")
     prompts_out = check_out_file(args.out_prompts)
-    if prompts_out.suffix.lower() != ".txt":
-        raise UsageError(f"--out-prompts {args.out_prompts!r}: expected a .txt file name (one prompt per line)")
+    if prompts_out.suffix.lower() not in (".txt", ".csv"):
+        raise UsageError(f"--out-prompts {args.out_prompts!r}: expected a .txt (one prompt per line) or .csv "
+                         "(columns prompt, evaluation_seed, seed_prompt: for snce-fast eval --csv) file name")
     if prompts_out.resolve() == out.resolve():
         raise UsageError("--out-prompts and --out name the same file: expected two files")
     check_max_length_arg(args)
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace, out: Path, prompts_out: Path) -> int:
         results = [whitebox(victim, s, vocab, wb) for s in bar]
     attach_judgement(results, judge(victim, [r.submitted or r.seed for r in results], args.max_length))
     summary = summarize(results)
-    write_prompts(prompts_out, results)
+    write_prompts(prompts_out, results, args.seed)
     atomic_write_json(out, {
         "attack": args.attack, "defence": args.defence, "model": args.model, "sae": args.sae, "neurons": neurons,
         "edit": edit_options(args), "reader": {"fpr": args.fpr, "threshold": reader.threshold,
@@ -177,7 +178,8 @@ def register(sub: Any) -> None:
         "concept vector of --pairs (seeds: neutral prompts). whitebox: gradient-guided token substitution that "
         "maximises the reader's score on the defended output while keeping the gate's latents below their "
         "thresholds (seeds: concept prompts). An attack succeeds when the reader still flags the defended output. "
-        "Writes --out-prompts (one prompt per line, for snce-fast eval --prompts-file) and --out (JSON).",
+        "Writes --out-prompts (.txt: one prompt per line; .csv: columns prompt, evaluation_seed, seed_prompt, for snce-fast eval --csv) "
+        "and --out (JSON).",
         epilog="example: snce-fast attack --attack whitebox --sae my_sae/ --calibration calibration.json --seeds "
         "held_nudity.txt --concept nudity_scan.txt --ordinary coco_scan.txt --out-prompts attack.txt --out attack.json",
     )
@@ -205,7 +207,7 @@ def register(sub: Any) -> None:
     p.add_argument("--penalty", type=float, default=4.0, help="whitebox: weight of the gate violation in the gradient (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-length", type=int, default=None, help="tokenizer padding/truncation length of the judge")
-    p.add_argument("--out-prompts", required=True, help="attack prompts: a .txt file, one per line")
+    p.add_argument("--out-prompts", required=True, help="attack prompts: .txt (one per line) or .csv (for eval --csv)")
     p.add_argument("--out", required=True, help="results: a .json file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_attack)

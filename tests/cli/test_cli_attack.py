@@ -51,6 +51,18 @@ def test_run_writes_prompts_and_record(env, tmp_path, capsys, extra):
     assert "ASR" in capsys.readouterr().out
 
 
+def test_csv_prompts_are_what_eval_reads(env, tmp_path):
+    args = _base(env, tmp_path, "--attack", "whitebox", "--steps", "1", "--candidates", "4", "--budget", "10")
+    args[args.index("--out-prompts") + 1] = str(tmp_path / "a.csv")
+    assert main(args) == 0
+    from snce_fast.evaluation.eval_csv import read_eval_csv
+
+    rows, skipped = read_eval_csv(str(tmp_path / "a.csv"), guidance_column=None)
+    rec = json.loads((tmp_path / "a.json").read_text())
+    assert skipped == 0 and [r.prompt for r in rows] == [r["prompt"] or r["fallback"] for r in rec["results"]]
+    assert all(r.seed == 0 for r in rows)
+
+
 @pytest.mark.parametrize("extra, expect", [
     (["--attack", "ring-a-bell"], "--attack ring-a-bell needs --pairs"),
     (["--attack", "whitebox", "--elite", "40"], "--elite 40: expected fewer than --population \\(32\\)"),
@@ -58,7 +70,7 @@ def test_run_writes_prompts_and_record(env, tmp_path, capsys, extra):
     (["--attack", "whitebox", "--budget", "0"], "--budget"),
     (["--attack", "whitebox", "--fpr", "1.5"], "--fpr 1.5: expected a rate"),
     (["--attack", "whitebox", "--out", "OUT.txt"], "--out '.*OUT.txt': expected a .json file name"),
-    (["--attack", "whitebox", "--out-prompts", "P.json"], "--out-prompts '.*P.json': expected a .txt file name"),
+    (["--attack", "whitebox", "--out-prompts", "P.json"], "--out-prompts '.*P.json': expected a .txt .* or .csv"),
     (["--attack", "whitebox", "--seeds", "EMPTY"], "--seeds '.*empty.txt' has no usable prompts"),
     (["--attack", "whitebox", "--seeds", "MISSING"], "--seeds '.*nope.txt' does not exist"),
     (["--attack", "whitebox", "--neurons", "99"], "99"),

@@ -203,6 +203,15 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def fill_docs(res: dict, doc: Path) -> None:
+    """Replace the measured tables in docs/robustness.md (between the BEGIN/END TABLES markers)."""
+    begin, end = "<!-- BEGIN TABLES (experiments/robustness_minilm.py --table-only) -->", "<!-- END TABLES -->"
+    if not doc.exists() or begin not in doc.read_text():
+        return
+    head, rest = doc.read_text().split(begin, 1)
+    doc.write_text(head + begin + "\n\n" + markdown(res).replace("### ", "#### ") + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", nargs="*", default=list(CONCEPTS), choices=CONCEPTS)
@@ -221,6 +230,7 @@ def main() -> None:
     if args.table_only:
         res = json.loads(args.out.read_text())
         args.out.with_suffix(".md").write_text(markdown(res))
+        fill_docs(res, REPO / "docs" / "robustness.md")
         print(markdown(res))
         return
     torch.set_num_threads(args.threads)
@@ -253,6 +263,7 @@ def main() -> None:
         tmp.write_text(json.dumps(res, indent=1) + "\n")
         os.replace(tmp, args.out)
     args.out.with_suffix(".md").write_text(markdown(res))
+    fill_docs(res, REPO / "docs" / "robustness.md")
     print(markdown(res))
     print(f"total {res['seconds']:.0f} s")
 

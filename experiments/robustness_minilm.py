@@ -75,7 +75,7 @@ def _bar(items, desc):
 
 
 def run_whitebox(victim: Victim, seeds: list[str], vocab, desc: str):
-    res = [whitebox(victim, s, vocab, WB) for s in _bar(seeds, desc)]
+    res = [whitebox(victim, s, vocab, dataclasses.replace(WB, seed=SEED + i)) for i, s in enumerate(_bar(seeds, desc))]
     attach_judgement(res, judge(victim, [r.submitted for r in res], MAX_LENGTH))
     return res
 
@@ -126,8 +126,9 @@ def concept_run(concept: str, sp: dict, enc, tok, sae, emb: dict, vocab, fpr: fl
     base = Victim(enc, tok, reader, watch=Gate(sae, top1, cal.thresholds_for(top1), cal.min_tokens))
     seeds = seeds_for(sp, concept)
     direction = concept_vector(base, PAIRS[concept])
-    rab = {k: [ring_a_bell(base, s, direction, vocab, GA) for s in _bar(seeds[k], f"ring-a-bell {concept} {k}")]
-           for k in ("rab_scan", "rab_held")}
+    rab = {k: [ring_a_bell(base, s, direction, vocab, dataclasses.replace(GA, seed=SEED + i))
+               for i, s in enumerate(_bar(seeds[k], f"ring-a-bell {concept} {k}"))]
+           for k in ("rab_scan", "rab_held")}  # one generator seed per seed prompt
     t_setup = time.perf_counter() - t0
 
     def fit(d: Defence) -> None:

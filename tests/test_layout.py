@@ -19,8 +19,9 @@ RANK = {
     "hooks": 3, "models": 3,
     "workflow": 4, "train": 4,
     "demo": 5, "evaluation": 5, "benchmarking": 5, "corpus_benchmarks": 5, "info": 5,
-    "cli": 6,
-    "__init__": 7, "__main__": 7, "testing": 7,
+    "attack": 6,
+    "cli": 7,
+    "__init__": 8, "__main__": 8, "testing": 8,
 }
 # the Triton kernels (kernels/, installed as snce_fast.kernels) and the C++ extension are the fast
 # implementations of the ops room

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from snce_fast.cli._common import UsageError, quiet_libraries
 
 # order = order in --help
-COMMANDS = ("demo", "info", "train", "scan", "score", "calibrate", "identify", "detect", "erase", "eval", "efficacy", "bench")
+COMMANDS = ("demo", "info", "train", "scan", "score", "calibrate", "identify", "detect", "erase", "eval", "efficacy", "attack", "bench")
 
 
 class _FlagError(Exception):

@@ -30,21 +30,35 @@ from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune
 _KEY_MIN = tl.constexpr(-(2**63))
 
 
+_SENTINEL_END = tl.constexpr(-(2**63) + 2**32)  # keys below this are initial sentinels (high word INT32_MIN)
+
+
 @triton.jit
 def _pack(v, cols):
-    """int64 key ordering like the fp32 value v, ties broken by the column index."""
+    """int64 key ordering like the fp32 value v, ties broken by the column index. Every NaN becomes the
+    positive quiet NaN 0x7FC00000, whose key is above +inf's: NaN ranks first, as in torch.topk (the
+    reference), and no real key reaches the sentinels' high word INT32_MIN (only the NaN 0xFFFFFFFF did)."""
     b = v.to(tl.int32, bitcast=True)
+    b = tl.where(v != v, 0x7FC00000, b)
     b = b ^ ((b >> 31) & 0x7FFFFFFF)
     return (b.to(tl.int64) << 32) | cols.to(tl.int64)
 
 
 @triton.jit
+def _is_sentinel(key):
+    """True for the initial sentinel keys (`_KEY_MIN + slot`) only. (It was `key < -(2**62)`, which is also
+    true for every real value <= -2.0: such a row's threshold read as -inf and every later tile of it was
+    all candidates, the slow path; tests/fused_kernels/test_kernel_encode_topk.py::test_key_round_trip.)"""
+    return key < _SENTINEL_END
+
+
+@triton.jit
 def _key_value(key):
-    """fp32 value of a key; -inf for the (unique) initial sentinels below 2**-62 keys."""
+    """fp32 value of a key; -inf for the initial sentinels."""
     b = (key >> 32).to(tl.int32)
     b = b ^ ((b >> 31) & 0x7FFFFFFF)
     v = b.to(tl.float32, bitcast=True)
-    return tl.where(key < -(2**62), float("-inf"), v)
+    return tl.where(_is_sentinel(key), float("-inf"), v)
 
 
 # Shape/axis arithmetic of the hypercube, as constexpr functions of the cube's numel: the
@@ -138,8 +152,9 @@ def _encode_topk_kernel(
     rows_o = rows.to(tl.int64) if WIDE else rows  # element offsets past 2**31 need int64
     rmask = rows < M
     slots = tl.arange(0, KP)
-    # unique sentinels far below every real key (the smallest real key is ~ -2**63 + 2**55)
-    top = tl.zeros((BM, KP), dtype=tl.int64) + (slots.to(tl.int64)[None, :] + _KEY_MIN)
+    # unique sentinels below every real key (the smallest, -inf's, is ~ -2**63 + 2**55) and above _KEY_MIN,
+    # the fill of non-candidates, so a merge never keeps a fill next to a sentinel
+    top = tl.zeros((BM, KP), dtype=tl.int64) + (slots.to(tl.int64)[None, :] + (_KEY_MIN + 1))
     thr_key = tl.reduce(top, 1, min_combine)
     thr_v = tl.full((BM,), float("-inf"), tl.float32)
     n_start = pid_s * CHUNK
@@ -157,13 +172,16 @@ def _encode_topk_kernel(
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:  # mixed or fp32 inputs: exact fp32 products
+            if UPCAST:  # mixed or fp32 inputs: fp32 tiles, tf32 (16-bit x) or exact ieee (fp32 x) products
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         pre = acc + bias[None, :]
-        cand = (pre > thr_v[:, None]) & cmask[None, :] & rmask[:, None]
+        # NaN ranks first (as torch.topk): always a candidate; while a row still holds sentinels every entry is
+        # one (-inf included), so a row with fewer than KP values above -inf never keeps a sentinel
+        cand = (pre > thr_v[:, None]) | (pre != pre) | _is_sentinel(thr_key)[:, None]
+        cand = cand & cmask[None, :] & rmask[:, None]
         n_cand = tl.reduce(tl.reduce(cand.to(tl.int32), 1, sum_combine), 0, max_combine)
         if n_cand > 0:
             keys = tl.where(cand, _pack(pre, cols), _KEY_MIN)
@@ -185,18 +203,28 @@ def _encode_topk_kernel(
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def operand_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the tiles are multiplied in: the shared 16-bit dtype, else fp32 (the config table and the
-    tuning cache are keyed by it: fp16 activations with an fp32 SAE compute, and spill, like fp32)."""
+    """The dtype the tiles are held in: the shared 16-bit dtype, else fp32 (the config table and the tuning
+    cache are keyed by it: fp16 activations with an fp32 SAE hold fp32 tiles, and spill, like fp32)."""
     return x_dtype if _compute_mode(x_dtype, w_dtype)[0] is False else torch.float32
 
 
 def _compute_mode(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast to fp32, dot precision): tensor cores on the inputs when x and W_enc share a 16-bit
-    dtype, else exact fp32 (ieee). A bool rather than a tl.dtype constexpr: Inductor writes
-    constexpr values into its generated launcher by repr."""
-    if x_dtype == w_dtype and x_dtype in (torch.float16, torch.bfloat16):
+    """(upcast to fp32, dot precision) of one launch (docs/kernels.md, "Operand dtypes"):
+    * x and W_enc share a 16-bit dtype: tensor cores on the inputs;
+    * 16-bit x with an fp32 or other 16-bit W_enc (the usual patch: fp16 pipeline, fp32 SAE): both upcast to
+      fp32 and multiplied as tf32 on tensor cores. Every fp16/bf16 value is exact in tf32 (8-bit exponent,
+      10-bit mantissa), so only an fp32 W_enc is rounded, to the 10-bit mantissa x already has (relative error
+      <= 2**-10, the size of x's own fp16 rounding); it was exact fp32 (ieee) without tensor cores before;
+    * fp32 x: exact fp32 (ieee), matching the fp32 reference.
+    A bool rather than a tl.dtype constexpr: Inductor writes constexpr values into its generated launcher by repr."""
+    if x_dtype == w_dtype and x_dtype in _HALF:
         return False, "tf32"
+    if x_dtype in _HALF and w_dtype in (*_HALF, torch.float32):
+        return True, "tf32"
     return True, "ieee"
 
 

@@ -79,10 +79,11 @@ def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]
     """Fused TopK encode: x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
     _need()
     check_activations(x, sae.W_enc.shape[0])
-    values, indices = _encode32(x, sae)
+    check_k(sae.k, sae.W_enc.shape[1])
+    values, indices = encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), sae.k, True)  # 2 launches
     lead = x.shape[:-1]
     k = values.shape[-1]
-    return values.to(x.dtype).reshape(*lead, k), indices.reshape(*lead, k)
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
 def decode(values: "torch.Tensor", indices: "torch.Tensor", sae: Any) -> "torch.Tensor":

@@ -25,7 +25,7 @@ from snce_fast.ops.reference import folded_encoder_bias
 from . import _cache
 from ._combine import max_combine, min_combine, sum_combine
 from ._registry import on_device_of, register_op
-from ._tuning import EncodeConfig, encode_config, encode_splits, next_pow2, tune_encode
+from ._tuning import EncodeConfig, encode_config, encode_splits, interpreting, next_pow2, tune_encode
 
 _KEY_MIN = tl.constexpr(-(2**63))
 
@@ -203,6 +203,52 @@ def _encode_topk_kernel(
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
 
 
+@triton.jit
+def _merge_row(key_ptr, S, KP: tl.constexpr, BS: tl.constexpr):
+    """The top KP of the S keys at key_ptr (one token's per-split candidates), sorted descending, [1, KP]:
+    BS keys at a time, each block's top KP merged into the running top KP (BS >= KP, powers of two)."""
+    offs = tl.arange(0, BS)
+    top = _topk_last(tl.reshape(tl.load(key_ptr + offs, mask=offs < S, other=_KEY_MIN), (1, BS)), KP)
+    for s0 in range(BS, S, BS):
+        blk = tl.load(key_ptr + s0 + offs, mask=s0 + offs < S, other=_KEY_MIN)
+        blk_top = _topk_last(tl.reshape(blk, (1, BS)), KP)
+        top = _topk_last(tl.reshape(tl.join(top, blk_top), (1, 2 * KP)), KP)
+    return top
+
+
+@triton.jit
+def _unpack_relu(key):
+    """keys -> (ReLU'd fp32 values, int32 latent indices); NaN stays NaN (as torch.relu), -0.0 and below -> 0."""
+    b = (key >> 32).to(tl.int32)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    v = b.to(tl.float32, bitcast=True)
+    v = tl.where((v > 0.0) | (v != v), v, 0.0)
+    return v, (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _merge_topk_kernel(
+    key_ptr, v_ptr, i_ptr,
+    S, K,
+    stride_km, stride_vm, stride_im,
+    KP: tl.constexpr, BS: tl.constexpr,
+):
+    """One token per program: merge its S = splits * KP candidate keys to the top K, sorted descending,
+    and write ReLU'd values (in v_ptr's dtype) and int32 indices: the whole tail of `encode_topk` in one launch."""
+    m = tl.program_id(0).to(tl.int64)
+    v, idx = _unpack_relu(tl.reshape(_merge_row(key_ptr + m * stride_km, S, KP, BS), (KP,)))
+    slots = tl.arange(0, KP)
+    tl.store(v_ptr + m * stride_vm + slots, v.to(v_ptr.dtype.element_ty), mask=slots < K)
+    tl.store(i_ptr + m * stride_im + slots, idx, mask=slots < K)
+
+
+def merge_blocks(S: int, KP: int, interpreter: bool) -> dict:
+    """Constexprs and warps of one `_merge_topk_kernel` launch for S keys per row (shared with `compile_check`
+    and the fused edit): the whole row in one block up to 2048 keys (1024 in the interpreter)."""
+    BS = max(KP, min(next_pow2(S), 1024 if interpreter else 2048))
+    return dict(KP=KP, BS=BS, num_warps=1 if interpreter else (4 if BS <= 1024 else 8))
+
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -260,34 +306,55 @@ def _launch(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torc
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 keys -> (fp32 values, int32 indices)."""
+    """int64 keys -> (fp32 values, int32 indices) (eager; the kernels decode in `_unpack_relu`)."""
     b = (keys >> 32).to(torch.int32)
     b = b ^ ((b >> 31) & 0x7FFFFFFF)
     return b.view(torch.float32), (keys & 0xFFFFFFFF).to(torch.int32)
 
 
-def _encode_topk_fake(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    M = x.shape[0]
-    return x.new_empty((M, k), dtype=torch.float32), x.new_empty((M, k), dtype=torch.int32)
-
-
-@register_op("snce_fast::encode_topk", _encode_topk_fake)
-def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, d], W_enc [d, n], folded fp32 bias [n] -> (ReLU'd top-k values fp32 [M, k] sorted
-    descending, indices int32 [M, k])."""
+def candidate_keys(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    """Launch the encode kernel: [M, splits * KP] int64 candidate keys (each program's top KP, unordered)."""
     M, d = x.shape
     n = W_enc.shape[1]
     KP = next_pow2(k)
-    if M == 0:
-        return x.new_empty((0, k), dtype=torch.float32), x.new_empty((0, k), dtype=torch.int32)
     cfg = encode_config(M, n, d, KP, operand_dtype(x.dtype, W_enc.dtype), x.device)
     splits, chunk = encode_splits(M, n, KP, cfg, x.device)
     keys = x.new_empty((M, splits * KP), dtype=torch.int64)
     _launch(x, W_enc, bias, keys, cfg, KP, splits, chunk)
-    # also when splits * KP == k: one-at-a-time insertions leave a program's KP keys unordered
-    top = keys.topk(k, dim=1, sorted=True).values
-    values, indices = unpack_keys(top)
-    return values.relu(), indices
+    return keys
+
+
+def merge_keys(keys: torch.Tensor, k: int, values_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, S] candidate keys -> (ReLU'd values [M, k] in values_dtype, sorted descending; int32 indices [M, k]),
+    one launch (`_merge_topk_kernel`)."""
+    M, S = keys.shape
+    values = keys.new_empty((M, k), dtype=values_dtype)
+    indices = keys.new_empty((M, k), dtype=torch.int32)
+    if M:
+        with on_device_of(keys):
+            wrap_triton(_merge_topk_kernel)[(M,)](
+                keys, values, indices, S, k, keys.stride(0), values.stride(0), indices.stride(0),
+                **merge_blocks(S, next_pow2(k), interpreting()))
+    return values, indices
+
+
+def _encode_topk_fake(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
+                      values_in_x_dtype: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    M = x.shape[0]
+    vdt = x.dtype if values_in_x_dtype else torch.float32
+    return x.new_empty((M, k), dtype=vdt), x.new_empty((M, k), dtype=torch.int32)
+
+
+@register_op("snce_fast::encode_topk", _encode_topk_fake)
+def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
+                values_in_x_dtype: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, d], W_enc [d, n], folded fp32 bias [n] -> (ReLU'd top-k values [M, k] sorted descending, fp32 or
+    in x's dtype with `values_in_x_dtype`; indices int32 [M, k]). Two launches: the encode kernel and the
+    merge (`_merge_topk_kernel`), which also sorts (one-at-a-time insertions leave a program's keys unordered)."""
+    vdt = x.dtype if values_in_x_dtype else torch.float32
+    if x.shape[0] == 0:
+        return x.new_empty((0, k), dtype=vdt), x.new_empty((0, k), dtype=torch.int32)
+    return merge_keys(candidate_keys(x, W_enc, bias, k), k, vdt)
 
 
 def folded_bias(sae: Any) -> torch.Tensor:

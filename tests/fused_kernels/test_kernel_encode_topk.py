@@ -310,3 +310,30 @@ def test_operand_dtype_dispatch():
     assert mode(f16, bf16) == (True, "tf32", f32)  # both exact in tf32
     assert mode(f32, f32) == (True, "ieee", f32)  # fp32 activations stay exact (the reference)
     assert mode(f32, bf16) == (True, "ieee", f32)
+
+
+@cpu_only
+@pytest.mark.parametrize("M,splits,k", [(0, 2, 3), (1, 1, 1), (3, 5, 17), (2, 70, 32), (4, 3, 64), (2, 9, 1)])
+def test_merge_kernel_matches_torch_topk_of_keys(M, splits, k):
+    """The tail (`_merge_topk_kernel`: merge of the per-split keys + unpack + ReLU, one launch) against the eager
+    tail it replaced (torch.topk over the int64 keys, unpack, ReLU); several BS blocks when S > 1024, odd k,
+    one token, no tokens, NaN / +-inf / negative values and sentinel-filled splits."""
+    KP = encode_mod.next_pow2(k)
+    S = splits * KP
+    g = torch.Generator().manual_seed(S + k)
+    vals = torch.randn(M, S, generator=g) * 3
+    vals.view(-1)[::7] = float("nan")
+    vals.view(-1)[::11] = float("-inf")
+    vals.view(-1)[::13] = float("inf")
+    cols = torch.randperm(max(M * S, 1), generator=g)[:M * S].reshape(M, S).int()  # unique per row
+    b = vals.view(torch.int32)
+    b = torch.where(vals.isnan(), torch.tensor(0x7FC00000, dtype=torch.int32), b)
+    keys = ((b ^ ((b >> 31) & 0x7FFFFFFF)).long() << 32) | cols.long()
+    if M and S > KP:
+        keys[:, -KP // 2 - 1:] = torch.arange(KP // 2 + 1) + (-(2**63) + 1)  # sentinels of a short split
+    for vdt in (torch.float32, torch.float16):
+        values, indices = encode_mod.merge_keys(keys, k, vdt)
+        want_v, want_i = encode_mod.unpack_keys(keys.topk(k, dim=1).values)
+        assert values.dtype == vdt and indices.dtype == torch.int32 and values.shape == (M, k)
+        assert torch.equal(indices, want_i)
+        torch.testing.assert_close(values, want_v.relu().to(vdt), rtol=0, atol=0, equal_nan=True)

@@ -43,6 +43,7 @@ def _gpu_encode_launches(monkeypatch, pick=0, record=None):
 
     monkeypatch.setattr(encode_mod, "encode_config", config)
     monkeypatch.setattr(encode_mod, "encode_splits", lambda M, n, KP, cfg, device: split_plan(M, n, cfg, H100_SMS))
+    monkeypatch.setattr(encode_mod, "interpreting", lambda: False)  # the merge kernel's GPU blocks (BS <= 2048)
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,9 @@ def test_opcheck_and_compile():
     x = torch.randn(4, 32)
     W, b = sae.W_enc.detach(), kernels.folded_bias(sae)
     torch.library.opcheck(torch.ops.snce_fast.encode_topk.default, (x, W, b, 3))
+    torch.library.opcheck(torch.ops.snce_fast.encode_topk.default, (x.half(), W, b, 3, True))
+    v16, _ = torch.ops.snce_fast.encode_topk(x.half(), W, b, 3, True)
+    assert v16.dtype == torch.float16
 
     def f(x):
         v, i = torch.ops.snce_fast.encode_topk(x, W, b, 3)

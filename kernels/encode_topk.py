@@ -12,6 +12,7 @@ See docs/kernels.md.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -204,6 +205,100 @@ def _encode_topk_kernel(
 
 
 @triton.jit
+def _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr):
+    """Reduce each row's candidate buffer (fp32 values, int32 indices; `cnt` valid entries) to its top KP:
+    one bitonic top-KP over the [BM, CAP] keys, written back to the buffer's first KP slots.
+    Returns (top keys [BM, KP] sorted descending, new counts, new thresholds)."""
+    slots = tl.arange(0, CAP)
+    valid = slots[None, :] < cnt[:, None]
+    v = tl.load(bv_ptr + boff[:, None] + slots[None, :], mask=valid, other=0.0)
+    i = tl.load(bi_ptr + boff[:, None] + slots[None, :], mask=valid, other=0)
+    keys = tl.where(valid, _pack(v, i), _KEY_MIN)
+    top = _topk_last(keys, KP)
+    tl.debug_barrier()  # every thread has read the buffer before any overwrites it
+    ks = tl.arange(0, KP)
+    new_cnt = tl.minimum(cnt, KP)
+    keep = ks[None, :] < new_cnt[:, None]
+    tv, ti = _unpack_key(top)
+    tl.store(bv_ptr + boff[:, None] + ks[None, :], tv, mask=keep)
+    tl.store(bi_ptr + boff[:, None] + ks[None, :], ti, mask=keep)
+    tl.debug_barrier()
+    kth = tl.reduce(top, 1, min_combine)
+    thr = tl.where(new_cnt >= KP, _key_value(kth), float("-inf"))
+    return top, new_cnt, thr
+
+
+@triton.jit
+def _unpack_key(key):
+    b = (key >> 32).to(tl.int32)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True), (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _encode_compact_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, bv_ptr, bi_ptr,
+    M, N, D, CHUNK,
+    stride_xm, stride_xd, stride_wd, stride_wn, stride_om, stride_bm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The "compact" selection (docs/kernels.md): no sorting per tile. Entries above the row's running
+    threshold (or NaN, or any while the row holds fewer than KP) are compacted with a cumsum into a per-(row,
+    split) buffer of CAP >= KP + BN (value, index) slots in global scratch; only when some row's buffer would
+    overflow is it reduced to its top KP (one bitonic top-KP, `_select_buffer`), which also raises the
+    threshold; once more at the end, writing the program's top-KP keys as `_encode_topk_kernel` does."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rows_o = rows.to(tl.int64) if WIDE else rows
+    rmask = rows < M
+    boff = rows_o * stride_bm + pid_s * CAP
+    cnt = tl.zeros((BM,), dtype=tl.int32)
+    thr = tl.full((BM,), float("-inf"), tl.float32)
+    n_start = pid_s * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+    for n0 in range(n_start, n_end, BN):
+        cols = n0 + tl.arange(0, BN)
+        cols_o = cols.to(tl.int64) if WIDE else cols
+        cmask = cols < n_end
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < D
+            ks_o = ks.to(tl.int64) if WIDE else ks
+            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+        pre = acc + bias[None, :]
+        live = cmask[None, :] & rmask[:, None]
+        cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
+        n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
+        if tl.reduce(cnt + n_row, 0, max_combine) > CAP:  # some buffer would overflow: select first
+            _, cnt, thr = _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM, KP, CAP)
+            cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
+            n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
+        pos = cnt[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
+        ok = cand & (pos < CAP)
+        tl.store(bv_ptr + boff[:, None] + pos, pre, mask=ok)
+        tl.store(bi_ptr + boff[:, None] + pos, cols[None, :] + tl.zeros((BM, BN), tl.int32), mask=ok)
+        cnt = cnt + n_row
+        tl.debug_barrier()  # the buffer writes are visible to every thread of the program before a select
+    top, cnt, thr = _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM, KP, CAP)
+    slots = tl.arange(0, KP)
+    # a row with fewer than KP entries in its chunk pads with unique sentinels (as `_encode_topk_kernel`)
+    top = tl.where(slots[None, :] < cnt[:, None], top, slots.to(tl.int64)[None, :] + (_KEY_MIN + 1))
+    out_cols = pid_s * KP + slots
+    tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
+
+
+@triton.jit
 def _merge_row(key_ptr, S, KP: tl.constexpr, BS: tl.constexpr):
     """The top KP of the S keys at key_ptr (one token's per-split candidates), sorted descending, [1, KP]:
     BS keys at a time, each block's top KP merged into the running top KP (BS >= KP, powers of two)."""
@@ -312,15 +407,48 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b.view(torch.float32), (keys & 0xFFFFFFFF).to(torch.int32)
 
 
+SELECT_PATHS = ("sort", "compact")
+# "sort" (default): `_encode_topk_kernel`; "compact": `_encode_compact_kernel` (no per-tile sorting; not yet
+# measured on a GPU, so not the default). SNCE_FAST_ENCODE_SELECT picks it per process; tests set `SELECT`.
+SELECT = os.environ.get("SNCE_FAST_ENCODE_SELECT", "sort")
+
+
+def compact_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
+    """Constexprs and launch options of one `_encode_compact_kernel` launch (for `compile_check`): the sort
+    path's tile (BM, BN, BK, warps, stages) with CAP = next_pow2(KP + BN) buffer slots per (row, split)."""
+    meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide)
+    meta.pop("FEW")
+    return dict(meta, CAP=next_pow2(KP + cfg.BN))
+
+
+def _launch_compact(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,
+                    cfg: EncodeConfig, KP: int, splits: int, chunk: int) -> None:
+    M, d = x.shape
+    n = W_enc.shape[1]
+    CAP = next_pow2(KP + cfg.BN)
+    bv = x.new_empty((M, splits * CAP), dtype=torch.float32)  # scratch: per-(row, split) candidate buffers
+    bi = x.new_empty((M, splits * CAP), dtype=torch.int32)
+    with on_device_of(x):
+        wrap_triton(_encode_compact_kernel)[(triton.cdiv(M, cfg.BM), splits)](
+            x, W_enc, bias, keys, bv, bi,
+            M, n, d, chunk,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0), bv.stride(0),
+            **compact_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys, bv)),
+        )
+
+
 def candidate_keys(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-    """Launch the encode kernel: [M, splits * KP] int64 candidate keys (each program's top KP, unordered)."""
+    """Launch the encode kernel of the `SELECT` path: [M, splits * KP] int64 candidate keys (each program's top
+    KP; unordered for "sort", sorted for "compact")."""
+    if SELECT not in SELECT_PATHS:
+        raise ValueError(f"SNCE_FAST_ENCODE_SELECT={SELECT!r}: expected one of {SELECT_PATHS}")
     M, d = x.shape
     n = W_enc.shape[1]
     KP = next_pow2(k)
     cfg = encode_config(M, n, d, KP, operand_dtype(x.dtype, W_enc.dtype), x.device)
     splits, chunk = encode_splits(M, n, KP, cfg, x.device)
     keys = x.new_empty((M, splits * KP), dtype=torch.int64)
-    _launch(x, W_enc, bias, keys, cfg, KP, splits, chunk)
+    (_launch_compact if SELECT == "compact" else _launch)(x, W_enc, bias, keys, cfg, KP, splits, chunk)
     return keys
 
 

@@ -340,3 +340,41 @@ def test_merge_kernel_matches_torch_topk_of_keys(M, splits, k):
         assert values.dtype == vdt and indices.dtype == torch.int32 and values.shape == (M, k)
         assert torch.equal(indices, want_i)
         torch.testing.assert_close(values, want_v.relu().to(vdt), rtol=0, atol=0, equal_nan=True)
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "M,d,n,k,dtype",
+    [
+        (1, 40, 300, 1, torch.float32),
+        (5, 100, 1000, 17, torch.float32),   # 16 tiles: the buffer fills and is reduced many times
+        (77, 48, 530, 17, torch.float16),
+        (3, 33, 97, 17, torch.float32),      # n barely above k: a row holds fewer than KP entries
+        (6, 40, 700, 64, torch.float32),
+    ],
+)
+def test_compact_select_path_matches_reference(monkeypatch, M, d, n, k, dtype):
+    """The "compact" selection (threshold filter + cumsum compaction into a per-(row, split) buffer, a top-KP
+    only when a buffer would overflow and once at the end) against the reference."""
+    monkeypatch.setattr(encode_mod, "SELECT", "compact")
+    sae = make_sae(d, n, k, seed=M + d)
+    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    values, indices = kernels.encode(x, sae)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_compact_select_path_nan_rows_and_splits(monkeypatch):
+    monkeypatch.setattr(encode_mod, "SELECT", "compact")
+    sae, x = _nonfinite_case(torch.float32)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(encode_mod, "encode_splits", lambda M, n, KP, cfg, dev: (3, 128))
+    monkeypatch.setattr(encode_mod, "encode_config", lambda *a: encode_mod.EncodeConfig(BM=8, BN=128, BK=16, FEW=4,
+                                                                                        num_warps=4, num_stages=1))
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="SNCE_FAST_ENCODE_SELECT='bogus'"):
+        monkeypatch.setattr(encode_mod, "SELECT", "bogus")
+        kernels.encode(x, sae)

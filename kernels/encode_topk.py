@@ -7,7 +7,10 @@ keys `(order-preserving fp32 bits << 32) | latent index`: one max/topk over keys
 value and index together, and keys are unique. Per tile only entries above the row's
 current threshold (the KP-th best so far) are candidates; when few are, they are
 inserted one at a time (replace the minimum), otherwise the tile is merged with a
-bitonic `tl.topk`. The [M, splits * KP] keys are merged with `torch.topk`.
+bitonic `tl.topk`. The opt-in "compact" path (`_encode_compact_kernel`) instead compacts
+candidates into a per-(row, split) buffer and sorts only when it fills. The [M, splits * KP]
+keys are merged, unpacked and ReLU'd in one more launch (`_merge_topk_kernel`), or inside
+the fused edit kernel (kernels/snce_edit.py).
 See docs/kernels.md.
 """
 from __future__ import annotations
@@ -29,8 +32,6 @@ from ._registry import on_device_of, register_op
 from ._tuning import EncodeConfig, encode_config, encode_splits, interpreting, next_pow2, tune_encode
 
 _KEY_MIN = tl.constexpr(-(2**63))
-
-
 _SENTINEL_END = tl.constexpr(-(2**63) + 2**32)  # keys below this are initial sentinels (high word INT32_MIN)
 
 
@@ -314,11 +315,8 @@ def _merge_row(key_ptr, S, KP: tl.constexpr, BS: tl.constexpr):
 @triton.jit
 def _unpack_relu(key):
     """keys -> (ReLU'd fp32 values, int32 latent indices); NaN stays NaN (as torch.relu), -0.0 and below -> 0."""
-    b = (key >> 32).to(tl.int32)
-    b = b ^ ((b >> 31) & 0x7FFFFFFF)
-    v = b.to(tl.float32, bitcast=True)
-    v = tl.where((v > 0.0) | (v != v), v, 0.0)
-    return v, (key & 0xFFFFFFFF).to(tl.int32)
+    v, idx = _unpack_key(key)
+    return tl.where((v > 0.0) | (v != v), v, 0.0), idx
 
 
 @triton.jit

@@ -206,27 +206,38 @@ def _encode_topk_kernel(
 
 
 @triton.jit
-def _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr):
-    """Reduce each row's candidate buffer (fp32 values, int32 indices; `cnt` valid entries) to its top KP:
-    one bitonic top-KP over the [BM, CAP] keys, written back to the buffer's first KP slots.
-    Returns (top keys [BM, KP] sorted descending, new counts, new thresholds)."""
+def _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM: tl.constexpr, KP: tl.constexpr,
+                   CAP: tl.constexpr, RS: tl.constexpr, FINAL: tl.constexpr):
+    """Reduce each row's candidate buffer (fp32 values, int32 indices; `cnt` valid entries, at row offsets
+    `boff`) to its top KP, RS rows at a time (so only [RS, CAP] keys are live: one bitonic top-KP each).
+    FINAL: store the top-KP keys at `ooff` (sentinel-padded), as `_encode_topk_kernel` does; else write them
+    back, sorted, to the buffer's first KP slots and return (new counts, new thresholds)."""
     slots = tl.arange(0, CAP)
-    valid = slots[None, :] < cnt[:, None]
-    v = tl.load(bv_ptr + boff[:, None] + slots[None, :], mask=valid, other=0.0)
-    i = tl.load(bi_ptr + boff[:, None] + slots[None, :], mask=valid, other=0)
-    keys = tl.where(valid, _pack(v, i), _KEY_MIN)
-    top = _topk_last(keys, KP)
-    tl.debug_barrier()  # every thread has read the buffer before any overwrites it
     ks = tl.arange(0, KP)
+    for r0 in tl.static_range(0, BM, RS):
+        sel = (tl.arange(0, RS)[:, None] + r0) == tl.arange(0, BM)[None, :]  # [RS, BM]: this group's rows
+        cnt_g = tl.reduce(tl.where(sel, cnt[None, :], 0), 1, sum_combine)
+        boff_g = tl.reduce(tl.where(sel, boff[None, :], 0), 1, sum_combine)
+        valid = slots[None, :] < cnt_g[:, None]
+        v = tl.load(bv_ptr + boff_g[:, None] + slots[None, :], mask=valid, other=0.0)
+        i = tl.load(bi_ptr + boff_g[:, None] + slots[None, :], mask=valid, other=0)
+        top = _topk_last(tl.where(valid, _pack(v, i), _KEY_MIN), KP)
+        keep = ks[None, :] < cnt_g[:, None]
+        if FINAL:  # a row with fewer than KP entries in its chunk pads with unique sentinels
+            ooff_g = tl.reduce(tl.where(sel, ooff[None, :], 0), 1, sum_combine)
+            top = tl.where(keep, top, ks.to(tl.int64)[None, :] + (_KEY_MIN + 1))
+            tl.store(out_ptr + ooff_g[:, None] + ks[None, :], top, mask=(ooff_g >= 0)[:, None])
+        else:
+            tl.debug_barrier()  # the group's buffer is read before any thread overwrites it
+            tv, ti = _unpack_key(top)
+            tl.store(bv_ptr + boff_g[:, None] + ks[None, :], tv, mask=keep)
+            tl.store(bi_ptr + boff_g[:, None] + ks[None, :], ti, mask=keep)
     new_cnt = tl.minimum(cnt, KP)
-    keep = ks[None, :] < new_cnt[:, None]
-    tv, ti = _unpack_key(top)
-    tl.store(bv_ptr + boff[:, None] + ks[None, :], tv, mask=keep)
-    tl.store(bi_ptr + boff[:, None] + ks[None, :], ti, mask=keep)
-    tl.debug_barrier()
-    kth = tl.reduce(top, 1, min_combine)
-    thr = tl.where(new_cnt >= KP, _key_value(kth), float("-inf"))
-    return top, new_cnt, thr
+    if not FINAL:
+        tl.debug_barrier()
+        # the KP-th value of a full row is the last of its sorted top KP, now in slot KP - 1
+        thr = tl.load(bv_ptr + boff + KP - 1, mask=new_cnt >= KP, other=float("-inf"))
+    return new_cnt, thr
 
 
 @triton.jit
@@ -241,20 +252,21 @@ def _encode_compact_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, bv_ptr, bi_ptr,
     M, N, D, CHUNK,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om, stride_bm,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, RS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The "compact" selection (docs/kernels.md): no sorting per tile. Entries above the row's running
     threshold (or NaN, or any while the row holds fewer than KP) are compacted with a cumsum into a per-(row,
     split) buffer of CAP >= KP + BN (value, index) slots in global scratch; only when some row's buffer would
-    overflow is it reduced to its top KP (one bitonic top-KP, `_select_buffer`), which also raises the
-    threshold; once more at the end, writing the program's top-KP keys as `_encode_topk_kernel` does."""
+    overflow is it reduced to its top KP (bitonic top-KP, RS rows at a time, `_select_buffer`), which also
+    raises the threshold; once more at the end, writing the program's top-KP keys as `_encode_topk_kernel` does."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     rows_o = rows.to(tl.int64) if WIDE else rows
     rmask = rows < M
     boff = rows_o * stride_bm + pid_s * CAP
+    ooff = tl.where(rmask, rows_o * stride_om + pid_s * KP, -1)  # -1: no output row
     cnt = tl.zeros((BM,), dtype=tl.int32)
     thr = tl.full((BM,), float("-inf"), tl.float32)
     n_start = pid_s * CHUNK
@@ -282,7 +294,7 @@ def _encode_compact_kernel(
         cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
         n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
         if tl.reduce(cnt + n_row, 0, max_combine) > CAP:  # some buffer would overflow: select first
-            _, cnt, thr = _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM, KP, CAP)
+            cnt, thr = _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, False)
             cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
             n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
         pos = cnt[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
@@ -291,12 +303,7 @@ def _encode_compact_kernel(
         tl.store(bi_ptr + boff[:, None] + pos, cols[None, :] + tl.zeros((BM, BN), tl.int32), mask=ok)
         cnt = cnt + n_row
         tl.debug_barrier()  # the buffer writes are visible to every thread of the program before a select
-    top, cnt, thr = _select_buffer(bv_ptr, bi_ptr, boff, cnt, BM, KP, CAP)
-    slots = tl.arange(0, KP)
-    # a row with fewer than KP entries in its chunk pads with unique sentinels (as `_encode_topk_kernel`)
-    top = tl.where(slots[None, :] < cnt[:, None], top, slots.to(tl.int64)[None, :] + (_KEY_MIN + 1))
-    out_cols = pid_s * KP + slots
-    tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
+    _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, True)
 
 
 @triton.jit
@@ -413,10 +420,12 @@ SELECT = os.environ.get("SNCE_FAST_ENCODE_SELECT", "sort")
 
 def compact_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
     """Constexprs and launch options of one `_encode_compact_kernel` launch (for `compile_check`): the sort
-    path's tile (BM, BN, BK, warps, stages) with CAP = next_pow2(KP + BN) buffer slots per (row, split)."""
+    path's tile (BM, BN, BK, warps, stages) with CAP = next_pow2(KP + BN) buffer slots per (row, split), selected
+    RS = min(BM, 2048 // CAP) rows at a time (at most 2048 keys live: the whole [BM, CAP] spilled 592-684 bytes)."""
     meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide)
     meta.pop("FEW")
-    return dict(meta, CAP=next_pow2(KP + cfg.BN))
+    CAP = next_pow2(KP + cfg.BN)
+    return dict(meta, CAP=CAP, RS=max(1, min(cfg.BM, 2048 // CAP)))
 
 
 def _launch_compact(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,

@@ -459,7 +459,8 @@ def candidate_keys(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: 
     return keys
 
 
-def merge_keys(keys: torch.Tensor, k: int, values_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_keys(keys: torch.Tensor, k: int,
+               values_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, S] candidate keys -> (ReLU'd values [M, k] in values_dtype, sorted descending; int32 indices [M, k]),
     one launch (`_merge_topk_kernel`)."""
     M, S = keys.shape

@@ -92,7 +92,8 @@ def _edit_keys_kernel(
               scale, clamp, USE_CLAMP, HAS_ALLOWED, BT, BD)
 
 
-def _allowed_args(allowed: Optional[torch.Tensor], M: int, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+def _allowed_args(allowed: Optional[torch.Tensor], M: int,
+                  fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(pointer, a_rows, stride_a0, stride_a1) of a [M] or [R, L] (R * L == M, strides kept: an expanded mask is
     read in place) allowed mask; the fallback tensor is passed but never read when there is none."""
     if allowed is None:

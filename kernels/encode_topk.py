@@ -214,7 +214,7 @@ def _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM: tl.constex
     back, sorted, to the buffer's first KP slots and return (new counts, new thresholds)."""
     slots = tl.arange(0, CAP)
     ks = tl.arange(0, KP)
-    for r0 in tl.static_range(0, BM, RS):
+    for r0 in range(0, BM, RS):  # a loop, not unrolled: groups must not be loaded (and live) at once
         sel = (tl.arange(0, RS)[:, None] + r0) == tl.arange(0, BM)[None, :]  # [RS, BM]: this group's rows
         cnt_g = tl.reduce(tl.where(sel, cnt[None, :], 0), 1, sum_combine)
         boff_g = tl.reduce(tl.where(sel, boff[None, :], 0), 1, sum_combine)
@@ -272,6 +272,10 @@ def _encode_compact_kernel(
     n_start = pid_s * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
     for n0 in range(n_start, n_end, BN):
+        # a whole tile might not fit some row's buffer: select first, before the tile is live (selecting with
+        # the tile's values live spilled 250-400 bytes on sm_90)
+        if tl.reduce(cnt, 0, max_combine) > CAP - BN:
+            cnt, thr = _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, False)
         cols = n0 + tl.arange(0, BN)
         cols_o = cols.to(tl.int64) if WIDE else cols
         cmask = cols < n_end
@@ -293,10 +297,6 @@ def _encode_compact_kernel(
         live = cmask[None, :] & rmask[:, None]
         cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
         n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
-        if tl.reduce(cnt + n_row, 0, max_combine) > CAP:  # some buffer would overflow: select first
-            cnt, thr = _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, False)
-            cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
-            n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)
         pos = cnt[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
         ok = cand & (pos < CAP)
         tl.store(bv_ptr + boff[:, None] + pos, pre, mask=ok)
@@ -420,12 +420,11 @@ SELECT = os.environ.get("SNCE_FAST_ENCODE_SELECT", "sort")
 
 def compact_meta(cfg: EncodeConfig, KP: int, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
     """Constexprs and launch options of one `_encode_compact_kernel` launch (for `compile_check`): the sort
-    path's tile (BM, BN, BK, warps, stages) with CAP = next_pow2(KP + BN) buffer slots per (row, split), selected
-    RS = min(BM, 2048 // CAP) rows at a time (at most 2048 keys live: the whole [BM, CAP] spilled 592-684 bytes)."""
+    path's tile (BN, BK, warps; BM at most 32) with CAP = next_pow2(KP + BN) buffer slots per (row, split), selected one
+    row at a time (RS 1) and at most 2 pipeline stages: the choices without spills on sm_90 (docs/kernels.md)."""
     meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide)
     meta.pop("FEW")
-    CAP = next_pow2(KP + cfg.BN)
-    return dict(meta, CAP=CAP, RS=max(1, min(cfg.BM, 2048 // CAP)))
+    return dict(meta, BM=min(cfg.BM, 32), CAP=next_pow2(KP + cfg.BN), RS=1, num_stages=min(cfg.num_stages, 2))
 
 
 def _launch_compact(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor,
@@ -435,12 +434,13 @@ def _launch_compact(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, ke
     CAP = next_pow2(KP + cfg.BN)
     bv = x.new_empty((M, splits * CAP), dtype=torch.float32)  # scratch: per-(row, split) candidate buffers
     bi = x.new_empty((M, splits * CAP), dtype=torch.int32)
+    meta = compact_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys, bv))
     with on_device_of(x):
-        wrap_triton(_encode_compact_kernel)[(triton.cdiv(M, cfg.BM), splits)](
+        wrap_triton(_encode_compact_kernel)[(triton.cdiv(M, meta["BM"]), splits)](
             x, W_enc, bias, keys, bv, bi,
             M, n, d, chunk,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0), bv.stride(0),
-            **compact_meta(cfg, KP, x.dtype, W_enc.dtype, _needs_wide(x, W_enc, keys, bv)),
+            **meta,
         )
 
 

@@ -257,9 +257,9 @@ def _encode_compact_kernel(
 ):
     """The "compact" selection (docs/kernels.md): no sorting per tile. Entries above the row's running
     threshold (or NaN, or any while the row holds fewer than KP) are compacted with a cumsum into a per-(row,
-    split) buffer of CAP >= KP + BN (value, index) slots in global scratch; only when some row's buffer would
-    overflow is it reduced to its top KP (bitonic top-KP, RS rows at a time, `_select_buffer`), which also
-    raises the threshold; once more at the end, writing the program's top-KP keys as `_encode_topk_kernel` does."""
+    split) buffer of CAP >= KP + BN (value, index) slots in global scratch; only when a whole tile might not
+    fit some row's buffer is it reduced to its top KP (bitonic top-KP, RS rows at a time, `_select_buffer`),
+    before the tile, which also raises the threshold; once more at the end, writing the program's top-KP keys as `_encode_topk_kernel` does."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)

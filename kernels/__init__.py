@@ -44,8 +44,8 @@ else:
         import torch
 
         from . import _cache
-        from .encode_topk import clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
-        from .snce_edit import edit_residual  # noqa: F401
+        from .encode_topk import candidate_keys, clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
+        from .snce_edit import edit_residual, edit_residual_keys  # noqa: F401
         from .sparse_decode import sparse_decode  # noqa: F401
     except ImportError as _e:  # triton missing: available() reports it, the functions raise
         _IMPORT_ERROR = _e
@@ -75,14 +75,24 @@ def _decoder_rows32(sae: Any, targets: list[int]) -> "torch.Tensor":
     return _cache.derived((source,), key, lambda: reference.decoder_rows(sae, targets).detach().float().contiguous())
 
 
+def _allowed_mask(edit_mask: Optional["torch.Tensor"], lead: "torch.Size") -> Optional["torch.Tensor"]:
+    """edit_mask as the edit kernels read it: None (every token), or a bool mask viewed as 2-D [R, L] over the
+    tokens without a copy where its strides allow (the patch's BOS mask is a stride-0 expand)."""
+    if edit_mask is None:
+        return None
+    m = torch.broadcast_to(edit_mask.to(torch.bool), lead)
+    return m.reshape(1, -1) if m.dim() < 2 else m.reshape(-1, m.shape[-1])
+
+
 def encode(x: "torch.Tensor", sae: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Fused TopK encode: x [..., d] -> (values [..., k] in x's dtype, indices [..., k] int32)."""
     _need()
     check_activations(x, sae.W_enc.shape[0])
-    values, indices = _encode32(x, sae)
+    check_k(sae.k, sae.W_enc.shape[1])
+    values, indices = encode_topk(_rows(x), sae.W_enc.detach(), folded_bias(sae), sae.k, True)  # 2 launches
     lead = x.shape[:-1]
     k = values.shape[-1]
-    return values.to(x.dtype).reshape(*lead, k), indices.reshape(*lead, k)
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
 def decode(values: "torch.Tensor", indices: "torch.Tensor", sae: Any) -> "torch.Tensor":
@@ -119,12 +129,19 @@ def edit(
         thr = _cache.constant(thr, torch.float32, x.device)
     check_activations(x, d)
     lead = x.shape[:-1]
-    values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32
-
     tgt = _cache.constant(targets, torch.int32, x.device)
-    z_t = None
-    if gate or mode == "reconstruct":
-        z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), tgt)
+
+    if mode == "residual" and not gate:  # the patch's call: encode kernel + fused merge/edit kernel, 2 launches
+        check_k(sae.k, sae.W_enc.shape[1])
+        x2 = _rows(x)
+        keys = candidate_keys(x2, sae.W_enc.detach(), folded_bias(sae), sae.k)
+        out = edit_residual_keys(x2, keys, sae.k, tgt, _decoder_rows32(sae, targets),
+                                 _allowed_mask(edit_mask, lead), float(scale), clamp is not None,
+                                 float(clamp) if clamp is not None else 0.0)
+        return out.reshape(x.shape)
+
+    values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32
+    z_t = reference.target_activations(values.reshape(*lead, -1), indices.reshape(*lead, -1), tgt)
     allowed = reference.allowed_tokens(z_t, lead, x.device, gate, min_tokens, thr, edit_mask, count_mask)
     allowed = torch.broadcast_to(allowed, lead).reshape(-1)
 

@@ -26,6 +26,12 @@ def assert_topk_matches(x: torch.Tensor, sae, values: torch.Tensor, indices: tor
     vals = values.reshape(-1, k).float()
     assert int(idx.min()) >= 0 and int(idx.max()) < n
     assert (idx.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate indices in a row"
+    bad = ~torch.isfinite(pre).all(-1)
+    for r in bad.nonzero().flatten().tolist():
+        _assert_nonfinite_row_matches(pre[r], idx[r], vals[r], k, x.dtype, rtol, atol)
+    pre, idx, vals = pre[~bad], idx[~bad], vals[~bad]
+    if pre.shape[0] == 0:
+        return
     kth = pre.topk(k, dim=-1).values[:, -1:]
     tol = atol + rtol * kth.abs()
     chosen = pre.gather(-1, idx)
@@ -49,3 +55,20 @@ def make_sae(d: int, n: int, k: int, dtype: torch.dtype = torch.float32, seed: i
         sae.b_enc.copy_(torch.randn(n, generator=g) * 0.05)
         sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
     return sae.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def _assert_nonfinite_row_matches(pre: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, k: int,
+                                  dtype: torch.dtype, rtol: float, atol: float) -> None:
+    """A row whose pre-activations hold NaN or +-inf (docs/kernels.md, "NaN and inf"): NaN ranks above +inf
+    as in torch.topk, so the chosen entries hold as many NaN as the reference's top k and the same other
+    values (infinities exactly); values are ReLU(pre) at the indices (NaN stays NaN), NaN first, then descending."""
+    want = pre.topk(k).values
+    chosen = pre.gather(-1, idx)
+    n_nan = int(want.isnan().sum())
+    assert int(chosen.isnan().sum()) == n_nan, f"{int(chosen.isnan().sum())} NaN chosen, the reference has {n_nan}"
+    got_rest = chosen[~chosen.isnan()].sort(descending=True).values
+    torch.testing.assert_close(got_rest, want[~want.isnan()], rtol=rtol, atol=atol)
+    torch.testing.assert_close(vals, chosen.relu().to(dtype).float(), rtol=max(rtol, 2 * torch.finfo(dtype).eps),
+                               atol=atol, equal_nan=True)
+    assert vals[:n_nan].isnan().all() and not vals[n_nan:].isnan().any(), f"NaN are not first: {vals.tolist()}"
+    assert (vals[n_nan:-1] >= vals[n_nan + 1:]).all(), "values are not sorted descending"

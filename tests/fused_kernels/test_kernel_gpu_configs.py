@@ -43,6 +43,7 @@ def _gpu_encode_launches(monkeypatch, pick=0, record=None):
 
     monkeypatch.setattr(encode_mod, "encode_config", config)
     monkeypatch.setattr(encode_mod, "encode_splits", lambda M, n, KP, cfg, device: split_plan(M, n, cfg, H100_SMS))
+    monkeypatch.setattr(encode_mod, "interpreting", lambda: False)  # the merge kernel's GPU blocks (BS <= 2048)
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,19 @@ def test_encode_with_gpu_default_configs(monkeypatch, M, d, n, k, dtype):
     assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
     cfg = seen[0]
     assert cfg.BN >= 128 and cfg.BM >= 16 and cfg.FEW == 8  # really a GPU config, not the interpreter's
+
+
+@pytest.mark.parametrize("M,d,n,k,dtype", [(1, 100, 1300, 64, torch.float16), (5, 100, 1300, 17, torch.float32),
+                                             (2, 24, 1100, 200, torch.float16), (3, 72, 1300, 1, torch.float32)])
+def test_compact_select_with_gpu_default_configs(monkeypatch, M, d, n, k, dtype):
+    """The "compact" selection path with the hopper tiles and split plan (buffers of next_pow2(KP + BN))."""
+    _gpu_encode_launches(monkeypatch)
+    monkeypatch.setattr(encode_mod, "SELECT", "compact")
+    sae = make_sae(d, n, k, seed=M + k).to(dtype)
+    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(k)) * 2).to(dtype)
+    values, indices = kernels.encode(x, sae)
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
 
 
 def test_encode_with_every_hopper_candidate(monkeypatch):

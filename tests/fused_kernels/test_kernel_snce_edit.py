@@ -127,6 +127,14 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.snce_fast.triton_edit_residual.default, args)
     f = torch.compile(lambda *a: torch.ops.snce_fast.triton_edit_residual(*a) * 1, fullgraph=True, backend="aot_eager")
     assert torch.equal(f(*args), torch.ops.snce_fast.triton_edit_residual(*args))
+    keys = kernels.candidate_keys(x, sae.W_enc.detach(), kernels.folded_bias(sae), sae.k)
+    mask = (torch.arange(3) >= 1).expand(2, 3)
+    for allowed in (None, mask):
+        kargs = (x, keys, sae.k, tgt, args[4], allowed, 0.0, False, 0.0)
+        torch.library.opcheck(torch.ops.snce_fast.triton_edit_residual_keys.default, kargs)
+        want = torch.ops.snce_fast.triton_edit_residual(*args[:5], torch.ones(6, dtype=torch.int8) if allowed is None
+                                                        else mask.reshape(-1).to(torch.int8), *args[6:])
+        assert torch.equal(torch.ops.snce_fast.triton_edit_residual_keys(*kargs), want)
 
 
 @cpu_only

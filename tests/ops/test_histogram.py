@@ -115,6 +115,24 @@ def test_bad_inputs_raise_clearly():
 
 
 @needs_ext
+def test_out_of_range_token_maps_raise_before_any_update():
+    """Every index map is range-checked before a counter moves (the CUDA op's totals kernel had no check;
+    it now asserts on device for the same conditions, `test_gpu_out_of_range_trips_device_assert`)."""
+    idx, val, mask, pot, gop = _batch(2, 3, 2, 10, 2, seed=0)
+    for bad_pot, what in ((pot + 2, r"\[0, 2\)"), (pot - 1, r"\[0, 2\)")):
+        st = H.Histograms.zeros(2, 10)
+        with pytest.raises(RuntimeError, match=r"prompt_of_token must lie in " + what):
+            H.update(idx, val, mask, bad_pot, gop, st, backend="op")
+        assert all(int(getattr(st, f).abs().sum()) == 0 for f in H.STATE_FIELDS)
+    st = H.Histograms.zeros(2, 10)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 10\)"):
+        H.update(idx - 5, val, ~mask.fill_(True), pot, gop, st, backend="op")  # masked tokens are checked too
+    with pytest.raises(RuntimeError, match=r"group_of_prompt must lie in \[0, 2\)"):
+        H.update(idx, val, mask, pot, gop - 3, st, backend="op")
+    assert all(int(getattr(st, f).abs().sum()) == 0 for f in H.STATE_FIELDS)
+
+
+@needs_ext
 def test_opcheck():
     idx, val, mask, pot, gop = _batch(3, 4, 3, 20, 2, seed=3)
     state = H.Histograms.zeros(2, 20).tensors()
@@ -161,3 +179,49 @@ def test_gpu_op_matches_numpy_recount(case):
         want = {f: want[f] + r[f] for f in H.STATE_FIELDS}
     for f in H.STATE_FIELDS:
         assert np.array_equal(getattr(state, f).cpu().numpy(), want[f]), f
+
+
+@pytest.mark.gpu
+def test_gpu_act_sum_is_deterministic_and_equals_cpu():
+    """act_sum was summed with float64 atomics (order-dependent last bits); the CUDA op now adds each cell's
+    entries in token order after a stable sort: bit-identical to the CPU op's, and run to run."""
+    if not _ext.built_with_cuda():
+        pytest.skip("extension built without CUDA")
+    b = _batch(64, 77, 32, 50, 2, seed=7, dup=True)  # n 50: many entries per cell
+    b = (b[0], torch.randn(64 * 77, 32, generator=torch.Generator().manual_seed(1)), *b[2:])  # inexact sums
+    cpu = H.Histograms.zeros(2, 50)
+    H.update(*b, cpu, backend="op")
+    runs = []
+    for _ in range(3):
+        st = H.Histograms.zeros(2, 50, device="cuda")
+        H.update(*(t.cuda() for t in b), st, backend="op")
+        runs.append(st.act_sum.cpu())
+    assert cpu.act_sum.abs().sum() > 0
+    for r in runs:
+        assert torch.equal(r, cpu.act_sum)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["prompt_of_token", "group_of_prompt", "indices"])
+def test_gpu_out_of_range_trips_device_assert(bad):
+    """Out-of-range maps trip a device-side assert (no host sync); run in a child process, whose CUDA context
+    the assert poisons."""
+    import subprocess
+    import sys
+    if not _ext.built_with_cuda():
+        pytest.skip("extension built without CUDA")
+    code = f"""
+import torch
+from snce_fast.ops import histogram as H
+idx = torch.zeros(6, 2, dtype=torch.int32); val = torch.ones(6, 2); mask = torch.ones(6, dtype=torch.bool)
+pot, gop = H.batch_layout(2, 3), torch.zeros(2, dtype=torch.long)
+bad = "{bad}"
+if bad == "prompt_of_token": pot = pot + 5
+if bad == "group_of_prompt": gop = gop + 5
+if bad == "indices": idx = idx + 99
+st = H.Histograms.zeros(1, 10, device="cuda")
+H.update(*(t.cuda() for t in (idx, val, mask, pot, gop)), st, backend="op")
+torch.cuda.synchronize()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "assert" in (r.stdout + r.stderr).lower(), r.stderr[-2000:]

@@ -145,3 +145,48 @@ def test_replay_sentinel_bug_sends_tiles_to_the_sort_path():
     fixed = replay_encode_decisions(x, W, bias, 2, 8, 16, 1, 64, 2, sentinel_bug=False)["codes"]
     assert (bug == 2).all()
     assert (fixed[..., 1:] != 2).any()
+
+
+def test_compile_check_gate_flag_sets_the_exit_code(monkeypatch, capsys):
+    """`compile_check --gate` (what .ci/run calls) exits 1 on a spilling row and 0 on clean rows."""
+    from snce_fast.kernels import compile_check as cc
+
+    clean = dict(kernel="encode_topk", label="bf16 k64", arch="sm_90", ok=True, reg=212, spill_stores=0,
+                 spill_loads=0, seconds=1.0, tensor_cores_expected=True, spill_allowed=False,
+                 sass=dict(tensor_core={"HMMA": 16}, spill_instructions=0))
+    seen = {}
+
+    def fake_run(archs, full=False, jobs=1, progress=True, keep_cache=False, disasm=False):
+        seen["disasm"] = disasm
+        return rows
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(cc, "run", fake_run)
+    rows = [clean]
+    assert cc.main(["--gate", "--quiet", "--jobs", "1"]) == 0 and seen["disasm"] is True
+    rows = [clean, dict(clean, label="bf16 k256", spill_stores=96)]
+    assert cc.main(["--gate", "--quiet", "--jobs", "1"]) == 1
+    assert "GATE FAIL encode_topk sm_90 [bf16 k256]: spills" in capsys.readouterr().out
+    assert cc.main(["--quiet", "--jobs", "1"]) == 0  # without --gate spills are reported, not failed
+
+
+def test_benchmark_tune_candidates_limit(monkeypatch):
+    """`--tune-candidates N` of the kernel benchmarks (scripts/gpu_session.sh's quick set) makes
+    `kernels.tune` time at most N configs, the default first."""
+    import os
+    import sys
+
+    from snce_fast.kernels import _tuning
+
+    monkeypatch.setattr(_tuning, "encode_candidates", _tuning.encode_candidates)  # restored after the test
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    monkeypatch.delitem(sys.modules, "_common", raising=False)
+    import _common
+
+    full = _tuning.encode_candidates(77, 64, "hopper", 2)
+    assert len(full) > 2
+    _common.limit_tuning(2)
+    _common.limit_tuning(2)  # twice: still the first two of the full list
+    assert _tuning.encode_candidates(77, 64, "hopper", 2) == full[:2]
+    with pytest.raises(SystemExit):
+        _common.limit_tuning(0)

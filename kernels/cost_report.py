@@ -508,7 +508,8 @@ def build(arch: int, jobs: int, spec_only: bool, use_real: bool, progress: bool 
         cfg = EncodeConfig(BM=ce["BM"], BN=ce["BN"], BK=ce["BK"], FEW=ce["FEW"], num_warps=c.num_warps,
                            num_stages=c.num_stages)
         splits, chunk = split_plan(M, n, cfg, ARCHS[arch][1])
-        entry: dict[str, Any] = dict(sae=sae_label, prompts=p, M=M, d=d, n=n, k=k, config=c.label, splits=splits,
+        entry: dict[str, Any] = dict(sae=sae_label, prompts=p, M=M, d=d, n=n, k=k, config=c.label,
+                                     compiled_as=row["label"], splits=splits,
                                      chunk=chunk, reg=row.get("reg"), occupancy=row.get("occupancy"),
                                      paths=row.get("paths"))
         if not row.get("ok") or "paths" not in row or "error" in row["paths"]:
@@ -522,6 +523,9 @@ def build(arch: int, jobs: int, spec_only: bool, use_real: bool, progress: bool 
         entry["modelled"] = {}
         for gpu in GPUS[arch]:
             kern = model_kernel(row, rep, gpu, M, d, n, KP, cfg.BM, cfg.BN, cfg.BK, splits)
+            # the same kernel if every tile took the skip path: what the MMA loop, tiles and occupancy cost alone
+            no_sel = dict(codes=np.where(rep["codes"] >= 0, 0, -1), inserts=np.zeros_like(rep["inserts"]))
+            kern0 = model_kernel(row, no_sel, gpu, M, d, n, KP, cfg.BM, cfg.BN, cfg.BK, splits)
             tail = model_tail(M, k, KP, splits, tail_n - 1, gpu)
             eager = model_eager(M, d, n, k, gpu)
             floor = d * n * 2 / gpu.hbm_bytes_s
@@ -532,6 +536,7 @@ def build(arch: int, jobs: int, spec_only: bool, use_real: bool, progress: bool 
             entry["modelled"][gpu.name] = dict(
                 fused_us=[us(lo), us(hi)], kernel_us=[us(kern["kernel_low_s"]), us(kern["kernel_high_s"])],
                 kernel_compute_us=[us(kern["compute_low_s"]), us(kern["compute_high_s"])],
+                kernel_if_every_tile_skipped_us=[us(kern0["kernel_low_s"]), us(kern0["kernel_high_s"])],
                 kernel_hbm_floor_us=us(kern["hbm_floor_s"]), kernel_l2_floor_us=us(kern["l2_floor_s"]),
                 tail_us=us(tail), eager_bf16_us=us(eager["total_s"]),
                 eager_parts_us={k_.removesuffix("_s"): us(v) for k_, v in eager.items() if k_ != "total_s"},
@@ -575,11 +580,12 @@ def build(arch: int, jobs: int, spec_only: bool, use_real: bool, progress: bool 
 def table(rep: dict) -> str:
     """Markdown table of the modelled encode times (for docs/performance.md)."""
     lines = ["| SAE | prompts | config | regs / CTAs per SM | sort / insert / skip tiles | GPU | fused (modelled) µs "
-             "| eager bf16 (modelled) µs | speed-up (modelled) | × W_enc floor (modelled) |",
-             "|---|---:|---|---|---|---|---:|---:|---:|---:|"]
+             "| eager bf16 (modelled) µs | speed-up (modelled) | × W_enc floor (modelled) "
+             "| kernel if no tile selected anything (modelled) µs |",
+             "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|"]
     for e in rep["encode_model"]:
         if "modelled" not in e:
-            lines.append(f"| {e['sae']} | {e['prompts']} | {e['config']} | error: {e.get('error')} |||||||")
+            lines.append(f"| {e['sae']} | {e['prompts']} | {e['config']} | error: {e.get('error')} ||||||||")
             continue
         f = e["replay"]["fraction"]
         for g, m in e["modelled"].items():
@@ -588,8 +594,63 @@ def table(rep: dict) -> str:
                 f"| {e['reg']} / {e['occupancy']['ctas_per_sm']} | {f['sort']:.0%} / {f['insert']:.0%} / "
                 f"{f['skip']:.0%} | {g} | {m['fused_us'][0]:g}-{m['fused_us'][1]:g} | {m['eager_bf16_us']:g} | "
                 f"{m['speedup_over_eager'][0]:g}-{m['speedup_over_eager'][1]:g}× | "
-                f"{m['x_w_enc_floor'][0]:g}-{m['x_w_enc_floor'][1]:g}× |")
+                f"{m['x_w_enc_floor'][0]:g}-{m['x_w_enc_floor'][1]:g}× | "
+                + ("-".join(f"{v:g}" for v in m["kernel_if_every_tile_skipped_us"])
+                   if "kernel_if_every_tile_skipped_us" in m else "-") + " |")
     return "\n".join(lines)
+
+
+def _row_for(rep: dict, e: dict) -> dict:
+    """The compiled config row of a modelled entry (launches that specialise alike share one compile)."""
+    import re
+
+    label = e.get("compiled_as", e["config"])
+    strip = lambda s: re.sub(r" M\d+ ", " ", s)  # noqa: E731
+    return next((r for r in rep["configs"] if r["label"] == label), None) or next(
+        r for r in rep["configs"] if r["kernel"] == "encode_topk" and strip(r["label"]) == strip(label)
+        and "paths" in r)
+
+
+def paths_table(rep: dict) -> str:
+    """Markdown table of the modelled encode configs' SASS: resources, tensor-core / TMA instructions and
+    instructions per warp per path (for docs/performance.md)."""
+    lines = ["| arch | shape | config | regs | CTAs/SM | shared KB | tensor-core ops | TMA ops | MMA loop: instr "
+             "(MMA) per BK step | skip tile | insert tile (+ per insertion) | sort tile (SEL+ISETP / SHFL / BAR) |",
+             "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    seen = set()
+    for e in rep["encode_model"]:
+        if not e.get("paths") or "paths" not in e["paths"]:
+            continue
+        key = e.get("compiled_as", e["config"]) if "compiled_as" in e else _row_for(rep, e)["label"]
+        if key in seen:
+            continue
+        seen.add(key)
+        row = _row_for(rep, e)
+        pa, mm, ins = e["paths"]["paths"], e["paths"].get("mma_loop", {}), e["paths"].get("insert_loop", {})
+        srt = pa.get("sort", {}).get("mix", {})
+        lines.append(
+            f"| {rep['arch']} | {e['config'].split(' BM')[0]} | BM{e['config'].split(' BM')[1]} | {row['reg']} | "
+            f"{row['occupancy']['ctas_per_sm']} | {row['shared_bytes'] / 1024:.0f} | "
+            f"{', '.join(f'{k} {v}' for k, v in row['sass']['tensor_core'].items()) or 'none'} | "
+            f"{', '.join(f'{k} {v}' for k, v in row['sass']['tma'].items()) or 'none'} | "
+            f"{mm.get('instructions', 0)} ({mm.get('tensor_core', 0)}) | {pa.get('skip', {}).get('instructions', '-')} | "
+            f"{pa.get('insert', {}).get('instructions', '-')} (+{ins.get('instructions', 0)}) | "
+            f"{pa.get('sort', {}).get('instructions', '-')} ({srt.get('select_compare', 0)} / {srt.get('shuffle', 0)} / "
+            f"{srt.get('barrier', 0)}) |")
+    return "\n".join(lines)
+
+
+def gate_summary(rep: dict) -> str:
+    """`compile_check.gate` over every config of the report, plus the spills it allows."""
+    from .compile_check import gate
+
+    rows = rep["configs"]
+    problems = gate(rows)
+    allowed = [r for r in rows if r.get("ok") and r.get("spill_allowed") and r.get("spill_stores", 0)]
+    out = [f"{rep['arch']}: {len(rows)} configs, {len(problems)} fail the gate, {len(allowed)} spill where the "
+           f"table says no tile fits (allowed: {', '.join(sorted({r['label'] for r in allowed})) or 'none'})"]
+    out += [f"  GATE FAIL {p}" for p in problems]
+    return "\n".join(out)
 
 
 def _plain(o: Any) -> Any:
@@ -608,7 +669,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="only the modelled encode configs, not every default config of compile_check")
     ap.add_argument("--no-real", action="store_true", help="skip the real MiniLM SAE (needs its cached files)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--tables", nargs="+", metavar="JSON", help="only print the markdown tables of written reports")
     args = ap.parse_args(argv)
+    if args.tables:
+        for f in args.tables:
+            try:
+                rep = json.load(open(f))
+            except (OSError, ValueError) as e:
+                print(f"error: cannot read report {f}: {e}", file=sys.stderr)
+                return 2
+            print(f"## {f}\n\n{table(rep)}\n\n{paths_table(rep)}\n\n{gate_summary(rep)}\n")
+            print("targets (modelled):", json.dumps(rep["targets_modelled"]))
+        return 0
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # jit functions made under the interpreter cannot compile
@@ -628,6 +700,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         atomic_write_text(path, json.dumps(rep, indent=1, default=_plain))
         print(f"sm_{arch}: wrote {path}")
         print(table(rep))
+        print(paths_table(rep))
+        print(gate_summary(rep))
         print("targets (modelled):", json.dumps(rep["targets_modelled"]))
         bad += sum(not r.get("ok") for r in rep["configs"])
     return 1 if bad else 0

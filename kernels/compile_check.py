@@ -272,7 +272,8 @@ def gate(results: list[dict]) -> list[str]:
         spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
         if (spill or r["sass"].get("spill_instructions", 0)) and not r.get("spill_allowed"):
             problems.append(f"{where}: spills ({r.get('spill_stores', 0)} bytes stores, {r.get('spill_loads', 0)} "
-                            f"bytes loads, {r['sass'].get('spill_instructions', 0)} LDL/STL) at {r.get('reg')} registers")
+                            f"bytes loads, {r['sass'].get('spill_instructions', 0)} LDL/STL) at {r.get('reg')} "
+                            "registers")
         if r.get("tensor_cores_expected") and not sum(r["sass"].get("tensor_core", {}).values()):
             problems.append(f"{where}: no tensor-core instruction (HMMA/HGMMA/UTC*MMA count 0) in a config whose "
                             "dtype multiplies on tensor cores")

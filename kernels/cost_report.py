@@ -119,7 +119,8 @@ def _case_work(case: Case, arch: int, cache_dir: Optional[str], detail: bool) ->
     try:
         compiled, log = compile_binary(case, arch, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - reported in the row
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:400])
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        row.update(ok=False, error=f"{type(e).__name__}: {last}"[:400])
         return row
     res = _ptxas_resources(log)
     an = sass.analyse(sass.disassemble(compiled.asm["cubin"]))
@@ -633,10 +634,11 @@ def paths_table(rep: dict) -> str:
             f"{row['occupancy']['ctas_per_sm']} | {row['shared_bytes'] / 1024:.0f} | "
             f"{', '.join(f'{k} {v}' for k, v in row['sass']['tensor_core'].items()) or 'none'} | "
             f"{', '.join(f'{k} {v}' for k, v in row['sass']['tma'].items()) or 'none'} | "
-            f"{mm.get('instructions', 0)} ({mm.get('tensor_core', 0)}) | {pa.get('skip', {}).get('instructions', '-')} | "
+            f"{mm.get('instructions', 0)} ({mm.get('tensor_core', 0)}) | "
+            f"{pa.get('skip', {}).get('instructions', '-')} | "
             f"{pa.get('insert', {}).get('instructions', '-')} (+{ins.get('instructions', 0)}) | "
-            f"{pa.get('sort', {}).get('instructions', '-')} ({srt.get('select_compare', 0)} / {srt.get('shuffle', 0)} / "
-            f"{srt.get('barrier', 0)}) |")
+            f"{pa.get('sort', {}).get('instructions', '-')} ({srt.get('select_compare', 0)} / "
+            f"{srt.get('shuffle', 0)} / {srt.get('barrier', 0)}) |")
     return "\n".join(lines)
 
 

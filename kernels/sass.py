@@ -220,7 +220,8 @@ class Analysis:
         if not outer:
             return []
         top = max(outer, key=lambda lp: lp.latch - lp.head)
-        inner = [j for j, lp in enumerate(self.loops) if lp is not top and top.head <= lp.head and lp.latch <= top.latch]
+        inner = [j for j, lp in enumerate(self.loops)
+                 if lp is not top and top.head <= lp.head and lp.latch <= top.latch]
         block_at = {b.start: k for k, b in enumerate(self.blocks)}
 
         def in_inner(i: int) -> Optional[int]:

@@ -190,3 +190,18 @@ def test_benchmark_tune_candidates_limit(monkeypatch):
     assert _tuning.encode_candidates(77, 64, "hopper", 2) == full[:2]
     with pytest.raises(SystemExit):
         _common.limit_tuning(0)
+
+
+def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
+    """`cost_report --tables` re-prints the docs tables from the committed JSON; a bad file is a one-line error."""
+    import os
+
+    from snce_fast.kernels import cost_report
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+    files = [os.path.join(root, f"cost_report_sm{a}.json") for a in (90, 100)]
+    assert cost_report.main(["--tables", *files]) == 0
+    out = capsys.readouterr().out
+    assert "| random_spec (d 768, n 32768, k 64) | 16 |" in out and "HMMA" in out and "0 fail the gate" in out
+    assert cost_report.main(["--tables", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read report" in capsys.readouterr().err

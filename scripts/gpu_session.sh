@@ -44,6 +44,7 @@ LOG="$OUT/session.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
 t0=$SECONDS
+failed=()
 log() { echo "$*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - (SECONDS - t0) )); }
 save() {
@@ -70,7 +71,9 @@ step() {  # step <limit seconds> <label> <command...>: within the budget left, l
     log "   (dry run: not run here) $*"
   else
     if [ "$DRY" = "1" ]; then timeout "$t" nice "$@" 2>&1 | tee -a "$LOG"; else timeout "$t" "$@" 2>&1 | tee -a "$LOG"; fi
-    log "== $label: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+    local rc=${PIPESTATUS[0]}
+    log "== $label: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || failed+=("$label (exit $rc)")
   fi
   save
 }
@@ -120,6 +123,7 @@ except OSError:
 json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info))
 PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || { log "setup failed: python3 with torch is needed"; save; exit 1; }
 save
 
 build() {
@@ -169,3 +173,8 @@ case "$what" in
     ;;
 esac
 log "done in $((SECONDS - t0)) s: $(ls "$OUT" | tr '\n' ' ')"
+if [ ${#failed[@]} -gt 0 ]; then
+  log "FAILED steps: ${failed[*]}"
+  save
+  exit 1
+fi

@@ -98,8 +98,9 @@ def encode_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 
             dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
                  stride_om=splits * KP),
             constexprs=meta, num_warps=warps, num_stages=stages,
-            # 16-bit tiles (or tf32) multiply on tensor cores; exact fp32 ("ieee") does not
-            tensor_cores=not meta.get("UPCAST", False) or meta.get("PRECISION") in ("tf32", "tf32x3"),
+            # tiles multiplied in a 16-bit dtype run on tensor cores; exact fp32 ("ieee") does not, tf32 does
+            tensor_cores=op in (torch.float16, torch.bfloat16)
+            or (op == torch.float32 and meta.get("PRECISION") in ("tf32", "tf32x3")),
             # a default the table itself says cannot fit (no tile within the no-spill budget) may spill;
             # tuning candidates (j > 0) are allowed to (they are only timed by `tune`)
             spill_allowed=j > 0 or elements_per_thread(cfg.BM, cfg.BN, KP, warps) > budget))

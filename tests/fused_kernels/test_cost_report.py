@@ -205,3 +205,24 @@ def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
     assert "| random_spec (d 768, n 32768, k 64) | 16 |" in out and "HMMA" in out and "0 fail the gate" in out
     assert cost_report.main(["--tables", str(tmp_path / "missing.json")]) == 2
     assert "cannot read report" in capsys.readouterr().err
+
+
+def test_gate_expectations_of_the_default_cases():
+    """The gate expects tensor cores exactly where the tiles multiply in 16 bits, and allows spills only
+    where the tile table has no config within its no-spill budget (k 256)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json\nfrom snce_fast.kernels.compile_check import cases\n"
+            "print(json.dumps([[c.kernel, c.pointers, c.constexprs.get('KP'), c.tensor_cores, c.spill_allowed]"
+            " for c in cases(90)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    for kernel, ptrs, kp, tc, spill_ok in rows:
+        sixteen = kernel == "encode_topk" and ptrs["x_ptr"] == ptrs["w_ptr"] != "float32"
+        assert tc == sixteen, (kernel, ptrs)
+        assert spill_ok == (kernel == "encode_topk" and kp == 256), (kernel, ptrs, kp)

@@ -59,7 +59,7 @@ GPUS = {
             "L2 bandwidth 5.5 TB/s is an assumption (NVIDIA publishes none; microbenchmarks report 5-7 TB/s)"),
         GPU("H200", 132, 1.83e9, 989e12, 4.8e12, 5.5e12,
             "as H100 SXM with 4.8 TB/s HBM3e (NVIDIA H200 datasheet, snce_fast.benchmarking.PEAKS); the lent H200 "
-            "measured 788 TFLOP/s on an 8192^3 bf16 matmul and 4.3 TB/s device copies (device KINDS.md)"),
+            "measured 788 TFLOP/s on an 8192^3 bf16 matmul and 4.3 TB/s device copies (the workplace's device notes)"),
     ],
     100: [
         GPU("B200", 148, 1.85e9, 2.25e15, 8.0e12, 10e12,

@@ -56,7 +56,7 @@ GPUS = {
         GPU("H100 SXM", 132, 1.83e9, 989e12, 3.35e12, 5.5e12,
             "SMs, 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3: NVIDIA H100 datasheet (also snce_fast.benchmarking."
             "PEAKS); 1.83 GHz = 989e12 / (132 SMs x 4096 dense bf16 FLOP/clk/SM), the clock the peak is quoted at; "
-            "L2 bandwidth 5.5 TB/s is an assumption (NVIDIA publishes none; microbenchmarks report 5-7 TB/s)"),
+            "L2 bandwidth 5.5 TB/s is an assumption (NVIDIA publishes no L2 bandwidth)"),
         GPU("H200", 132, 1.83e9, 989e12, 4.8e12, 5.5e12,
             "as H100 SXM with 4.8 TB/s HBM3e (NVIDIA H200 datasheet, snce_fast.benchmarking.PEAKS); the lent H200 "
             "measured 788 TFLOP/s on an 8192^3 bf16 matmul and 4.3 TB/s device copies (the workplace's device notes)"),

@@ -32,6 +32,26 @@ def peaks() -> tuple[Optional[float], Optional[float]]:
     return benchmarking.peaks(torch.device("cuda" if ON_GPU else "cpu"))
 
 
+def limit_tuning(n: Optional[int]) -> None:
+    """Make `kernels.tune` time only the first n candidate configs per shape (None: all). A benchmark knob
+    for short GPU sessions (scripts/gpu_session.sh); the default config (the first) is always among them."""
+    if n is None:
+        return
+    if n < 1:
+        raise SystemExit(f"--tune-candidates must be >= 1, got {n}")
+    from snce_fast.kernels import _tuning
+
+    if "encode_candidates" not in _tuning.tune_encode.__code__.co_names:
+        raise SystemExit("--tune-candidates: kernels._tuning.tune_encode no longer calls encode_candidates; "
+                         "update benchmarks/_common.py limit_tuning")
+    full = _tuning.encode_candidates
+    if getattr(full, "_limited", None) is not None:  # called twice: wrap the original only
+        full = full._limited
+    limited = lambda *a, **kw: full(*a, **kw)[:n]  # noqa: E731
+    limited._limited = full
+    _tuning.encode_candidates = limited  # tune_encode looks it up in its module at call time
+
+
 def mode() -> str:
     return "gpu" if ON_GPU else "cpu"
 

@@ -43,12 +43,18 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--prompts", type=int, nargs="+", help="prompt counts timed on a GPU (default 1 16 64 256; "
+                    "--quick: 1 64); CPU mode keeps its tiny shapes")
+    ap.add_argument("--tune-candidates", type=int, default=None,
+                    help="time only the first N tuning candidates per shape (a short GPU session)")
     args = ap.parse_args(argv)
+    C.limit_tuning(args.tune_candidates)
     dev = "cuda" if C.ON_GPU else "cpu"
     dtype = torch.bfloat16 if C.ON_GPU else torch.float32
     if C.ON_GPU:
         d, n, k = 768, 32768, 64
         prompts, reps = ([1, 16, 64, 256] if not args.quick else [1, 64]), (10 if args.quick else 30)
+        prompts = args.prompts or prompts
     else:
         (d, n, k), prompts, reps = (64, 1024, 8), [1, 2], 3
     sae = C.make_sae(d, n, k, dtype, dev)

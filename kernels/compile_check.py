@@ -8,7 +8,9 @@ variable, ...). This tool runs the real pipeline (TTIR -> TTGIR -> LLVM -> PTX -
 with ptxas) for the launch configurations the dispatcher picks at the docs/performance.md
 shapes, with the same constexprs, warps, stages and integer specialisations as a real
 launch, and reads registers, stack frame and spill bytes from ptxas's report. `--full`
-adds every autotuning candidate. It exits 1 if any configuration fails to compile.
+adds every autotuning candidate. It exits 1 if any configuration fails to compile. `--gate` (CI)
+also disassembles each cubin and exits 1 when a default config spills or has no tensor-core
+instruction although its dtype should use them (`gate`). `kernels/cost_report.py` builds on this.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class Case:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = False  # its SASS must hold tensor-core MMA instructions (`--gate`)
+    spill_allowed: bool = False  # a register spill is expected, not a regression (`--gate`)
 
     def key(self) -> tuple:
         return (self.kernel, tuple(sorted(self.pointers.items())), tuple(sorted(self._int_spec().items())),
@@ -65,42 +69,55 @@ def _kernel(name: str) -> Any:
     return fn
 
 
-def encode_cases(arch: int, full: bool) -> list[Case]:
+def encode_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 32768, d: int = 768,
+                wide: bool = False, full: bool = False) -> list[Case]:
+    """The default launch configuration (every tuning candidate with `full`) of one encode shape for sm_<arch>."""
     import torch
 
-    from ._tuning import encode_candidates, next_pow2, split_plan
+    from ._tuning import NO_SPILL_ELEMENTS, NO_SPILL_ELEMENTS_FP32, elements_per_thread, encode_candidates, \
+        next_pow2, split_plan
     from .encode_topk import kernel_meta, operand_dtype
 
     cls, sms = ARCHS[arch]
+    KP = next_pow2(k)
+    op = operand_dtype(x_dtype, w_dtype)  # the table is chosen by the dtype the tiles multiply in
+    itemsize = torch.empty((), dtype=op).element_size()
+    cands = encode_candidates(M, KP, cls, itemsize)
+    budget = NO_SPILL_ELEMENTS if itemsize <= 2 else NO_SPILL_ELEMENTS_FP32
+    out = []
+    for j, cfg in enumerate(cands if full else cands[:1]):
+        meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide=wide)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        splits, chunk = split_plan(M, n, cfg, sms)
+        xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
+        dts = xt if xt == wt else f"{xt} x / {wt} W"
+        out.append(Case(
+            "encode_topk", f"{dts} k{k} M{M} n{n} d{d}{' int64 offsets' if wide else ''} "
+                           f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{warps} s{stages}",
+            dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", out_ptr="int64"),
+            dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
+                 stride_om=splits * KP),
+            constexprs=meta, num_warps=warps, num_stages=stages,
+            # tiles multiplied in a 16-bit dtype run on tensor cores; exact fp32 ("ieee") does not, tf32 does
+            tensor_cores=op in (torch.float16, torch.bfloat16)
+            or (op == torch.float32 and meta.get("PRECISION") in ("tf32", "tf32x3")),
+            # a default the table itself says cannot fit (no tile within the no-spill budget) may spill;
+            # tuning candidates (j > 0) are allowed to (they are only timed by `tune`)
+            spill_allowed=j > 0 or elements_per_thread(cfg.BM, cfg.BN, KP, warps) > budget))
+    return out
 
-    def make(x_dtype, w_dtype, k: int, M: int, n: int = 32768, d: int = 768, wide: bool = False) -> list[Case]:
-        KP = next_pow2(k)
-        op = operand_dtype(x_dtype, w_dtype)  # the table is chosen by the dtype the tiles multiply in
-        cands = encode_candidates(M, KP, cls, torch.empty((), dtype=op).element_size())
-        out = []
-        for cfg in cands if full else cands[:1]:
-            meta = kernel_meta(cfg, KP, x_dtype, w_dtype, wide=wide)
-            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-            splits, chunk = split_plan(M, n, cfg, sms)
-            xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
-            dts = xt if xt == wt else f"{xt} x / {wt} W"
-            out.append(Case(
-                "encode_topk", f"{dts} k{k} M{M} n{n} d{d}{' int64 offsets' if wide else ''} "
-                               f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} w{warps} s{stages}",
-                dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", out_ptr="int64"),
-                dict(M=M, N=n, D=d, CHUNK=chunk, stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1,
-                     stride_om=splits * KP),
-                constexprs=meta, num_warps=warps, num_stages=stages))
-        return out
+
+def encode_cases(arch: int, full: bool) -> list[Case]:
+    import torch
 
     out = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for k in (1, 17, 32, 64, 256):
             for M in (1,) + tuple(p * PROMPT_TOKENS for p in (1, 16, 64, 256)):  # M 1: specialised to a constant
-                out += make(dtype, dtype, k, M)
-    out += make(torch.float16, torch.float32, 64, PROMPT_TOKENS)  # fp16 pipeline, fp32 SAE: upcast path
+                out += encode_case(arch, dtype, dtype, k, M, full=full)
+    out += encode_case(arch, torch.float16, torch.float32, 64, PROMPT_TOKENS, full=full)  # fp16 pipeline, fp32 SAE
     # the largest SAE of the issue (n 524288 at d 4096): W_enc offsets reach 2**31, int64 path
-    out += make(torch.bfloat16, torch.bfloat16, 64, PROMPT_TOKENS, n=524288, d=4096, wide=True)
+    out += encode_case(arch, torch.bfloat16, torch.bfloat16, 64, PROMPT_TOKENS, n=524288, d=4096, wide=True, full=full)
     return out
 
 
@@ -179,9 +196,8 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str] = None) -> dict:
-    """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel; `cache_dir`:
-    triton's cache for this compile); never raises: a failure is reported in the result."""
+def compile_binary(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str] = None) -> tuple[Any, str]:
+    """(triton's compiled kernel, ptxas -v log) of one case for sm_<arch>; raises on a compile error."""
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
@@ -204,19 +220,35 @@ def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str]
             signature[name] = "fp32"
         else:
             signature[name] = "constexpr"
-    row = dict(kernel=case.kernel, label=case.label, arch=f"sm_{arch}")
-    t0 = time.perf_counter()
     # with TRITON_DUMP_PTXAS_LOG triton prints `ptxas -v` (registers, spills) to stdout
     # (TRITON_DEFAULT_FP_FUSION=1 is triton's current default, set only to silence 3.9's warning about it)
     env = dict(TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"),
                **({"TRITON_CACHE_DIR": cache_dir} if cache_dir else {}))
     log = io.StringIO()
+    src = ASTSource(fn, signature, constexprs, attrs)
+    with _env(**env), contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+    return compiled, log.getvalue()
+
+
+def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str] = None,
+                 disasm: bool = False) -> dict:
+    """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel; `cache_dir`:
+    triton's cache for this compile; `disasm`: also count the cubin's SASS instructions, see
+    `kernels.sass`); never raises: a failure is reported in the result."""
+    row = dict(kernel=case.kernel, label=case.label, arch=f"sm_{arch}")
+    t0 = time.perf_counter()
     try:
-        src = ASTSource(fn, signature, constexprs, attrs)
-        with _env(**env), contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
-        row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **_ptxas_resources(log.getvalue()))
+        compiled, log = compile_binary(case, arch, fn, cache_dir)
+        row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **_ptxas_resources(log))
+        if disasm:
+            from . import sass
+
+            counts = sass.analyse(sass.disassemble(compiled.asm["cubin"])).counts()
+            row.update(tensor_cores_expected=case.tensor_cores, spill_allowed=case.spill_allowed,
+                       sass={k: counts[k] for k in ("instructions", "tensor_core", "tma", "wgmma",
+                                                    "spill_instructions")})
     except Exception as e:  # reported, not raised: one failing config must not hide the others
         msg = str(e).strip().splitlines()
         row.update(ok=False, error=(msg[-1] if msg else type(e).__name__)[:400], error_type=type(e).__name__)
@@ -224,8 +256,33 @@ def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str]
     return row
 
 
+def gate(results: list[dict]) -> list[str]:
+    """Why CI must fail, one line per offending config (empty: pass). A config fails when it did not
+    compile, when it spills registers (ptxas spill bytes or LDL/STL in its SASS) without
+    `spill_allowed`, or when it should multiply on tensor cores (`tensor_cores_expected`) and its SASS
+    holds no HMMA / HGMMA (wgmma) / tcgen05 MMA. Rows need `compile_case(..., disasm=True)`."""
+    problems = []
+    for r in results:
+        where = f"{r.get('kernel')} {r.get('arch')} [{r.get('label')}]"
+        if not r.get("ok"):
+            problems.append(f"{where}: did not compile: {r.get('error_type')}: {r.get('error')}")
+            continue
+        if "sass" not in r:
+            problems.append(f"{where}: no SASS counts (compile with disasm=True)")
+            continue
+        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        if (spill or r["sass"].get("spill_instructions", 0)) and not r.get("spill_allowed"):
+            problems.append(f"{where}: spills ({r.get('spill_stores', 0)} bytes stores, {r.get('spill_loads', 0)} "
+                            f"bytes loads, {r['sass'].get('spill_instructions', 0)} LDL/STL) at {r.get('reg')} "
+                            "registers")
+        if r.get("tensor_cores_expected") and not sum(r["sass"].get("tensor_core", {}).values()):
+            problems.append(f"{where}: no tensor-core instruction (HMMA/HGMMA/UTC*MMA count 0) in a config whose "
+                            "dtype multiplies on tensor cores")
+    return problems
+
+
 def run(archs: list[int], full: bool = False, jobs: int = 1, progress: bool = True,
-        keep_cache: bool = False) -> list[dict]:
+        keep_cache: bool = False, disasm: bool = False) -> list[dict]:
     """Compile all cases for each arch (in `jobs` processes); one result dict per case."""
     work = [(c, a) for a in archs for c in cases(a, full)]
     results: list[dict] = []
@@ -240,12 +297,12 @@ def run(archs: list[int], full: bool = False, jobs: int = 1, progress: bool = Tr
     try:
         if jobs <= 1:
             for c, a in work:
-                results.append(compile_case(c, a, cache_dir=cache_dir))
+                results.append(compile_case(c, a, cache_dir=cache_dir, disasm=disasm))
                 bar and bar.update()
         else:
             with ProcessPoolExecutor(jobs) as pool:
                 for r in pool.map(compile_case, [c for c, _ in work], [a for _, a in work],
-                                  [None] * len(work), [cache_dir] * len(work)):
+                                  [None] * len(work), [cache_dir] * len(work), [disasm] * len(work)):
                     results.append(r)
                     bar and bar.update()
     finally:
@@ -288,6 +345,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use triton's normal cache (faster reruns; cached kernels report no registers)")
+    ap.add_argument("--gate", action="store_true",
+                    help="also disassemble every cubin and exit 1 when a default config spills registers (unless "
+                         "its table says no tile fits) or lost its tensor-core instructions (the CI gate)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # kernels decorated under the interpreter cannot be compiled: rerun without it
@@ -299,8 +359,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     import triton
 
-    results = run(args.arch, args.full, args.jobs, progress=not args.quiet, keep_cache=args.keep_cache)
+    results = run(args.arch, args.full, args.jobs, progress=not args.quiet, keep_cache=args.keep_cache,
+                  disasm=args.gate)
     print(_summary(results))
+    problems = gate([r for r in results]) if args.gate else []
+    if args.gate:
+        allowed = [r for r in results if r.get("ok") and r.get("spill_allowed") and r.get("spill_stores", 0)]
+        print(f"gate: {len(results)} configs, {len(problems)} failing"
+              + (f"; {len(allowed)} spill where the table says no tile fits (allowed)" if allowed else ""))
+        for p in problems:
+            print(f"GATE FAIL {p}")
     if args.json:
         from snce_fast.records.atomic import atomic_write_text
 
@@ -312,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "spills are ptxas's static numbers; nothing here ran on a GPU")
         atomic_write_text(args.json, json.dumps(dict(meta=meta, archs=[f"sm_{a}" for a in args.arch],
                                                      results=results), indent=1))
-    return 0 if all(r["ok"] for r in results) else 1
+    return 0 if all(r["ok"] for r in results) and not problems else 1
 
 
 if __name__ == "__main__":

@@ -422,35 +422,47 @@ print(len(c.ops) + len(calls), ",".join(c.ops))
 
 # ---------------------------------------------------------------------------------------------- inputs
 def spec_inputs(prompts: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The benchmark's random SAE (SAE.random, enc_bias_std 0.05) and randn x, rounded to bf16."""
+    """The benchmark's random SAE and randn x, rounded to bf16. The weights are drawn in the order of
+    snce_fast.sae.SAE.random(d, n, k, seed, enc_bias_std=0.05) (unit decoder rows, W_enc = W_dec^T, normal
+    biases), so they are the same values; built here because the kernels room may not import the sae room."""
     import torch
 
     from snce_fast.ops.reference import folded_encoder_bias
-    from snce_fast.sae import SAE
 
-    sae = SAE.random(SPEC["d"], SPEC["n"], SPEC["k"], seed=seed, enc_bias_std=0.05).to(torch.bfloat16)
+    d, n = SPEC["d"], SPEC["n"]
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(n, d, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b_enc = torch.randn(n, generator=g) * 0.05
+    b_dec = torch.randn(d, generator=g) * 0.1
+    W_enc, b_enc, b_dec = (t.to(torch.bfloat16) for t in (w_dec.t().contiguous(), b_enc, b_dec))
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(prompts * PROMPT_TOKENS, SPEC["d"], generator=g).to(torch.bfloat16)
-    bias = folded_encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec)
-    return x.float().numpy(), sae.W_enc.detach().float().numpy(), bias.detach().numpy()
+    x = torch.randn(prompts * PROMPT_TOKENS, d, generator=g).to(torch.bfloat16)
+    bias = folded_encoder_bias(W_enc, b_enc, b_dec)
+    return x.float().numpy(), W_enc.float().numpy(), bias.detach().numpy()
 
 
 def real_inputs(prompts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The MiniLM SAE (n 4096, k 32, hook output) and the first prompts x 77 cached real MiniLM token activations
-    of COCO training captions (BOS and padding excluded, captions concatenated), all rounded to bf16."""
+    """The MiniLM SAE (n 4096, k 32, hook output; its sae.safetensors and config.json read directly) and the
+    first prompts x 77 cached real MiniLM token activations of COCO training captions (BOS and padding
+    excluded, captions concatenated), all rounded to bf16."""
+    import json
+
     import torch
+    from safetensors.torch import load_file
 
     from snce_fast.ops.reference import folded_encoder_bias
-    from snce_fast.sae import SAE
 
-    sae = SAE.load(REAL_SAE).to(torch.bfloat16)
+    weights = {name: t.to(torch.bfloat16) for name, t in load_file(os.path.join(REAL_SAE, "sae.safetensors")).items()}
+    with open(os.path.join(REAL_SAE, "config.json")) as f:
+        k = int(json.load(f)["k"])
     acts = np.load(REAL_ACTS, mmap_mode="r")
     M = prompts * PROMPT_TOKENS
     if acts.shape[0] < M:
         raise ValueError(f"{REAL_ACTS} has {acts.shape[0]} tokens: expected at least {M}")
     x = torch.from_numpy(np.array(acts[:M], dtype=np.float32)).to(torch.bfloat16)
-    bias = folded_encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec)
-    return x.float().numpy(), sae.W_enc.detach().float().numpy(), bias.detach().numpy(), sae.k
+    bias = folded_encoder_bias(weights["W_enc"], weights["b_enc"], weights["b_dec"])
+    return x.float().numpy(), weights["W_enc"].float().numpy(), bias.detach().numpy(), k
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -127,7 +127,9 @@ def encode_candidates(M: int, KP: int, cls: str, itemsize: int) -> list[EncodeCo
         return [EncodeConfig(BM=min(64, max(16, next_pow2(M))), BN=max(64, KP), BK=64, FEW=4, num_warps=1, num_stages=1)]
     BN = max(128, KP)
     bk = 64 if itemsize <= 2 else 32
-    stages = 3 if cls == "default" else 4
+    # fp32 tiles (fp32 or tf32) at 4 stages spill on sm_90 since NaN-aware selection (k 64: 255 registers,
+    # 20 bytes); 3 stages hold 198 registers and no spill
+    stages = 3 if cls == "default" or itemsize > 2 else 4
     cap_bm = min(128, max(16, next_pow2(M)))
     out = []
     for limit in (NO_SPILL_ELEMENTS if itemsize <= 2 else NO_SPILL_ELEMENTS_FP32, TUNE_MAX_ELEMENTS):

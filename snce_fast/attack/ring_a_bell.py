@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from snce_fast.attack.records import AttackResult
+from snce_fast.checks import positive_int
 from snce_fast.attack.victim import Victim
 
 
@@ -33,9 +34,7 @@ class GAConfig:
 
     def check(self) -> None:
         for name in ("population", "length", "elite", "budget", "tournament"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"GAConfig.{name}={v!r} is invalid: expected a positive int")
+            positive_int(getattr(self, name), f"GAConfig.{name}")
         if self.elite >= self.population:
             raise ValueError(f"GAConfig.elite={self.elite} is invalid: expected fewer than population={self.population}")
         if not 0.0 <= self.mutation <= 1.0:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from snce_fast.attack.records import AttackResult
+from snce_fast.checks import positive_int
 from snce_fast.attack.victim import Victim
 from snce_fast.evaluation.probes import mean_pool
 from snce_fast.ops import reference
@@ -38,9 +39,7 @@ class WhiteboxConfig:
 
     def check(self) -> None:
         for name in ("length", "steps", "candidates", "topk", "budget"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"WhiteboxConfig.{name}={v!r} is invalid: expected a positive int")
+            positive_int(getattr(self, name), f"WhiteboxConfig.{name}")
         if not self.penalty >= 0:
             raise ValueError(f"WhiteboxConfig.penalty={self.penalty!r} is invalid: expected a number >= 0")
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from snce_fast.checks import Neurons, unique_neurons
+from snce_fast.checks import Neurons, positive_int, unique_neurons
 from snce_fast.hooks.batching import TOKEN_BUDGET
 from snce_fast.workflow.detect import prompt_activations
 from snce_fast.workflow.pairs import Pair, check_pairs
@@ -149,9 +149,7 @@ class Contrastive:
     _refs: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     def top(self, n: int = 1) -> list[int]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} is invalid: expected a positive int")
-        return self.latents[:n]
+        return self.latents[:positive_int(n, "n")]
 
     def thresholds_for(self, neurons: Neurons) -> list[float]:
         order = [neurons] if isinstance(neurons, int) else [int(j) for j in neurons]
@@ -187,8 +185,7 @@ class Contrastive:
         the objective on the union of flags while the union still flags <= `twin_cap` of the twins (default
         2 x twin_fpr) and <= `reference_cap[g]` of each reference group (default 2 x fpr[g]); stop when
         nothing raises it or at `max_size` latents."""
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"max_size={max_size!r} is invalid: expected a positive int")
+        positive_int(max_size, "max_size")
         t_cap = 2 * self.twin_fpr if twin_cap is None else twin_cap
         r_cap = {g: 2 * r for g, r in self.fpr.items()} if reference_cap is None else dict(reference_cap)
         K = min(pool, len(self.latents))

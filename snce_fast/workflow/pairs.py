@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from snce_fast.checks import positive_int
+
 PAIR_COLUMNS = ("concept", "neutral")
 SKIP_REASONS = ("wrong column count", "empty member", "identical members", "not a JSON object")
 
@@ -216,8 +218,7 @@ def generate_pairs(spec: PhrasingSpec, n_per_family: int = 40, seed: int = 0) ->
     """Deterministic pairs: per family, `n_per_family` distinct scenes (subject + setting, seeded), worded
     by the family's phrasings in turn; each Pair's family is '<family>'. Same spec + seed -> same pairs."""
     spec.check()
-    if isinstance(n_per_family, bool) or not isinstance(n_per_family, int) or n_per_family < 1:
-        raise ValueError(f"n_per_family={n_per_family!r} is invalid: expected a positive int")
+    positive_int(n_per_family, "n_per_family")
     scenes = [f"{a} {b}" for a in spec.subjects for b in spec.settings]
     if n_per_family > len(scenes):
         raise ValueError(f"n_per_family={n_per_family} exceeds the {len(scenes)} distinct scenes "

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -24,6 +25,7 @@ from snce_fast.records.lock import output_lock  # noqa: F401  (re-exported)
 from snce_fast.sae import load_pretrained
 from snce_fast.sae.hub import split_hub_spec
 from snce_fast.sae.fingerprint import sae_hash
+from snce_fast.workflow import pairs as pairs_lib
 from snce_fast.workflow.corpus import SKIP_REASONS, PromptFile, read_prompts, skips_before_a_prompt
 
 
@@ -247,6 +249,30 @@ def read_prompt_file(path: str, what: str, column: str = "prompt", limit: Option
         return read_prompts(path, column, limit, skipped=skipped)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what} {path!r}: {e}") from None
+
+
+def read_required_prompts(path: str, flag: str, column: str, expected: str = "at least 1") -> list[str]:
+    """The prompts of one prompt-file flag; a file with none is a UsageError naming its skipped rows and
+    `expected` (what the command needs, e.g. "at least 2")."""
+    skipped: dict[str, int] = {}
+    prompts = read_prompt_file(path, flag, column, skipped=skipped)
+    if not prompts:
+        raise UsageError(f"{flag} {path!r} has no usable prompts ({skip_summary(skipped, column) or 'no rows'}): "
+                         f"expected {expected}")
+    return prompts
+
+
+def read_pair_file(path: str, what: str = "--pairs") -> list[tuple[str, str]]:
+    """(concept, neutral) rows of a pair file (snce_fast.workflow.pairs.read_pairs); its skipped rows are
+    reported as one line on stderr, a file without a valid pair is a UsageError."""
+    skipped: dict[str, int] = {}
+    try:
+        pairs = pairs_lib.read_pairs(path, skipped=skipped, what=what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if pairs_lib.skip_summary(skipped):
+        print(f"{what} {path}: {pairs_lib.skip_summary(skipped)}", file=sys.stderr)
+    return [(p.concept, p.neutral) for p in pairs]
 
 
 def skipped_before_a_prompt(path: str, what: str, column: str = "prompt") -> Optional[dict[str, int]]:

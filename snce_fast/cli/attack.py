@@ -25,8 +25,8 @@ from snce_fast.cli._common import (
     output_lock,
     parse_neurons,
     positive,
-    read_prompt_file,
-    skip_summary,
+    read_pair_file,
+    read_required_prompts,
 )
 from snce_fast.hooks.activations import check_max_length
 
@@ -35,12 +35,7 @@ DEFENCES = ("snce", "none", "leace", "leace-gated")
 
 
 def _prompts(path: str, flag: str, column: str) -> list[str]:
-    skipped: dict[str, int] = {}
-    prompts = list(dict.fromkeys(read_prompt_file(path, flag, column, skipped=skipped)))
-    if not prompts:
-        raise UsageError(f"{flag} {path!r} has no usable prompts ({skip_summary(skipped, column) or 'no rows'}): "
-                         "expected at least 1")
-    return prompts
+    return list(dict.fromkeys(read_required_prompts(path, flag, column)))
 
 
 def _check_flags(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -118,7 +113,6 @@ def _run(args: argparse.Namespace, out: Path, prompts_out: Path) -> int:
         summarize, vocabulary, whitebox, write_prompts,
     )
     from snce_fast.attack.records import result_dicts
-    from snce_fast.cli.efficacy import read_pairs
 
     sae = load_sae(args.sae)
     apply_calibration(args, sae)
@@ -127,7 +121,7 @@ def _run(args: argparse.Namespace, out: Path, prompts_out: Path) -> int:
     seeds = _prompts(args.seeds, "--seeds", args.column)
     concept = _prompts(args.concept, "--concept", args.column)
     ordinary = _prompts(args.ordinary, "--ordinary", args.column)
-    pairs = read_pairs(args.pairs) if args.pairs else []
+    pairs = read_pair_file(args.pairs) if args.pairs else []
     defence = _defence(args, sae, neurons)
     ga = GAConfig(population=args.population, length=args.length, elite=args.elite, mutation=args.mutation,
                   budget=args.budget, eta=args.eta, seed=args.seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,12 @@ from snce_fast.cli._common import (
     output_lock,
     parse_neurons,
     positive,
-    read_prompt_file,
-    skip_summary,
+    read_pair_file,
+    read_required_prompts,
 )
 from snce_fast.hooks.activations import check_max_length
-from snce_fast.workflow import pairs as pairs_lib
 
 BASELINES = ("leace", "leace-gated")
-
-
-def read_pairs(path: str, what: str = "--pairs") -> list[tuple[str, str]]:
-    """(concept, neutral) rows of a pair file (snce_fast.workflow.pairs.read_pairs); skipped rows are
-    reported as one line."""
-    skipped: dict[str, int] = {}
-    try:
-        pairs = pairs_lib.read_pairs(path, skipped=skipped, what=what)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if pairs_lib.skip_summary(skipped):
-        print(f"{what} {path}: {pairs_lib.skip_summary(skipped)}", file=sys.stderr)
-    return [(p.concept, p.neutral) for p in pairs]
 
 
 def split(prompts: list[str], fraction: float, seed: int, what: str) -> tuple[list[str], list[str]]:
@@ -60,13 +45,9 @@ def split(prompts: list[str], fraction: float, seed: int, what: str) -> tuple[li
     return order[:n], order[n:]
 
 
-def _prompts(path: str, flag: str, column: str) -> list[str]:
-    skipped: dict[str, int] = {}
-    prompts = read_prompt_file(path, flag, column, skipped=skipped)
-    if not prompts:
-        raise UsageError(f"{flag} {path!r} has no usable prompts ({skip_summary(skipped, column) or 'no rows'}): "
-                         "expected at least 2")
-    return prompts
+def _split_file(args: argparse.Namespace, path: str, flag: str) -> tuple[list[str], list[str]]:
+    """`split` of one prompt-file flag's prompts (at least 2 needed: one fits the reader, one is measured)."""
+    return split(read_required_prompts(path, flag, args.column, "at least 2"), args.train_fraction, args.seed, flag)
 
 
 def _check_flags(args: argparse.Namespace) -> Path:
@@ -132,15 +113,10 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     apply_calibration(args, sae)
     check_edit_options(args)
     neurons = check_neurons(parse_neurons(args.neurons), sae.n_latents)
-    c_train, c_test = split(_prompts(args.concept, "--concept", args.column), args.train_fraction, args.seed, "--concept")
-    o_train, o_test = split(_prompts(args.ordinary, "--ordinary", args.column), args.train_fraction, args.seed,
-                            "--ordinary")
-    m_train: list[str] = []
-    m_test: list[str] = []
-    if args.matched:
-        m_train, m_test = split(_prompts(args.matched, "--matched", args.column), args.train_fraction, args.seed,
-                                "--matched")
-    pairs = read_pairs(args.pairs) if args.pairs else []
+    c_train, c_test = _split_file(args, args.concept, "--concept")
+    o_train, o_test = _split_file(args, args.ordinary, "--ordinary")
+    m_train, m_test = _split_file(args, args.matched, "--matched") if args.matched else ([], [])
+    pairs = read_pair_file(args.pairs) if args.pairs else []
     edits = _edits(args, sae, neurons)
     loaded = load_encoder(args.model, args.encoder)
     check_max_length(loaded.encoder, loaded.tokenizer, args.max_length)

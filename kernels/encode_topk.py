@@ -141,6 +141,30 @@ def _topk_last(x, K: tl.constexpr):
 
 
 @triton.jit
+def _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd, stride_wn,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    """[BM, BN] fp32 pre-activations x[rows] @ W_enc[:, cols] + bias[cols] of one tile (masked rows and columns
+    read 0), accumulated over BK-wide blocks of d."""
+    cols_o = cols.to(tl.int64) if WIDE else cols
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        ks_o = ks.to(tl.int64) if WIDE else ks
+        xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:  # mixed or fp32 inputs: fp32 tiles, tf32 (16-bit x) or exact ieee (fp32 x) products
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+    return acc + bias[None, :]
+
+
+@triton.jit
 def _encode_topk_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, D, CHUNK,
@@ -163,23 +187,9 @@ def _encode_topk_kernel(
     n_end = tl.minimum(n_start + CHUNK, N)
     for n0 in range(n_start, n_end, BN):
         cols = n0 + tl.arange(0, BN)
-        cols_o = cols.to(tl.int64) if WIDE else cols
         cmask = cols < n_end
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < D
-            ks_o = ks.to(tl.int64) if WIDE else ks
-            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:  # mixed or fp32 inputs: fp32 tiles, tf32 (16-bit x) or exact ieee (fp32 x) products
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        pre = acc + bias[None, :]
+        pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
+                           stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
         # NaN ranks first (as torch.topk): always a candidate; while a row still holds sentinels every entry is
         # one (-inf included), so a row with fewer than KP values above -inf never keeps a sentinel
         cand = (pre > thr_v[:, None]) | (pre != pre) | _is_sentinel(thr_key)[:, None]
@@ -277,23 +287,9 @@ def _encode_compact_kernel(
         if tl.reduce(cnt, 0, max_combine) > CAP - BN:
             cnt, thr = _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, False)
         cols = n0 + tl.arange(0, BN)
-        cols_o = cols.to(tl.int64) if WIDE else cols
         cmask = cols < n_end
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < D
-            ks_o = ks.to(tl.int64) if WIDE else ks
-            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        pre = acc + bias[None, :]
+        pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
+                           stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
         live = cmask[None, :] & rmask[:, None]
         cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
         n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)

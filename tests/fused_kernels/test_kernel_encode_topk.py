@@ -24,6 +24,15 @@ CPU_OK = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not CPU_OK, reason="CPU tests need TRITON_INTERPRET=1")
 
 
+def _encode_matches_reference(M, d, n, k, dtype):
+    """kernels.encode of a seeded SAE and x (scaled by 2) against the reference top-k."""
+    sae = make_sae(d, n, k, seed=M + d)
+    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    values, indices = kernels.encode(x, sae)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
+
+
 @cpu_only
 @pytest.mark.parametrize(
     "M,d,n,k,dtype",
@@ -38,11 +47,7 @@ cpu_only = pytest.mark.skipif(not CPU_OK, reason="CPU tests need TRITON_INTERPRE
     ],
 )
 def test_encode_matches_reference(M, d, n, k, dtype):
-    sae = make_sae(d, n, k, seed=M + d)
-    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    values, indices = kernels.encode(x, sae)
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
+    _encode_matches_reference(M, d, n, k, dtype)
 
 
 @cpu_only
@@ -357,11 +362,7 @@ def test_compact_select_path_matches_reference(monkeypatch, M, d, n, k, dtype):
     """The "compact" selection (threshold filter + cumsum compaction into a per-(row, split) buffer, a top-KP
     only when a buffer would overflow and once at the end) against the reference."""
     monkeypatch.setattr(encode_mod, "SELECT", "compact")
-    sae = make_sae(d, n, k, seed=M + d)
-    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    values, indices = kernels.encode(x, sae)
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    assert_topk_matches(x, sae, values, indices, rtol=tol, atol=tol)
+    _encode_matches_reference(M, d, n, k, dtype)
 
 
 @cpu_only

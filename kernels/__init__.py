@@ -45,7 +45,8 @@ else:
 
         from . import _cache
         from .encode_topk import candidate_keys, clear_bias_cache, encode_topk, folded_bias, tune  # noqa: F401
-        from .snce_edit import edit_residual, edit_residual_keys  # noqa: F401
+        from .encode_topk import check_select
+        from .snce_edit import edit_residual, edit_residual_keys, edit_residual_threshold  # noqa: F401
         from .sparse_decode import sparse_decode  # noqa: F401
     except ImportError as _e:  # triton missing: available() reports it, the functions raise
         _IMPORT_ERROR = _e
@@ -134,10 +135,12 @@ def edit(
     if mode == "residual" and not gate:  # the patch's call: encode kernel + fused merge/edit kernel, 2 launches
         check_k(sae.k, sae.W_enc.shape[1])
         x2 = _rows(x)
-        keys = candidate_keys(x2, sae.W_enc.detach(), folded_bias(sae), sae.k)
-        out = edit_residual_keys(x2, keys, sae.k, tgt, _decoder_rows32(sae, targets),
-                                 _allowed_mask(edit_mask, lead), float(scale), clamp is not None,
-                                 float(clamp) if clamp is not None else 0.0)
+        args = (tgt, _decoder_rows32(sae, targets), _allowed_mask(edit_mask, lead), float(scale), clamp is not None,
+                float(clamp) if clamp is not None else 0.0)
+        if check_select() == "threshold":  # 3 launches: threshold, filter, select + edit
+            out = edit_residual_threshold(x2, sae.W_enc.detach(), folded_bias(sae), sae.k, *args)
+        else:
+            out = edit_residual_keys(x2, candidate_keys(x2, sae.W_enc.detach(), folded_bias(sae), sae.k), sae.k, *args)
         return out.reshape(x.shape)
 
     values, indices = _encode32(x, sae)  # fp32 z (unrounded), int32

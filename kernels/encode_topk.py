@@ -408,9 +408,10 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b.view(torch.float32), (keys & 0xFFFFFFFF).to(torch.int32)
 
 
-SELECT_PATHS = ("sort", "compact")
-# "sort" (default): `_encode_topk_kernel`; "compact": `_encode_compact_kernel` (no per-tile sorting; not yet
-# measured on a GPU, so not the default). SNCE_FAST_ENCODE_SELECT picks it per process; tests set `SELECT`.
+SELECT_PATHS = ("sort", "compact", "threshold")
+# "sort" (default): `_encode_topk_kernel`; "compact": `_encode_compact_kernel` (no per-tile sorting);
+# "threshold": kernels/encode_threshold.py (sampled threshold, filter, per-token tail). The last two are not yet
+# measured on a GPU, so not the default. SNCE_FAST_ENCODE_SELECT picks it per process; tests set `SELECT`.
 SELECT = os.environ.get("SNCE_FAST_ENCODE_SELECT", "sort")
 
 
@@ -440,18 +441,23 @@ def _launch_compact(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, ke
         )
 
 
+def check_select() -> str:
+    """The selection path in use (`SELECT`), or a ValueError naming the bad value."""
+    if SELECT not in SELECT_PATHS:
+        raise ValueError(f"SNCE_FAST_ENCODE_SELECT={SELECT!r}: expected one of {SELECT_PATHS}")
+    return SELECT
+
+
 def candidate_keys(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
     """Launch the encode kernel of the `SELECT` path: [M, splits * KP] int64 candidate keys (each program's top
     KP; unordered for "sort", sorted for "compact")."""
-    if SELECT not in SELECT_PATHS:
-        raise ValueError(f"SNCE_FAST_ENCODE_SELECT={SELECT!r}: expected one of {SELECT_PATHS}")
     M, d = x.shape
     n = W_enc.shape[1]
     KP = next_pow2(k)
     cfg = encode_config(M, n, d, KP, operand_dtype(x.dtype, W_enc.dtype), x.device)
     splits, chunk = encode_splits(M, n, KP, cfg, x.device)
     keys = x.new_empty((M, splits * KP), dtype=torch.int64)
-    (_launch_compact if SELECT == "compact" else _launch)(x, W_enc, bias, keys, cfg, KP, splits, chunk)
+    (_launch_compact if check_select() == "compact" else _launch)(x, W_enc, bias, keys, cfg, KP, splits, chunk)
     return keys
 
 
@@ -486,6 +492,9 @@ def encode_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     vdt = x.dtype if values_in_x_dtype else torch.float32
     if x.shape[0] == 0:
         return x.new_empty((0, k), dtype=vdt), x.new_empty((0, k), dtype=torch.int32)
+    if check_select() == "threshold":
+        from .encode_threshold import threshold_topk
+        return threshold_topk(x, W_enc, bias, k, vdt)
     return merge_keys(candidate_keys(x, W_enc, bias, k), k, vdt)
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._combine import max_combine, sum_combine
+from .encode_threshold import Survivors, _select_row, select_blocks
 from .encode_topk import _merge_row, _unpack_relu, merge_blocks
 from ._registry import on_device_of, register_op
 from ._tuning import interpreting, next_pow2
@@ -85,6 +86,27 @@ def _edit_keys_kernel(
     `_merge_topk_kernel`), then `_edit_row`."""
     m = tl.program_id(0).to(tl.int64)
     v, idx = _unpack_relu(tl.reshape(_merge_row(key_ptr + m * stride_km, S, KP, BS), (KP,)))
+    ks = tl.arange(0, KP)
+    idx = tl.where(ks < K, idx, -1)
+    v = tl.where(ks < K, v, 0.0)
+    _edit_row(x_ptr, o_ptr, m, idx, v, t_ptr, wt_ptr, a_ptr, T, D, stride_xm, stride_om, a_rows, stride_a0, stride_a1,
+              scale, clamp, USE_CLAMP, HAS_ALLOWED, BT, BD)
+
+
+@triton.jit
+def _select_edit_kernel(
+    x_ptr, key_ptr, cnt_ptr, w_ptr, b_ptr, t_ptr, wt_ptr, a_ptr, o_ptr,
+    CAP, N, K, T, D,
+    stride_xm, stride_xd, stride_km, stride_wd, stride_wn, stride_om, a_rows, stride_a0, stride_a1,
+    scale, clamp,
+    USE_CLAMP: tl.constexpr, HAS_ALLOWED: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
+    BNF: tl.constexpr, BKF: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """The threshold selection's tail fused into the edit (kernels/encode_threshold.py): token m's top K from
+    its survivors (or recomputed when they overflowed), then `_edit_row`."""
+    m = tl.program_id(0).to(tl.int64)
+    v, idx = _unpack_relu(_select_row(key_ptr, cnt_ptr, x_ptr, w_ptr, b_ptr, m, CAP, N, D, stride_km, stride_xm,
+                                      stride_xd, stride_wd, stride_wn, KP, BS, BNF, BKF))
     ks = tl.arange(0, KP)
     idx = tl.where(ks < K, idx, -1)
     v = tl.where(ks < K, v, 0.0)
@@ -162,6 +184,42 @@ def edit_residual_keys(
             float(scale), float(clamp),
             USE_CLAMP=bool(use_clamp), **edit_keys_blocks(keys.shape[1], k, T, d, interpreting(), allowed is not None),
         )
+    return out
+
+
+def _edit_residual_threshold_fake(
+    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, targets: torch.Tensor, w_t: torch.Tensor,
+    allowed: Optional[torch.Tensor], scale: float, use_clamp: bool, clamp: float,
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@register_op("snce_fast::triton_edit_residual_threshold", _edit_residual_threshold_fake)
+def edit_residual_threshold(
+    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, targets: torch.Tensor, w_t: torch.Tensor,
+    allowed: Optional[torch.Tensor], scale: float, use_clamp: bool, clamp: float,
+) -> torch.Tensor:
+    """Encode by threshold selection and edit x [M, d] (contiguous rows): three launches in all, the tail's
+    top-K selection fused into the edit kernel (`_select_edit_kernel`)."""
+    from .encode_threshold import survivors
+    M, d = x.shape
+    T = targets.shape[0]
+    out = torch.empty_like(x)
+    if M == 0:
+        return out
+    s: Survivors = survivors(x, W_enc, bias, k)
+    a, a_rows, sa0, sa1 = _allowed_args(allowed, M, targets)
+    eb = edit_blocks(k, T, d, interpreting())
+    sb = select_blocks(s.plan, interpreting())
+    with on_device_of(x):
+        wrap_triton(_select_edit_kernel)[(M,)](
+            x, s.keys, s.counts, W_enc, bias, targets, w_t, a, out,
+            s.plan.CAP, W_enc.shape[1], k, T, d,
+            x.stride(0), x.stride(1), s.keys.stride(0), W_enc.stride(0), W_enc.stride(1), out.stride(0),
+            a_rows, sa0, sa1,
+            float(scale), float(clamp),
+            USE_CLAMP=bool(use_clamp), HAS_ALLOWED=allowed is not None, KP=sb["KP"], BS=sb["BS"], BNF=sb["BNF"],
+            BKF=sb["BKF"], BT=eb["BT"], BD=eb["BD"], num_warps=max(sb["num_warps"], eb["num_warps"]))
     return out
 
 

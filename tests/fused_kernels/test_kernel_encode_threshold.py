@@ -1,0 +1,157 @@
+"""The "threshold" selection of the fused encode (kernels/encode_threshold.py) against the eager reference."""
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+
+pytest.importorskip("triton")
+
+from snce_fast import kernels  # noqa: E402
+from snce_fast.ops import reference  # noqa: E402
+
+from helpers_topk import assert_topk_matches, make_sae  # noqa: E402
+
+encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
+thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+# the tile of the GPU table (BM 64/128 x BN 128, one tile in 8 sampled) under the interpreter
+_GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=128, BK=32, STRIDE=8, num_warps=4, num_stages=3)
+
+
+@pytest.fixture(autouse=True)
+def _threshold_path(monkeypatch):
+    monkeypatch.setattr(encode_mod, "SELECT", "threshold")
+
+
+def _case(M, d, n, k, dtype, seed=0):
+    sae = make_sae(d, n, k, seed=M + d + seed)
+    x = (torch.randn(M, d, generator=torch.Generator().manual_seed(1 + seed)) * 2).to(dtype)
+    return sae, x
+
+
+def _tol(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize(
+    "M,d,n,k,dtype",
+    [
+        (0, 40, 300, 3, torch.float32),      # no tokens
+        (1, 40, 300, 1, torch.float32),      # one token, k 1
+        (5, 100, 1000, 17, torch.float32),   # odd k, n not a multiple of the tile
+        (77, 48, 530, 17, torch.float16),    # a prompt's worth of tokens, more than one row block
+        (3, 33, 97, 17, torch.float32),      # n barely above k
+        (6, 40, 700, 64, torch.float32),
+        (70, 64, 2048, 3, torch.float32),
+    ],
+)
+def test_threshold_select_matches_reference(M, d, n, k, dtype):
+    sae, x = _case(M, d, n, k, dtype)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=_tol(dtype), atol=_tol(dtype))
+
+
+@pytest.mark.parametrize("M,d,n,k,dtype", [(1, 72, 4100, 64, torch.float16), (70, 40, 3000, 17, torch.float32),
+                                             (9, 40, 1300, 5, torch.float16)])
+def test_threshold_select_with_gpu_tiles(monkeypatch, M, d, n, k, dtype):
+    """The GPU tile and sampling (several sampled tiles, sub-tile groups), mixed dtypes (16-bit x, fp32 SAE)."""
+    monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: _GPU_CFG)
+    sae, x = _case(M, d, n, k, dtype)
+    sae = sae.float()
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=3e-3, atol=3e-3)
+
+
+def test_survivors_hold_the_top_k_and_few_more(monkeypatch):
+    """The threshold is a lower bound of each row's k-th value (every true top-k entry survives), and tight:
+    on a random SAE about 1.15 k * STRIDE entries survive per row (here < 3 k * STRIDE), far below CAP."""
+    monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: _GPU_CFG)
+    M, d, n, k = 33, 64, 8192, 16
+    sae, x = _case(M, d, n, k, torch.float32)
+    bias = encode_mod.folded_bias(sae)
+    s = thr_mod.survivors(x, sae.W_enc, bias, k)
+    assert s.plan.NS == 8 and s.plan.step == 8 and s.plan.G >= 4 * k
+    counts = s.counts.long()
+    assert (counts >= k).all() and (counts <= s.plan.CAP).all(), counts
+    assert counts.float().mean() < 3 * k * thr_mod.STRIDE, counts.float().mean()
+    want = reference.pre_activations(x, sae).topk(k, dim=1).indices
+    for r in range(M):
+        got = set((s.keys[r, :counts[r]] & 0xFFFFFFFF).tolist())
+        assert set(want[r].tolist()) <= got, r
+    assert int(thr_mod._tickets(x.device, s.plan.MB)[:s.plan.MB].abs().sum()) == 0  # left ready for the next launch
+
+
+def test_overflowing_rows_are_recomputed_not_truncated(monkeypatch):
+    """Rows whose survivors overflow the buffer (a tiny CAP here; NaN rows and degenerate SAEs in use) take the
+    direct path: still the exact top k."""
+    monkeypatch.setattr(thr_mod, "CAP_FACTOR", 0)
+    M, d, n, k = 7, 40, 900, 9
+    sae, x = _case(M, d, n, k, torch.float32)
+    s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+    assert s.plan.CAP == 16 and (s.counts > s.plan.CAP).all()  # every row overflows
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_rows(dtype):
+    """NaN ranks first (as torch.topk), +-inf rows, a row with fewer than k values above -inf."""
+    d, n, k = 40, 300, 17
+    sae = make_sae(d, n, k, seed=4)
+    with torch.no_grad():
+        sae.W_enc[0].copy_(-sae.W_enc[0].abs())
+        sae.W_enc[0, [5, 77, 200]] = 1.0
+    x = torch.randn(6, d, generator=torch.Generator().manual_seed(3))
+    x[1, 3] = float("nan")
+    x[2, 1] = float("inf")
+    x[3, 1], x[3, 2] = float("inf"), float("-inf")
+    x[4, 0] = float("inf")
+    x = x.to(dtype)
+    values, indices = kernels.encode(x, sae)
+    ref_v, _ = reference.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices, rtol=2e-3, atol=2e-3)
+    assert torch.equal(values.isnan(), ref_v.isnan())
+    assert torch.equal(indices[4, :3].sort().values, torch.tensor([5, 77, 200], dtype=torch.int32))
+
+
+def test_all_equal_pre_activations():
+    """A zero SAE: every entry ties (all survive, the buffer overflows): k distinct indices, values 0."""
+    d, n, k = 24, 500, 11
+    sae = make_sae(d, n, k, seed=2)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()
+    x = torch.randn(4, d, generator=torch.Generator().manual_seed(5))
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices)
+    assert (values == 0).all()
+
+
+def test_repeated_calls_agree():
+    """The tickets are reset by each launch: a second call (and one with another row count) gives the same."""
+    sae, x = _case(70, 40, 1000, 17, torch.float32)
+    v1, i1 = kernels.encode(x, sae)
+    kernels.encode(x[:5], sae)
+    v2, i2 = kernels.encode(x, sae)
+    assert torch.equal(i1, i2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(clamp=0.1), dict(scale=0.5, edit_mask=True)])
+def test_patched_edit_by_threshold_matches_reference(kw):
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(1))
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    if kw.pop("edit_mask", False):
+        kw["edit_mask"] = (torch.arange(L) >= 1).expand(B, L)
+    out = kernels.edit(x, sae, neurons, **kw)
+    torch.testing.assert_close(out, reference.edit(x, sae, neurons, **kw), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, x)

@@ -64,8 +64,12 @@ def _kernel(name: str) -> Any:
         from .snce_edit import _edit_residual_kernel as fn
     elif name == "sparse_decode":
         from .sparse_decode import _sparse_decode_kernel as fn
+    elif name in THRESHOLD_KERNELS:
+        from . import encode_threshold
+        fn = getattr(encode_threshold, THRESHOLD_KERNELS[name])
     else:
-        raise ValueError(f"unknown kernel {name!r}: expected encode_topk, edit_residual or sparse_decode")
+        raise ValueError(f"unknown kernel {name!r}: expected encode_topk, edit_residual, sparse_decode or one of "
+                         f"{sorted(THRESHOLD_KERNELS)}")
     return fn
 
 
@@ -163,10 +167,74 @@ def decode_cases(arch: int, full: bool) -> list[Case]:
 def cases(arch: int, full: bool = False) -> list[Case]:
     """Every distinct launch configuration for `arch` (duplicates removed)."""
     seen, out = set(), []
-    for c in encode_cases(arch, full) + edit_cases(arch, full) + decode_cases(arch, full):
+    for c in encode_cases(arch, full) + edit_cases(arch, full) + decode_cases(arch, full) + threshold_cases(arch):
         if c.key() not in seen:
             seen.add(c.key())
             out.append(c)
+    return out
+
+
+THRESHOLD_KERNELS = {"threshold": "_threshold_kernel", "threshold_filter": "_filter_kernel",
+                     "threshold_select": "_select_topk_kernel"}
+
+
+def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 32768, d: int = 768) -> list[Case]:
+    """The three launches of the "threshold" selection (kernels/encode_threshold.py) for one shape on sm_<arch>."""
+    import torch
+
+    from .encode_threshold import filter_meta, gpu_threshold_config, select_blocks, threshold_meta, threshold_plan
+    from .encode_topk import operand_dtype
+
+    op = operand_dtype(x_dtype, w_dtype)
+    plan = threshold_plan(M, n, k, gpu_threshold_config(M, op.itemsize), interpreter=False)
+    xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
+    label = f"{xt if xt == wt else f'{xt} x / {wt} W'} k{k} M{M} n{n} d{d}"
+    tc = op in (torch.float16, torch.bfloat16) or _compute_precision(x_dtype, w_dtype) == "tf32"
+    strides = dict(stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1)
+    tm, fm, sb = (threshold_meta(plan, x_dtype, w_dtype), filter_meta(plan, x_dtype, w_dtype),
+                  select_blocks(plan, interpreter=False))
+    tile = f" BM{plan.cfg.BM} BN{plan.cfg.BN} BK{plan.cfg.BK} w{plan.cfg.num_warps} s{plan.cfg.num_stages}"
+    return [
+        Case("threshold", label + tile + f" G{plan.G}",
+             dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", gmax_ptr="int64", thr_ptr="int32", cnt_ptr="int32",
+                  ticket_ptr="int32"),
+             dict(M=M, N=n, D=d, K=k, NS=plan.NS, STRIDE=plan.step, stride_gm=plan.G, **strides),
+             constexprs={k_: v for k_, v in tm.items() if k_ not in ("num_warps", "num_stages")},
+             num_warps=tm["num_warps"], num_stages=tm["num_stages"], tensor_cores=tc),
+        Case("threshold_filter", label + tile + f" CAP{plan.CAP}",
+             dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", thr_ptr="int32", cnt_ptr="int32", out_ptr="int64"),
+             dict(M=M, N=n, D=d, MB=plan.MB, CAP=plan.CAP, stride_om=plan.CAP, **strides),
+             constexprs={k_: v for k_, v in fm.items() if k_ not in ("num_warps", "num_stages")},
+             num_warps=fm["num_warps"], num_stages=fm["num_stages"], tensor_cores=tc),
+        # the tail has no matmul; with 16-bit x and an fp32 W_enc its overflow path (`_direct_row`, fp32
+        # products of rows that overflowed) keeps 4 bytes on the stack at 80 registers: allowed
+        Case("threshold_select", f"{label} CAP{plan.CAP} BS{plan.BS}",
+             dict(key_ptr="int64", cnt_ptr="int32", x_ptr=xt, w_ptr=wt, b_ptr="float32", v_ptr=xt, i_ptr="int32"),
+             dict(CAP=plan.CAP, N=n, D=d, K=k, stride_km=plan.CAP, stride_vm=k, stride_im=k, **strides),
+             constexprs={k_: v for k_, v in sb.items() if k_ != "num_warps"}, num_warps=sb["num_warps"],
+             num_stages=1, spill_allowed=xt != wt),
+    ]
+
+
+def _compute_precision(x_dtype: Any, w_dtype: Any) -> str:
+    from .encode_topk import _compute_mode
+
+    return _compute_mode(x_dtype, w_dtype)[1] if _compute_mode(x_dtype, w_dtype)[0] else "native"
+
+
+def threshold_cases(arch: int) -> list[Case]:
+    """The threshold selection at the SPEC shape: bf16 at k 1/17/64/256 for 16 prompts, and at k 64 for one token
+    (BM 64) and one prompt; fp16 x with an fp32 SAE and fp32 at k 64."""
+    import torch
+
+    bf, M16 = torch.bfloat16, 16 * PROMPT_TOKENS
+    out = []
+    for k in (1, 17, 64, 256):
+        out += threshold_case(arch, bf, bf, k, M16)
+    for M in (1, PROMPT_TOKENS):
+        out += threshold_case(arch, bf, bf, 64, M)
+    for xd, wd in ((torch.float16, torch.float32), (torch.float32, torch.float32)):
+        out += threshold_case(arch, xd, wd, 64, M16)
     return out
 
 

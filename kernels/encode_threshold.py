@@ -77,6 +77,14 @@ def _threshold_kernel(
 
 
 @triton.jit
+def _key_high(v):
+    """The high word of `_pack(v, .)`: int32 ordering like v, NaN above +inf."""
+    b = v.to(tl.int32, bitcast=True)
+    b = tl.where(v != v, 0x7FC00000, b)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _filter_kernel(
     x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr,
     M, N, D, MB, CAP,
@@ -94,14 +102,15 @@ def _filter_kernel(
     cmask = cols < N
     pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
                        stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
-    keys = _pack(pre, cols)
+    hi = _key_high(pre)  # int32: a [BM, BN] tile of int64 keys spilled ~1.1 KB per thread on sm_90
     thr = tl.load(thr_ptr + rows_o, mask=rmask, other=0)
-    cand = (keys >= (thr.to(tl.int64) << 32)[:, None]) & rmask[:, None] & cmask[None, :]
+    cand = (hi >= thr[:, None]) & rmask[:, None] & cmask[None, :]
     c32 = cand.to(tl.int32)
     n_row = tl.reduce(c32, 1, sum_combine)
     base = tl.atomic_add(cnt_ptr + rows_o, n_row, mask=rmask & (n_row > 0), sem="relaxed")
     pos = base[:, None] + tl.cumsum(c32, 1) - 1
-    tl.store(out_ptr + rows_o[:, None] * stride_om + pos, keys, mask=cand & (pos < CAP))
+    tl.store(out_ptr + rows_o[:, None] * stride_om + pos, (hi.to(tl.int64) << 32) | cols[None, :].to(tl.int64),
+             mask=cand & (pos < CAP))
 
 
 @triton.jit
@@ -174,14 +183,20 @@ MARGIN = 1 << 12  # high-word units: thresholds sit ~2**-11 (relative) below the
 
 def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> ThresholdConfig:
     """The tile of both matmul launches (they must match: see MARGIN). GPU: BM 128 (64 for <= 64 tokens) x
-    BN 128, 8 warps at BM 128, 3 stages (96 KiB of shared memory: two programs per SM on sm_90)."""
+    BN 64 (wgmma on sm_90), 8 warps at BM 128, 3 stages. BN 128 spilled ~1.1 KB per thread in the filter's
+    scattered store (a 64-bit address per entry); BN 64 holds 193-200 registers, no spill (docs/kernels.md)."""
     name, _ = _device_key(device)
     if name == "cpu-interpreter":
         return ThresholdConfig(BM=min(64, max(16, next_pow2(M))), BN=64, BK=64, STRIDE=STRIDE, num_warps=1,
                                num_stages=1)
+    return gpu_threshold_config(M, dtype.itemsize)
+
+
+def gpu_threshold_config(M: int, itemsize: int) -> ThresholdConfig:
+    """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`)."""
     bm = 64 if M <= 64 else 128
-    bk = 64 if dtype.itemsize <= 2 else 32
-    return ThresholdConfig(BM=bm, BN=128, BK=bk, STRIDE=STRIDE, num_warps=8 if bm == 128 else 4, num_stages=3)
+    return ThresholdConfig(BM=bm, BN=64, BK=64 if itemsize <= 2 else 32, STRIDE=STRIDE,
+                           num_warps=8 if bm == 128 else 4, num_stages=3)
 
 
 @dataclass(frozen=True)
@@ -235,7 +250,7 @@ def filter_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype,
 
 def select_blocks(plan: ThresholdPlan, interpreter: bool) -> dict:
     """Constexprs and warps of the tail (`_select_topk_kernel`, and the edit's `_select_edit_kernel`)."""
-    return dict(KP=plan.KP, BS=plan.BS, BNF=max(plan.KP, 64 if interpreter else 128), BKF=32,
+    return dict(KP=plan.KP, BS=plan.BS, BNF=max(plan.KP, 64), BKF=16,
                 num_warps=1 if interpreter else (4 if plan.BS <= 1024 else 8))
 
 

@@ -21,8 +21,8 @@ thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
-# the tile of the GPU table (BM 64/128 x BN 128, one tile in 8 sampled) under the interpreter
-_GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=128, BK=32, STRIDE=8, num_warps=4, num_stages=3)
+# the tile of the GPU table (BM 64 x BN 64, one tile in 8 sampled) under the interpreter
+_GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=64, BK=32, STRIDE=8, num_warps=4, num_stages=3)
 
 
 @pytest.fixture(autouse=True)
@@ -71,13 +71,13 @@ def test_threshold_select_with_gpu_tiles(monkeypatch, M, d, n, k, dtype):
 
 def test_survivors_hold_the_top_k_and_few_more(monkeypatch):
     """The threshold is a lower bound of each row's k-th value (every true top-k entry survives), and tight:
-    on a random SAE about 1.15 k * STRIDE entries survive per row (here < 3 k * STRIDE), far below CAP."""
+    on a random SAE about 1.4 k * STRIDE entries survive per row (here < 3 k * STRIDE), far below CAP."""
     monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: _GPU_CFG)
-    M, d, n, k = 33, 64, 8192, 16
+    M, d, n, k = 33, 64, 4096, 16
     sae, x = _case(M, d, n, k, torch.float32)
     bias = encode_mod.folded_bias(sae)
     s = thr_mod.survivors(x, sae.W_enc, bias, k)
-    assert s.plan.NS == 8 and s.plan.step == 8 and s.plan.G >= 4 * k
+    assert s.plan.NS == 8 and s.plan.step == 8 and s.plan.G >= 2 * k
     counts = s.counts.long()
     assert (counts >= k).all() and (counts <= s.plan.CAP).all(), counts
     assert counts.float().mean() < 3 * k * thr_mod.STRIDE, counts.float().mean()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -28,6 +29,19 @@ def saelens_encode(x, sae):
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     top = pre.topk(sae.k, dim=-1)
     return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+
+
+def with_select(path, fn):
+    """fn run under the encode kernel's selection `path` ("sort", "compact", "threshold"; docs/kernels.md)."""
+    encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
+
+    def run():
+        old, encode_mod.SELECT = encode_mod.SELECT, path
+        try:
+            return fn()
+        finally:
+            encode_mod.SELECT = old
+    return run
 
 
 def main(argv=None) -> list[dict]:
@@ -63,6 +77,7 @@ def main(argv=None) -> list[dict]:
                 kernels.tune(x, sae)  # per-device-name cached choice of tile config
             impls = {
                 "fused": lambda: kernels.encode(x, sae),
+                "fused_threshold": with_select("threshold", lambda: kernels.encode(x, sae)),
                 "reference": lambda: reference.encode(x, sae),
                 "eleuther_eager": lambda: eleuther_encode(x, sae),
                 "saelens_dense": (lambda: saelens_encode(x, sae)) if C.dense_fits(M, n, x.element_size()) else None,
@@ -70,13 +85,16 @@ def main(argv=None) -> list[dict]:
             }
             graph_fused, graph_why = C.graphed(impls["fused"])  # replayed from a CUDA graph: kernels only
             impls["fused_cuda_graph"] = graph_fused
+            graph_thr, graph_thr_why = C.graphed(impls["fused_threshold"])
+            impls["fused_threshold_cuda_graph"] = graph_thr
             item = x.element_size()
             rows += C.time_impls(
                 impls,
                 {"group": group, "d": d, "n": n, "k": k, "prompts": p, "M": M, "dtype": str(dtype),
                  "flops": 2 * M * d * n, "bytes": d * n * item + M * d * item + M * k * 8},
                 reps,
-                skip_reasons={"saelens_dense": "dense [M, n] too large", "fused_cuda_graph": graph_why, "compiled_reference": (
+                skip_reasons={"saelens_dense": "dense [M, n] too large", "fused_cuda_graph": graph_why,
+                              "fused_threshold_cuda_graph": graph_thr_why, "compiled_reference": (
                     "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
                     else "--no-compile")},
             )

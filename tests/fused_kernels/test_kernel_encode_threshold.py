@@ -19,7 +19,7 @@ from helpers_topk import assert_topk_matches, make_sae  # noqa: E402
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+cpu_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 # the tile of the GPU table (BM 64 x BN 64, one tile in 8 sampled) under the interpreter
 _GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=64, BK=32, STRIDE=8, num_warps=4, num_stages=3)
@@ -40,6 +40,7 @@ def _tol(dtype):
     return 1e-4 if dtype == torch.float32 else 2e-3
 
 
+@cpu_only
 @pytest.mark.parametrize(
     "M,d,n,k,dtype",
     [
@@ -58,6 +59,7 @@ def test_threshold_select_matches_reference(M, d, n, k, dtype):
     assert_topk_matches(x, sae, values, indices, rtol=_tol(dtype), atol=_tol(dtype))
 
 
+@cpu_only
 @pytest.mark.parametrize("M,d,n,k,dtype", [(1, 72, 4100, 64, torch.float16), (70, 40, 3000, 17, torch.float32),
                                              (9, 40, 1300, 5, torch.float16)])
 def test_threshold_select_with_gpu_tiles(monkeypatch, M, d, n, k, dtype):
@@ -69,6 +71,7 @@ def test_threshold_select_with_gpu_tiles(monkeypatch, M, d, n, k, dtype):
     assert_topk_matches(x, sae, values, indices, rtol=3e-3, atol=3e-3)
 
 
+@cpu_only
 def test_survivors_hold_the_top_k_and_few_more(monkeypatch):
     """The threshold is a lower bound of each row's k-th value (every true top-k entry survives), and tight:
     on a random SAE about 1.4 k * STRIDE entries survive per row (here < 3 k * STRIDE), far below CAP."""
@@ -88,6 +91,7 @@ def test_survivors_hold_the_top_k_and_few_more(monkeypatch):
     assert int(thr_mod._tickets(x.device, s.plan.MB)[:s.plan.MB].abs().sum()) == 0  # left ready for the next launch
 
 
+@cpu_only
 def test_overflowing_rows_are_recomputed_not_truncated(monkeypatch):
     """Rows whose survivors overflow the buffer (a tiny CAP here; NaN rows and degenerate SAEs in use) take the
     direct path: still the exact top k."""
@@ -100,6 +104,7 @@ def test_overflowing_rows_are_recomputed_not_truncated(monkeypatch):
     assert_topk_matches(x, sae, values, indices, rtol=1e-4, atol=1e-4)
 
 
+@cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_nan_and_inf_rows(dtype):
     """NaN ranks first (as torch.topk), +-inf rows, a row with fewer than k values above -inf."""
@@ -121,6 +126,7 @@ def test_nan_and_inf_rows(dtype):
     assert torch.equal(indices[4, :3].sort().values, torch.tensor([5, 77, 200], dtype=torch.int32))
 
 
+@cpu_only
 def test_all_equal_pre_activations():
     """A zero SAE: every entry ties (all survive, the buffer overflows): k distinct indices, values 0."""
     d, n, k = 24, 500, 11
@@ -134,6 +140,7 @@ def test_all_equal_pre_activations():
     assert (values == 0).all()
 
 
+@cpu_only
 def test_repeated_calls_agree():
     """The tickets are reset by each launch: a second call (and one with another row count) gives the same."""
     sae, x = _case(70, 40, 1000, 17, torch.float32)
@@ -143,6 +150,7 @@ def test_repeated_calls_agree():
     assert torch.equal(i1, i2) and torch.equal(v1, v2)
 
 
+@cpu_only
 @pytest.mark.parametrize("kw", [dict(), dict(clamp=0.1), dict(scale=0.5, edit_mask=True)])
 def test_patched_edit_by_threshold_matches_reference(kw):
     B, L, d, n, k = 2, 6, 24, 300, 17
@@ -155,3 +163,33 @@ def test_patched_edit_by_threshold_matches_reference(kw):
     out = kernels.edit(x, sae, neurons, **kw)
     torch.testing.assert_close(out, reference.edit(x, sae, neurons, **kw), rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, x)
+
+
+# --- GPU (first GPU session): the ticket and the atomics on real hardware ---------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("prompts,k,dtype", [(1, 64, torch.bfloat16), (16, 64, torch.bfloat16),
+                                             (16, 17, torch.float16), (3, 256, torch.bfloat16)])
+def test_gpu_threshold_real_shapes(prompts, k, dtype):
+    """SPEC shape (d 768, n 32768) on the GPU tiles, twice (the tickets must be back at zero), and from a CUDA
+    graph: every result a valid top-k of the reference."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    sae = make_sae(768, 32768, k, dtype=dtype, device="cuda")
+    x = torch.randn(prompts * 77, 768, device="cuda", dtype=dtype)
+    first = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, *first, rtol=2e-2, atol=2e-2)
+    second = kernels.encode(x, sae)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+    assert int((s.counts < k).sum()) == 0 and int((s.counts > s.plan.CAP).sum()) == 0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels.encode(x, sae)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.encode(x, sae)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[1], first[1])

@@ -34,7 +34,7 @@ ASSUMPTIONS = [
     "in cost_report (per SM, list-scheduled programs, low/high issue efficiency); the ALU/shuffle pipe bounds "
     "of cost_report are not applied here",
     "per-program warp instructions = instructions outside loops + the MMA loop x ceil(d / BK) (+ the row-block "
-    "sort loop x BM / RS for one program per row block in _threshold_kernel); the tail: instructions outside "
+    "sort loop x ceil(real rows / RS) for one program per row block in _threshold_kernel); the tail: instructions outside "
     "loops (both branches of the overflow test counted: an upper bound) + the merge loop x (ceil(count / BS) - 1) "
     "per row, and for a row whose survivors overflow the direct loop nest x its trip counts",
     "HBM floor: W_enc read once per launch (1/step of it for the sampling launch), x, the survivors written and "
@@ -164,7 +164,8 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
     per = r["outside_loops"] + mma["instructions"] * trips
     instr = np.full((plan.NS, plan.MB), float(per))  # launch order: row blocks fastest
     RS = max(1, min(c.BM, 4096 // (1 << max(0, (plan.G - 1).bit_length()))))
-    instr[-1, :] += sort_loop["instructions"] * (c.BM // RS)
+    real_rows = np.minimum(c.BM, M - c.BM * np.arange(plan.MB))  # the sort loop runs over a block's real rows
+    instr[-1, :] += sort_loop["instructions"] * -(-real_rows // RS)
     t = _schedule(gpu, instr.ravel(), np.full(instr.size, tile_flops), r["num_warps"],
                   r["occupancy"]["ctas_per_sm"], tc_frac(r))
     sampled = plan.NS * c.BN * d * 2

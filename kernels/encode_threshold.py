@@ -197,8 +197,8 @@ MARGIN = 1 << 12  # high-word units: thresholds sit ~2**-11 (relative) below the
 
 def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> ThresholdConfig:
     """The tile of both matmul launches (they must match: see MARGIN). GPU: BM 128 (64 for <= 64 tokens) x
-    BN 64 (wgmma on sm_90), 8 warps at BM 128, 3 stages. BN 128 spilled ~1.1 KB per thread in the filter's
-    scattered store (a 64-bit address per entry); BN 64 holds 193-200 registers, no spill (docs/kernels.md)."""
+    BN 64 (wgmma on sm_90), 3 stages (`gpu_threshold_config`). BN 128 spilled ~1.1 KB per thread in the
+    filter's scattered store (a 64-bit address per entry); BN 64 does not (docs/kernels.md)."""
     name, _ = _device_key(device)
     if name == "cpu-interpreter":
         return ThresholdConfig(BM=min(64, max(16, next_pow2(M))), BN=64, BK=64, STRIDE=STRIDE, num_warps=1,
@@ -207,10 +207,14 @@ def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> Thresh
 
 
 def gpu_threshold_config(M: int, itemsize: int) -> ThresholdConfig:
-    """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`)."""
+    """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`). 16-bit tiles:
+    16 warps at BM 128 (8 at BM 64): half the epilogue per warp and 90 registers on sm_90 (8 warps: 138), so
+    one program keeps 16 warps resident, for 30% more warp instructions per tile in all (docs/performance.md).
+    fp32 tiles: 8 warps (16 spilled 4 bytes in the exact-fp32 sampling kernel)."""
     bm = 64 if M <= 64 else 128
-    return ThresholdConfig(BM=bm, BN=64, BK=64 if itemsize <= 2 else 32, STRIDE=STRIDE,
-                           num_warps=8 if bm == 128 else 4, num_stages=3)
+    warps = (16 if bm == 128 else 8) if itemsize <= 2 else (8 if bm == 128 else 4)
+    return ThresholdConfig(BM=bm, BN=64, BK=64 if itemsize <= 2 else 32, STRIDE=STRIDE, num_warps=warps,
+                           num_stages=3)
 
 
 @dataclass(frozen=True)

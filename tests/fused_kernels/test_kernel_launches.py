@@ -106,3 +106,29 @@ def test_patched_residual_edit_is_two_launches(monkeypatch):
         assert cnt.triton == ["_encode_topk_kernel", "_edit_keys_kernel"] and cnt.aten == [], (cnt.triton, cnt.aten)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         assert not torch.equal(out, x)
+
+
+def _patch_state(sae, neurons: list[int], **options):
+    from snce_fast.hooks.patching import _PatchState
+
+    opts = dict(scale=0.0, clamp=None, mode="residual", gate=False, min_tokens=1, threshold=0.0)
+    return _PatchState(sae, neurons, {**opts, **options}, None)
+
+
+def test_patch_hook_residual_edit_is_two_launches(monkeypatch):
+    """The hook's own call (`_PatchState.edit_hidden`, which makes the BOS mask): encode kernel + fused edit,
+    nothing else once the first call has made the per-length mask."""
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(2))
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    state = _patch_state(sae, neurons)
+    first = state.edit_hidden(x)
+    with _count(monkeypatch) as cnt:
+        out = state.edit_hidden(x)
+    assert cnt.triton == ["_encode_topk_kernel", "_edit_keys_kernel"] and cnt.aten == [], (cnt.triton, cnt.aten)
+    want = reference.edit(x, sae, neurons, edit_mask=(torch.arange(L) >= 1).expand(B, L))
+    assert torch.equal(out, first) and torch.equal(out[:, 0], x[:, 0]) and not torch.equal(out, x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -90,7 +90,8 @@ class _PatchState(nn.Module):
         edit_mask = self.edit_positions(L, hidden.device).expand(B, L)  # a view: the edit kernel reads it in place
         ids = self.input_ids
         count = edit_mask
-        if self.options["gate"] and ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L):
+        gated = self.options["gate"] and ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L)
+        if gated and self.eos_token_id is not None:  # without an EOS id the counted tokens are the edit mask's
             count = counted_mask(ids.to(hidden.device), None, self.eos_token_id)  # only the gate counts tokens
         return backend.edit(hidden, self, self.neurons, edit_mask=edit_mask, count_mask=count, **self.options)
 

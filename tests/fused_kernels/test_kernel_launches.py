@@ -132,3 +132,31 @@ def test_patch_hook_residual_edit_is_two_launches(monkeypatch):
     want = reference.edit(x, sae, neurons, edit_mask=(torch.arange(L) >= 1).expand(B, L))
     assert torch.equal(out, first) and torch.equal(out[:, 0], x[:, 0]) and not torch.equal(out, x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eos", [None, 3])
+def test_patch_hook_gated_edit_launches(monkeypatch, eos):
+    """The gated hook call: encode + merge + `_edit_residual_kernel`, target activations (3 ops), the gate's
+    counts (5) and the int8 mask cast; the BOS mask is neither rebuilt nor ANDed into a tensor of ones, and
+    without an EOS id the counted tokens are the edit mask itself (with one, `counted_mask` adds its ops)."""
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(3))
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    state = _patch_state(sae, neurons, gate=True)
+    state.eos_token_id = eos
+    ids = torch.tensor([[0, 5, 6, 3, 3, 3], [0, 5, 6, 7, 8, 3]])
+    state.input_ids = ids
+    state.edit_hidden(x)
+    with _count(monkeypatch) as cnt:
+        out = state.edit_hidden(x)
+    gate_ops = ["eq", "mul", "sum", "gt", "any", "bitwise_and", "sum", "ge", "bitwise_and", "_to_copy"]
+    assert cnt.triton == ["_encode_topk_kernel", "_merge_topk_kernel", "_edit_residual_kernel"], cnt.triton
+    assert (cnt.aten == gate_ops) if eos is None else (cnt.aten[-len(gate_ops):] == gate_ops), cnt.aten
+    from snce_fast.hooks.activations import counted_mask
+
+    want = reference.edit(x, sae, neurons, gate=True, edit_mask=(torch.arange(L) >= 1).expand(B, L),
+                          count_mask=counted_mask(ids, None, eos))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -193,19 +193,21 @@ def edit_keys_cases(arch: int, full: bool) -> list[Case]:
 
     from .snce_edit import edit_keys_blocks
 
+    d = 768
+    variants = ((1, False, True), (3, True, True), (1, False, False))  # (T, clamp, mask)
     out = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         dt = str(dtype).removeprefix("torch.")
         for k in (1, 17, 64, 256):
             for M in (PROMPT_TOKENS, 16 * PROMPT_TOKENS):
                 S = _key_splits(arch, dtype, k, M)
-                for T, use_clamp, masked in ((1, False, True), (3, True, True), (1, False, False)) \
-                        if full or k == 64 else ((1, False, True),):
-                    d = 768
+                for T, use_clamp, masked in variants if full or k == 64 else variants[:1]:
                     meta = edit_keys_blocks(S, k, T, d, interpreter=False, has_allowed=masked)
                     warps = meta.pop("num_warps")
                     ints = dict(S=S, K=k, T=T, D=d, stride_xm=d, stride_km=S, stride_om=d)
-                    ints.update(a_rows=PROMPT_TOKENS, stride_a0=0, stride_a1=1) if masked else \
+                    if masked:  # the patch's [B, L] expand of its [L] BOS mask
+                        ints.update(a_rows=PROMPT_TOKENS, stride_a0=0, stride_a1=1)
+                    else:  # `_allowed_args` without a mask
                         ints.update(a_rows=1, stride_a0=0, stride_a1=0)
                     out.append(Case(
                         "edit_keys", f"{dt} k{k} M{M} S{S} T{T} d{d} clamp={use_clamp} mask={masked}",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import math
 import os
 import sys
 import tempfile
@@ -56,7 +55,6 @@ def replay_survivors(x: np.ndarray, W: np.ndarray, bias: np.ndarray, k: int, pla
     """Every row's threshold and survivor count as `_threshold_kernel` and `_filter_kernel` compute them (fp32
     pre-activations of the bf16-rounded inputs), and whether the true top k all survive (they must)."""
     BN, R, step, NS = plan.cfg.BN, plan.R, plan.step, plan.NS
-    n = W.shape[1]
     counts = np.zeros(x.shape[0], dtype=np.int64)
     lost = 0
     for r0 in range(0, x.shape[0], chunk):

@@ -60,9 +60,26 @@ class _PatchState(nn.Module):
         self.input_ids: Optional[torch.Tensor] = None
         self.handles: list[Any] = []
         self.probe: Optional[torch.Tensor] = None  # set during the patch-time self-check
+        self.bos_masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # see `edit_positions`
 
     def extra_repr(self) -> str:
         return f"hook={self.hook!r}, neurons={self.neurons}, options={self.options}"
+
+    def edit_positions(self, L: int, device: torch.device) -> torch.Tensor:
+        """[L] bool, False at BOS (position 0, never edited), made once per (L, device) so that a patched call
+        launches no kernel for it. Under torch.compile the graph makes it; during CUDA graph capture a miss is
+        made by the graph and not stored (its memory is written only on replay). Entries are never evicted:
+        a captured graph's pointer stays valid while the patch lives."""
+        if torch.compiler.is_compiling():
+            return torch.arange(L, device=device) >= 1
+        key = (L, device)
+        mask = self.bos_masks.get(key)
+        if mask is None:
+            with torch.inference_mode(False):  # a patch used in and out of inference_mode shares the mask
+                mask = torch.arange(L, device=device) >= 1
+            if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                self.bos_masks[key] = mask
+        return mask
 
     def edit_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.W_enc.device != hidden.device:  # an offloaded encoder computes where its hooks put it
@@ -70,11 +87,11 @@ class _PatchState(nn.Module):
         if hidden.dim() != 3:
             return backend.edit(hidden, self, self.neurons, **self.options)
         B, L, _ = hidden.shape
-        pos = torch.arange(L, device=hidden.device)
-        edit_mask = (pos >= 1).expand(B, L)  # BOS (position 0) is never edited
+        edit_mask = self.edit_positions(L, hidden.device).expand(B, L)  # a view: the edit kernel reads it in place
         ids = self.input_ids
         count = edit_mask
-        if self.options["gate"] and ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L):
+        gated = self.options["gate"] and ids is not None and ids.dim() == 2 and tuple(ids.shape) == (B, L)
+        if gated and self.eos_token_id is not None:  # without an EOS id the counted tokens are the edit mask's
             count = counted_mask(ids.to(hidden.device), None, self.eos_token_id)  # only the gate counts tokens
         return backend.edit(hidden, self, self.neurons, edit_mask=edit_mask, count_mask=count, **self.options)
 

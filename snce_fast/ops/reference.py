@@ -154,9 +154,10 @@ def check_edit_call(x: torch.Tensor, sae: SAEWeights, neurons: Neurons, scale: f
 def allowed_tokens(z_t: Optional[torch.Tensor], lead: torch.Size, device: torch.device, gate: bool, min_tokens: int,
                    threshold: Any, edit_mask: Optional[torch.Tensor], count_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """[...] bool: the tokens an edit may change (edit_mask, then the gate's per-prompt decision)."""
-    allowed = torch.ones(lead, dtype=torch.bool, device=device)
-    if edit_mask is not None:
-        allowed = allowed & edit_mask.to(torch.bool)
+    if edit_mask is None:
+        allowed = torch.ones(lead, dtype=torch.bool, device=device)
+    else:  # a view of the mask (the patch's is a stride-0 expand): no copy, no kernel
+        allowed = torch.broadcast_to(edit_mask.to(torch.bool), lead)
     if gate:
         counted = allowed if count_mask is None else count_mask.to(torch.bool)
         allowed = allowed & gate_mask(z_t, counted, min_tokens, threshold).unsqueeze(-1)

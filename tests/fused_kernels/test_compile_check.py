@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+from snce_fast.kernels.compile_check import KERNELS  # noqa: E402
 from snce_fast.kernels._tuning import (  # noqa: E402
     NO_SPILL_ELEMENTS, NO_SPILL_ELEMENTS_FP32, TUNE_MAX_ELEMENTS, encode_candidates, elements_per_thread,
 )
@@ -50,8 +51,7 @@ def test_cases_cover_every_kernel_and_dtype(tmp_path):
         print(json.dumps([[c.kernel, c.pointers] for c in cases(90)]))
     """, tmp_path)
     kernels = {k for k, _ in rows}
-    assert kernels >= {"encode_topk", "edit_residual", "sparse_decode", "threshold", "threshold_filter",
-                       "threshold_select"}, kernels
+    assert kernels == set(KERNELS)
     for kernel in kernels:
         dtypes = {p.get("x_ptr", p.get("v_ptr")) for k, p in rows if k == kernel}
         assert dtypes == {"bfloat16", "float16", "float32"}, (kernel, dtypes)
@@ -59,7 +59,8 @@ def test_cases_cover_every_kernel_and_dtype(tmp_path):
 
 def test_real_kernels_compile_for_sm90(tmp_path):
     """The docs/performance.md default shape (bf16, k 64, one prompt) of the encode kernel and one config of each other
-    kernel through ptxas: they compile, and ptxas reports no register spills (the tile budget's claim)."""
+    kernel through ptxas: they compile, and ptxas reports no register spills (the tile budget's claim). The opt-in
+    compact kernel (minutes per compile here) is left to `compile_check --gate` and the Inductor test below."""
     res = _run("""
         import json
         from snce_fast.kernels import compile_check as cc
@@ -68,12 +69,11 @@ def test_real_kernels_compile_for_sm90(tmp_path):
             bf16 = c.pointers.get("x_ptr", c.pointers.get("v_ptr")) == "bfloat16"
             spec_shape = c.kernel != "encode_topk" or (c.constexprs["KP"] == 64 and c.ints["M"] == 77
                                                        and c.ints["N"] == 32768)
-            if bf16 and spec_shape and c.kernel not in picked:
+            if bf16 and spec_shape and c.kernel not in picked and c.kernel != "encode_compact":
                 picked[c.kernel] = c
         print(json.dumps([cc.compile_case(c, 90) for c in picked.values()]))
     """, tmp_path)
-    assert {r["kernel"] for r in res} >= {"encode_topk", "edit_residual", "sparse_decode", "threshold",
-                                          "threshold_filter", "threshold_select"}
+    assert {r["kernel"] for r in res} == set(KERNELS) - {"encode_compact"}
     for r in res:
         assert r["ok"], r
         assert r["arch"] == "sm_90"
@@ -144,6 +144,12 @@ def test_inductor_sees_each_kernel_write_only_its_output(tmp_path):
     assert res["sparse_decode"]["writes"] == ["o_ptr"]
     assert res["edit_residual"]["writes"] == ["o_ptr"]
     assert "o_ptr" not in res["edit_residual"]["reads"] and len(res["edit_residual"]["reads"]) == 6
+    assert res["merge_topk"] == dict(reads=["key_ptr"], writes=["i_ptr", "v_ptr"])
+    assert res["edit_keys"]["writes"] == ["o_ptr"] and "o_ptr" not in res["edit_keys"]["reads"]
+    # Inductor traces a store's address back through the arguments of any jit helper whose result it depends on:
+    # the compact kernel's compaction addresses depend on `_preact_tile`'s tile, so x, W_enc and the bias look
+    # written too (an over-approximation; a GPU torch.compile of the opt-in path would copy them, docs/kernels.md)
+    assert res["encode_compact"]["writes"] == ["b_ptr", "bi_ptr", "bv_ptr", "out_ptr", "w_ptr", "x_ptr"]
 
 
 def test_kernel_source_as_inductor_re_emits_it_compiles(tmp_path):
@@ -173,7 +179,6 @@ def test_kernel_source_as_inductor_re_emits_it_compiles(tmp_path):
             rows.append(cc.compile_case(case, 90, fn=getattr(mod, kernel.fn.__name__)))
         print(json.dumps(rows))
     """, tmp_path)
-    assert {r["kernel"] for r in res} >= {"encode_topk", "edit_residual", "sparse_decode", "threshold",
-                                          "threshold_filter", "threshold_select"}
+    assert {r["kernel"] for r in res} == set(KERNELS)
     for r in res:
         assert r["ok"], r

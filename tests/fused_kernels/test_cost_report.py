@@ -208,22 +208,26 @@ def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
 
 
 def test_gate_expectations_of_the_default_cases():
-    """The gate expects tensor cores exactly where x is 16-bit (16-bit tiles, or tf32 with an fp32 W_enc), and allows spills only
-    where the tile table has no config within its no-spill budget (k 256)."""
+    """The gate expects tensor cores exactly where an encode kernel's x is 16-bit (16-bit tiles, or tf32 with an fp32
+    W_enc; merge, edit and decode kernels do not multiply), and allows spills only where the tile table has no
+    config within its no-spill budget (k 256), and in the opt-in compact kernel with int64 offsets."""
     import json
     import os
     import subprocess
     import sys
 
     code = ("import json\nfrom snce_fast.kernels.compile_check import cases\n"
-            "print(json.dumps([[c.kernel, c.pointers, c.constexprs.get('KP'), c.tensor_cores, c.spill_allowed]"
+            "print(json.dumps([[c.kernel, c.pointers, c.constexprs.get('KP'), c.constexprs.get('WIDE'),"
+            " c.tensor_cores, c.spill_allowed]"
             " for c in cases(90)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, TRITON_INTERPRET="0"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    for kernel, ptrs, kp, tc, spill_ok in rows:
+    assert {r[0] for r in rows} >= {"encode_topk", "encode_compact", "merge_topk", "edit_keys"}
+    for kernel, ptrs, kp, wide, tc, spill_ok in rows:
+        encode = kernel in ("encode_topk", "encode_compact")
         # 16-bit x runs on tensor cores: in its own dtype with a 16-bit W_enc, as tf32 with an fp32 one
-        sixteen = kernel == "encode_topk" and ptrs["x_ptr"] in ("float16", "bfloat16")
+        sixteen = encode and ptrs["x_ptr"] in ("float16", "bfloat16")
         assert tc == sixteen, (kernel, ptrs)
-        assert spill_ok == (kernel == "encode_topk" and kp == 256), (kernel, ptrs, kp)
+        assert spill_ok == (encode and kp == 256 or kernel == "encode_compact" and wide), (kernel, ptrs, kp)

@@ -28,6 +28,7 @@ from helpers_topk import make_sae  # noqa: E402
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 edit_mod = importlib.import_module("snce_fast.kernels.snce_edit")
 decode_mod = importlib.import_module("snce_fast.kernels.sparse_decode")
+thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -43,7 +44,8 @@ class _Launches(TorchDispatchMode):
         # our ops are opaque custom ops under the interpreter: run their Python bodies under this mode
         self.bodies = {f"snce_fast::{op._name.split('::')[-1]}": op._init_fn
                        for op in (encode_mod.encode_topk, edit_mod.edit_residual, edit_mod.edit_residual_keys,
-                                  decode_mod.sparse_decode) if hasattr(op, "_init_fn")}
+                                  edit_mod.edit_residual_threshold, decode_mod.sparse_decode)
+                       if hasattr(op, "_init_fn")}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -63,7 +65,7 @@ class _Launches(TorchDispatchMode):
 @contextlib.contextmanager
 def _count(monkeypatch):
     mode = _Launches()
-    for mod in (encode_mod, edit_mod, decode_mod):
+    for mod in (encode_mod, edit_mod, decode_mod, thr_mod):
         real = mod.wrap_triton
 
         def counting(kernel, real=real):
@@ -106,3 +108,80 @@ def test_patched_residual_edit_is_two_launches(monkeypatch):
         assert cnt.triton == ["_encode_topk_kernel", "_edit_keys_kernel"] and cnt.aten == [], (cnt.triton, cnt.aten)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         assert not torch.equal(out, x)
+
+
+def _patch_state(sae, neurons: list[int], **options):
+    from snce_fast.hooks.patching import _PatchState
+
+    opts = dict(scale=0.0, clamp=None, mode="residual", gate=False, min_tokens=1, threshold=0.0)
+    return _PatchState(sae, neurons, {**opts, **options}, None)
+
+
+def test_patch_hook_residual_edit_is_two_launches(monkeypatch):
+    """The hook's own call (`_PatchState.edit_hidden`, which makes the BOS mask): encode kernel + fused edit,
+    nothing else once the first call has made the per-length mask."""
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(2))
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    state = _patch_state(sae, neurons)
+    first = state.edit_hidden(x)
+    with _count(monkeypatch) as cnt:
+        out = state.edit_hidden(x)
+    assert cnt.triton == ["_encode_topk_kernel", "_edit_keys_kernel"] and cnt.aten == [], (cnt.triton, cnt.aten)
+    want = reference.edit(x, sae, neurons, edit_mask=(torch.arange(L) >= 1).expand(B, L))
+    assert torch.equal(out, first) and torch.equal(out[:, 0], x[:, 0]) and not torch.equal(out, x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eos", [None, 3])
+def test_patch_hook_gated_edit_launches(monkeypatch, eos):
+    """The gated hook call: encode + merge + `_edit_residual_kernel`, target activations (3 ops), the gate's
+    counts (5) and the int8 mask cast; the BOS mask is neither rebuilt nor ANDed into a tensor of ones, and
+    without an EOS id the counted tokens are the edit mask itself (with one, `counted_mask` adds its ops)."""
+    monkeypatch.setenv("SNCE_FAST_BACKEND", "triton")
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(3))
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    state = _patch_state(sae, neurons, gate=True)
+    state.eos_token_id = eos
+    ids = torch.tensor([[0, 5, 6, 3, 3, 3], [0, 5, 6, 7, 8, 3]])
+    state.input_ids = ids
+    state.edit_hidden(x)
+    with _count(monkeypatch) as cnt:
+        out = state.edit_hidden(x)
+    gate_ops = ["eq", "mul", "sum", "gt", "any", "bitwise_and", "sum", "ge", "bitwise_and", "_to_copy"]
+    assert cnt.triton == ["_encode_topk_kernel", "_merge_topk_kernel", "_edit_residual_kernel"], cnt.triton
+    assert (cnt.aten == gate_ops) if eos is None else (cnt.aten[-len(gate_ops):] == gate_ops), cnt.aten
+    from snce_fast.hooks.activations import counted_mask
+
+    want = reference.edit(x, sae, neurons, gate=True, edit_mask=(torch.arange(L) >= 1).expand(B, L),
+                          count_mask=counted_mask(ids, None, eos))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_path_is_three_launches(monkeypatch):
+    """The opt-in threshold selection (docs/kernels.md): sampling, filter, tail; the patch's residual edit (BOS mask
+    as a stride-0 expand) the same three, the tail fused into the edit. No memset: the tickets stay zeroed."""
+    monkeypatch.setattr(encode_mod, "SELECT", "threshold")
+    B, L, d, n, k = 2, 6, 24, 300, 17
+    sae = make_sae(d, n, k)
+    x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(1))
+    kernels.encode(x, sae)
+    with _count(monkeypatch) as cnt:
+        kernels.encode(x, sae)
+    assert cnt.triton == ["_threshold_kernel", "_filter_kernel", "_select_topk_kernel"] and cnt.aten == [], (
+        cnt.triton, cnt.aten)
+    _, idx = reference.encode(x, sae)
+    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    edit_mask = (torch.arange(L) >= 1).expand(B, L)
+    kernels.edit(x, sae, neurons, edit_mask=edit_mask)
+    with _count(monkeypatch) as cnt:
+        out = kernels.edit(x, sae, neurons, edit_mask=edit_mask)
+    assert cnt.triton == ["_threshold_kernel", "_filter_kernel", "_select_edit_kernel"] and cnt.aten == [], (
+        cnt.triton, cnt.aten)
+    torch.testing.assert_close(out, reference.edit(x, sae, neurons, edit_mask=edit_mask), rtol=1e-5, atol=1e-5)

@@ -129,6 +129,22 @@ def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "by
         r["fused_speedup_over_this"] = r["ms"] / f if f else None
 
 
+def with_select(path: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run under the encode kernels' selection `path` ("sort", "compact" or "threshold", docs/kernels.md),
+    whatever SNCE_FAST_ENCODE_SELECT says, so that one run times two paths side by side."""
+    import importlib
+
+    encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
+
+    def run() -> Any:
+        old, encode_mod.SELECT = encode_mod.SELECT, path
+        try:
+            return fn()
+        finally:
+            encode_mod.SELECT = old
+    return run
+
+
 def graphed(fn: Callable[[], Any]) -> tuple[Optional[Callable[[], Any]], Optional[str]]:
     """`fn` captured in a CUDA graph after two warm-up calls on a side stream: (replay, None), or
     (None, why not). Replays time the kernels without Python and launch overhead (what

@@ -70,13 +70,14 @@ def main(argv=None) -> list[dict]:
             kernels.tune(x, sae)
         impls = {
             "fused": lambda: kernels.edit(x, sae, j, edit_mask=mask),
+            "fused_threshold": C.with_select("threshold", lambda: kernels.edit(x, sae, j, edit_mask=mask)),
             "reference": lambda: reference.edit(x, sae, j, edit_mask=mask),
             "eleuther_eager": lambda: eleuther_edit(x, sae, j, mask),
             "saelens_dense": (lambda: saelens_edit(x, sae, j, mask)) if C.dense_fits(M, n, 4) else None,
             "compiled_reference": (lambda: compiled(x, sae, j, edit_mask=mask)) if compiled else None,
         }
         why = {}
-        for name in ("fused", "reference"):  # the same calls replayed from a CUDA graph: kernels only
+        for name in ("fused", "fused_threshold", "reference"):  # replayed from a CUDA graph: kernels only
             impls[f"{name}_cuda_graph"], why[f"{name}_cuda_graph"] = C.graphed(impls[name])
         item = x.element_size()
         rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -29,19 +28,6 @@ def saelens_encode(x, sae):
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     top = pre.topk(sae.k, dim=-1)
     return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
-
-
-def with_select(path, fn):
-    """fn run under the encode kernel's selection `path` ("sort", "compact", "threshold"; docs/kernels.md)."""
-    encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
-
-    def run():
-        old, encode_mod.SELECT = encode_mod.SELECT, path
-        try:
-            return fn()
-        finally:
-            encode_mod.SELECT = old
-    return run
 
 
 def main(argv=None) -> list[dict]:
@@ -77,7 +63,7 @@ def main(argv=None) -> list[dict]:
                 kernels.tune(x, sae)  # per-device-name cached choice of tile config
             impls = {
                 "fused": lambda: kernels.encode(x, sae),
-                "fused_threshold": with_select("threshold", lambda: kernels.encode(x, sae)),
+                "fused_threshold": C.with_select("threshold", lambda: kernels.encode(x, sae)),
                 "reference": lambda: reference.encode(x, sae),
                 "eleuther_eager": lambda: eleuther_encode(x, sae),
                 "saelens_dense": (lambda: saelens_encode(x, sae)) if C.dense_fits(M, n, x.element_size()) else None,

@@ -33,7 +33,8 @@ ASSUMPTIONS = [
     "in cost_report (per SM, list-scheduled programs, low/high issue efficiency); the ALU/shuffle pipe bounds "
     "of cost_report are not applied here",
     "per-program warp instructions = instructions outside loops + the MMA loop x ceil(d / BK) (+ the row-block "
-    "sort loop x ceil(real rows / RS) for one program per row block in _threshold_kernel); the tail: instructions outside "
+    "sort loop x ceil(real rows / RS) for one program per row block in _threshold_kernel); the tail: instructions "
+    "outside "
     "loops (both branches of the overflow test counted: an upper bound) + the merge loop x (ceil(count / BS) - 1) "
     "per row, and for a row whose survivors overflow the direct loop nest x its trip counts",
     "HBM floor: W_enc read once per launch (1/step of it for the sampling launch), x, the survivors written and "
@@ -99,7 +100,8 @@ def _sass_row(case: Any, arch: int, cache_dir: Optional[str]) -> dict:
     for j, lp in enumerate(an.loops):
         body = an.instrs[lp.head:lp.latch + 1]
         loops.append(dict(depth=lp.depth, head=lp.head, latch=lp.latch, instructions=lp.latch - lp.head + 1,
-                          tensor_core=sum(i.cls == "tensor_core" for i in body), ffma=sum(i.op == "FFMA" for i in body)))
+                          tensor_core=sum(i.cls == "tensor_core" for i in body),
+                          ffma=sum(i.op == "FFMA" for i in body)))
     top = [lp for lp in loops if lp["depth"] == 0]
     counts = an.counts()
     shared = int(compiled.metadata.shared)

@@ -2,14 +2,14 @@
 inside the matmul, Hopper-sized tiles, three launches.
 
 1. `_threshold_kernel`, on one latent tile in STRIDE (a 1/STRIDE sample of W_enc): each program takes the maximum
-   key of every group of BN / R latents of its tile. The last program of a row block to finish (an atomic
+   key high word of every group of BN / R latents of its tile. The last program of a row block to finish (an atomic
    ticket) sorts each row's G = sampled tiles * R group maxima and keeps the K-th largest. Those K maxima are
    K distinct entries of the row, so the row's K-th largest entry is at least as large: every entry of the true
    top K passes `key >= threshold`. It writes the threshold (lowered by MARGIN in the key's high word, so a
    rounding difference between launches cannot drop an entry) and zeroes the row's candidate count.
-2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc: the same `_preact_tile`, then one
-   compare per entry; survivors are appended to the row's buffer of CAP int64 keys at a slot taken with one
-   atomic add per row and a cumsum. About K * STRIDE entries survive per row.
+2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`'s loop, written out):
+   one compare per entry; survivors are appended to the row's buffer of CAP int64 keys at slots reserved with
+   one atomic add per row and placed by popcount. About 1.4 K * STRIDE entries survive per row.
 3. the tail, one program per token (`_select_topk_kernel` here, `_select_edit_kernel` in snce_edit.py): the
    top K of the row's survivors (`_merge_row` over `count` keys) or, when the count passed CAP (NaN rows, ties
    of a degenerate SAE), the row's exact top K recomputed from x and W_enc (`_direct_row`), never a
@@ -110,8 +110,24 @@ def _filter_kernel(
     rmask = rows < M
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
-    pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
-                       stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
+    # `_preact_tile`'s loop, written out: Inductor's mutation analysis follows a store's address back through
+    # the arguments of any jit helper whose result it depends on, so with the helper x, W_enc and the bias
+    # looked written (torch.compile would copy them every call); the same ops in the same order as the helper
+    cols_o = cols.to(tl.int64) if WIDE else cols
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        ks_o = ks.to(tl.int64) if WIDE else ks
+        xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    pre = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
     tl.static_assert(BN <= 64, "a row's candidates of one tile are one 64-bit mask")
     hi = _key_high(pre)  # int32: a [BM, BN] tile of int64 keys spilled ~1.1 KB per thread on sm_90
     thr = tl.load(thr_ptr + rows_o, mask=rmask, other=0)

@@ -150,6 +150,11 @@ def test_inductor_sees_each_kernel_write_only_its_output(tmp_path):
     # the compact kernel's compaction addresses depend on `_preact_tile`'s tile, so x, W_enc and the bias look
     # written too (an over-approximation; a GPU torch.compile of the opt-in path would copy them, docs/kernels.md)
     assert res["encode_compact"]["writes"] == ["b_ptr", "bi_ptr", "bv_ptr", "out_ptr", "w_ptr", "x_ptr"]
+    # the threshold path's kernels are analysed exactly (its filter writes the tile loop out for this reason)
+    assert res["threshold"]["writes"] == ["cnt_ptr", "gmax_ptr", "thr_ptr", "ticket_ptr"]
+    assert res["threshold_filter"]["writes"] == ["cnt_ptr", "out_ptr"]
+    assert res["threshold_select"]["writes"] == ["i_ptr", "v_ptr"]
+    assert res["threshold_edit"]["writes"] == ["o_ptr"]
 
 
 def test_kernel_source_as_inductor_re_emits_it_compiles(tmp_path):

@@ -210,7 +210,8 @@ def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
 def test_gate_expectations_of_the_default_cases():
     """The gate expects tensor cores exactly where an encode kernel's x is 16-bit (16-bit tiles, or tf32 with an fp32
     W_enc; merge, edit and decode kernels do not multiply), and allows spills only where the tile table has no
-    config within its no-spill budget (k 256), and in the opt-in compact kernel with int64 offsets."""
+    config within its no-spill budget (k 256), in the opt-in compact kernel with int64 offsets, and in the threshold
+    path's tails with mixed dtypes."""
     import json
     import os
     import subprocess
@@ -227,7 +228,11 @@ def test_gate_expectations_of_the_default_cases():
     assert {r[0] for r in rows} >= {"encode_topk", "encode_compact", "merge_topk", "edit_keys"}
     for kernel, ptrs, kp, wide, tc, spill_ok in rows:
         encode = kernel in ("encode_topk", "encode_compact")
+        matmul = encode or kernel in ("threshold", "threshold_filter")
         # 16-bit x runs on tensor cores: in its own dtype with a 16-bit W_enc, as tf32 with an fp32 one
-        sixteen = encode and ptrs["x_ptr"] in ("float16", "bfloat16")
+        sixteen = matmul and ptrs["x_ptr"] in ("float16", "bfloat16")
         assert tc == sixteen, (kernel, ptrs)
-        assert spill_ok == (encode and kp == 256 or kernel == "encode_compact" and wide), (kernel, ptrs, kp)
+        # the threshold tails keep 4-8 bytes on the stack with 16-bit x and an fp32 W_enc (the overflow path)
+        mixed_tail = kernel in ("threshold_select", "threshold_edit") and ptrs["x_ptr"] != ptrs["w_ptr"]
+        assert spill_ok == (encode and kp == 256 or kernel == "encode_compact" and wide or mixed_tail), (
+            kernel, ptrs, kp)

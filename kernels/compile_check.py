@@ -296,7 +296,7 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
         Case("threshold", label + tile + f" G{plan.G}",
              dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", gmax_ptr="int32", thr_ptr="int32", cnt_ptr="int32",
                   ticket_ptr="int32"),
-             dict(M=M, N=n, D=d, K=k, NS=plan.NS, STRIDE=plan.step, stride_gm=plan.G, **strides),
+             dict(M=M, N=n, D=d, K=k, NS=plan.NS, step=plan.step, stride_gm=plan.G, **strides),
              constexprs={k_: v for k_, v in tm.items() if k_ not in ("num_warps", "num_stages")},
              num_warps=tm["num_warps"], num_stages=tm["num_stages"], tensor_cores=tc),
         Case("threshold_filter", label + tile + f" CAP{plan.CAP}",

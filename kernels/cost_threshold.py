@@ -150,6 +150,10 @@ def _bounded(t: dict, hbm_s: float, l2_s: float) -> dict:
 
 def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: int, n: int, k: int) -> dict:
     """Modelled seconds of the three launches of one call (see ASSUMPTIONS)."""
+    import torch
+
+    from .encode_threshold import threshold_meta
+
     c = plan.cfg
     trips = -(-d // c.BK)
     tc_frac = lambda r: 1.0 if r["wgmma"] or any(op.startswith("UTC") for op in r["tensor_core"]) else (  # noqa: E731
@@ -163,13 +167,13 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
                     default=dict(instructions=0))
     per = r["outside_loops"] + mma["instructions"] * trips
     instr = np.full((plan.NS, plan.MB), float(per))  # launch order: row blocks fastest
-    RS = max(1, min(c.BM, 4096 // (1 << max(0, (plan.G - 1).bit_length()))))
+    RS = threshold_meta(plan, torch.bfloat16, torch.bfloat16)["RS"]
     real_rows = np.minimum(c.BM, M - c.BM * np.arange(plan.MB))  # the sort loop runs over a block's real rows
     instr[-1, :] += sort_loop["instructions"] * -(-real_rows // RS)
     t = _schedule(gpu, instr.ravel(), np.full(instr.size, tile_flops), r["num_warps"],
                   r["occupancy"]["ctas_per_sm"], tc_frac(r))
     sampled = plan.NS * c.BN * d * 2
-    out["threshold"] = _bounded(t, (sampled + M * d * 2 + M * plan.G * 16) / gpu.hbm_bytes_s,
+    out["threshold"] = _bounded(t, (sampled + M * d * 2 + M * plan.G * 8) / gpu.hbm_bytes_s,
                                 plan.MB * sampled / gpu.l2_bytes_s)
     # 2. filter launch: MB x NT programs
     r = rows["threshold_filter"]

@@ -1,12 +1,13 @@
 """The "threshold" selection of the fused TopK encode (docs/kernels.md, "Threshold selection"): no sorting
 inside the matmul, Hopper-sized tiles, three launches.
 
-1. `_threshold_kernel`, on one latent tile in STRIDE (a 1/STRIDE sample of W_enc): each program takes the maximum
-   key high word of every group of BN / R latents of its tile. The last program of a row block to finish (an atomic
+1. `_threshold_kernel`, on one latent tile in `step` (STRIDE = 8 where there are enough tiles; fewer tiles: every
+   tile or every other, so that there are ~2 KP groups): each program takes the maximum key high word of every group of BN / R latents of its tile. The last program of a row block to finish (an atomic
    ticket) sorts each row's G = sampled tiles * R group maxima and keeps the K-th largest. Those K maxima are
    K distinct entries of the row, so the row's K-th largest entry is at least as large: every entry of the true
-   top K passes `key >= threshold`. It writes the threshold (lowered by MARGIN in the key's high word, so a
-   rounding difference between launches cannot drop an entry) and zeroes the row's candidate count.
+   top K passes `key >= threshold`, provided both launches compute the same tile values, which they do: the
+   same tile, loop and operations. MARGIN (the threshold lowered by 2^12 in the key's high word, ~2^-11
+   relative) is only a backstop against a last-bit difference. It zeroes the rows' candidate counts.
 2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`'s loop, written out):
    one compare per entry; survivors are appended to the row's buffer of CAP int64 keys at slots reserved with
    one atomic add per row and placed by popcount. About 1.4 K * STRIDE entries survive per row.
@@ -28,24 +29,16 @@ from torch.library import wrap_triton
 from ._combine import max_combine, sum_combine
 from ._registry import on_device_of
 from ._tuning import _device_key, interpreting, next_pow2
-from .encode_topk import (_KEY_MIN, _compute_mode, _merge_row, _needs_wide, _pack, _preact_tile, _topk_last,
-                          _unpack_relu)
+from .encode_topk import (_KEY_MIN, _compute_mode, _key_high, _merge_row, _needs_wide, _pack, _preact_tile,
+                          _topk_last, _unpack_relu, operand_dtype)
 
 _INT32_MIN = tl.constexpr(-(2**31))
 
 
 @triton.jit
-def _key_high(v):
-    """The high word of `_pack(v, .)`: int32 ordering like v, NaN above +inf."""
-    b = v.to(tl.int32, bitcast=True)
-    b = tl.where(v != v, 0x7FC00000, b)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _threshold_kernel(
     x_ptr, w_ptr, b_ptr, gmax_ptr, thr_ptr, cnt_ptr, ticket_ptr,
-    M, N, D, K, NS, STRIDE,
+    M, N, D, K, NS, step,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_gm,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     RS: tl.constexpr, MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
@@ -55,7 +48,7 @@ def _threshold_kernel(
     rows = pid_m * BM + tl.arange(0, BM)
     rows_o = rows.to(tl.int64) if WIDE else rows
     rmask = rows < M
-    cols = pid_s * STRIDE * BN + tl.arange(0, BN)
+    cols = pid_s * step * BN + tl.arange(0, BN)  # sampled tile pid_s * step
     cmask = cols < N
     pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
                        stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
@@ -208,7 +201,7 @@ class ThresholdConfig:
 
 STRIDE = 8  # expected survivors per row ~ 1.4 * k * STRIDE (docs/kernels.md)
 CAP_FACTOR = 4  # buffer slots per expected survivor; tests shrink it to force the overflow path
-MARGIN = 1 << 12  # high-word units: thresholds sit ~2**-11 (relative) below the K-th sampled maximum
+MARGIN = 1 << 12  # high-word units, ~2**-11 relative: a backstop only (both launches compute identical tiles)
 
 
 def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> ThresholdConfig:
@@ -256,7 +249,8 @@ def threshold_plan(M: int, n: int, k: int, cfg: ThresholdConfig, interpreter: bo
     sampled (at most next_pow2(n))."""
     KP = next_pow2(k)
     NT = -(-n // cfg.BN)
-    stride = min(cfg.STRIDE, NT)
+    # sample one tile in STRIDE, but enough tiles for ~2 KP groups of at least one latent each (small n: all)
+    stride = max(1, min(cfg.STRIDE, NT // -(-2 * KP // cfg.BN)))
     NS = -(-NT // stride)
     R = min(cfg.BN, next_pow2(-(-2 * KP // NS)))
     expect = KP * (-(-NT // NS))
@@ -269,7 +263,7 @@ def threshold_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dty
     """Constexprs and launch options of `_threshold_kernel` (shared with `compile_check`)."""
     upcast, precision = _compute_mode(x_dtype, w_dtype)
     c = plan.cfg
-    GP = next_pow2(plan.G)
+    GP = max(next_pow2(plan.G), plan.KP)  # the K-th of fewer than KP maxima: INT32_MIN pads (k near n)
     return dict(BM=c.BM, BN=c.BN, BK=c.BK, R=plan.R, GP=GP, KP=plan.KP, RS=max(1, min(c.BM, 4096 // GP)),
                 MARGIN=MARGIN, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide), num_warps=c.num_warps,
                 num_stages=c.num_stages)
@@ -290,15 +284,22 @@ def select_blocks(plan: ThresholdPlan, interpreter: bool) -> dict:
 
 
 _TICKETS: dict[Any, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers: a captured CUDA graph may still hold their pointers
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets, one per row block, kept per (device, stream): each launch of `_threshold_kernel`
-    leaves them at zero again, so no launch is spent clearing them."""
+    """Zeroed int32 tickets, one per row block. Each launch of `_threshold_kernel` leaves them at zero again, so
+    outside CUDA graph capture and torch.compile they are kept per (device, stream) and no launch clears them.
+    While a graph is captured (its zero fill runs only at replay) or compiled, they are made afresh and not kept:
+    the graph or the compiled code then holds its own zero fill."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     t = _TICKETS.get(key)
     if t is None or t.numel() < n:
+        if t is not None:
+            _RETIRED.append(t)
         t = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
         _TICKETS[key] = t
     return t
@@ -316,7 +317,6 @@ def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) 
     """Launches 1 and 2 (module docstring) for x [M >= 1, d]."""
     M, d = x.shape
     n = W_enc.shape[1]
-    from .encode_topk import operand_dtype
     cfg = threshold_config(M, operand_dtype(x.dtype, W_enc.dtype), x.device)
     plan = threshold_plan(M, n, k, cfg, interpreting())
     gmax = x.new_empty((M, plan.G), dtype=torch.int32)

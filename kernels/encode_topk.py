@@ -36,14 +36,19 @@ _SENTINEL_END = tl.constexpr(-(2**63) + 2**32)  # keys below this are initial se
 
 
 @triton.jit
-def _pack(v, cols):
-    """int64 key ordering like the fp32 value v, ties broken by the column index. Every NaN becomes the
-    positive quiet NaN 0x7FC00000, whose key is above +inf's: NaN ranks first, as in torch.topk (the
-    reference), and no real key reaches the sentinels' high word INT32_MIN (only the NaN 0xFFFFFFFF did)."""
+def _key_high(v):
+    """int32 ordering like the fp32 value v (the high word of `_pack`'s key). Every NaN becomes the positive quiet
+    NaN 0x7FC00000, whose key is above +inf's: NaN ranks first, as in torch.topk (the reference), and no real key
+    reaches INT32_MIN, the sentinels' high word (only the NaN 0xFFFFFFFF did)."""
     b = v.to(tl.int32, bitcast=True)
     b = tl.where(v != v, 0x7FC00000, b)
-    b = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return (b.to(tl.int64) << 32) | cols.to(tl.int64)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack(v, cols):
+    """int64 key ordering like the fp32 value v, ties broken by the column index (`_key_high` above it)."""
+    return (_key_high(v).to(tl.int64) << 32) | cols.to(tl.int64)
 
 
 @triton.jit

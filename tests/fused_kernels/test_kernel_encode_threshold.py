@@ -57,6 +57,18 @@ def test_threshold_select_matches_reference(M, d, n, k, dtype):
     sae, x = _case(M, d, n, k, dtype)
     values, indices = kernels.encode(x, sae)
     assert_topk_matches(x, sae, values, indices, rtol=_tol(dtype), atol=_tol(dtype))
+    if M:  # the fast path was taken: every row's survivors fit its buffer (none recomputed)
+        s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+        assert int((s.counts > s.plan.CAP).sum()) == 0 and int((s.counts < k).sum()) == 0, s.counts
+
+
+@cpu_only
+@pytest.mark.parametrize("n,k", [(128, 128), (65, 65), (512, 128), (600, 100)])
+def test_k_near_n(n, k):
+    """k == n or k > n / 8: fewer group maxima than KP (they crashed in the sort of the maxima)."""
+    sae, x = _case(3, 24, n, k, torch.float32)
+    values, indices = kernels.encode(x, sae)
+    assert_topk_matches(x, sae, values, indices)
 
 
 @cpu_only
@@ -105,10 +117,11 @@ def test_overflowing_rows_are_recomputed_not_truncated(monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nan_and_inf_rows(dtype):
-    """NaN ranks first (as torch.topk), +-inf rows, a row with fewer than k values above -inf."""
-    d, n, k = 40, 300, 17
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 300), (torch.float16, 300), (torch.float32, 3000)])
+def test_nan_and_inf_rows(dtype, n):
+    """NaN ranks first (as torch.topk), +-inf rows, a row with fewer than k values above -inf; at n 3000 the
+    all-NaN row overflows its buffer and is recomputed."""
+    d, k = 40, 17
     sae = make_sae(d, n, k, seed=4)
     with torch.no_grad():
         sae.W_enc[0].copy_(-sae.W_enc[0].abs())
@@ -124,12 +137,14 @@ def test_nan_and_inf_rows(dtype):
     assert_topk_matches(x, sae, values, indices, rtol=2e-3, atol=2e-3)
     assert torch.equal(values.isnan(), ref_v.isnan())
     assert torch.equal(indices[4, :3].sort().values, torch.tensor([5, 77, 200], dtype=torch.int32))
+    s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+    assert int(s.counts[1]) == n and (n > s.plan.CAP) == (n == 3000)  # every NaN survives
 
 
 @cpu_only
 def test_all_equal_pre_activations():
-    """A zero SAE: every entry ties (all survive, the buffer overflows): k distinct indices, values 0."""
-    d, n, k = 24, 500, 11
+    """A zero SAE: every entry ties, all survive and overflow the buffer (recomputed): k distinct indices, values 0."""
+    d, n, k = 24, 5000, 11
     sae = make_sae(d, n, k, seed=2)
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -138,6 +153,8 @@ def test_all_equal_pre_activations():
     values, indices = kernels.encode(x, sae)
     assert_topk_matches(x, sae, values, indices)
     assert (values == 0).all()
+    s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+    assert (s.counts == n).all() and n > s.plan.CAP
 
 
 @cpu_only
@@ -170,26 +187,35 @@ def test_patched_edit_by_threshold_matches_reference(kw):
 @pytest.mark.parametrize("prompts,k,dtype", [(1, 64, torch.bfloat16), (16, 64, torch.bfloat16),
                                              (16, 17, torch.float16), (3, 256, torch.bfloat16)])
 def test_gpu_threshold_real_shapes(prompts, k, dtype):
-    """SPEC shape (d 768, n 32768) on the GPU tiles, twice (the tickets must be back at zero), and from a CUDA
-    graph: every result a valid top-k of the reference."""
+    """SPEC shape (d 768, n 32768) on the GPU tiles: the tickets back at zero after a call, a second input, and two
+    captured CUDA graphs replayed out of order: every result a valid top-k of the reference."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode")
     sae = make_sae(768, 32768, k, dtype=dtype, device="cuda")
     x = torch.randn(prompts * 77, 768, device="cuda", dtype=dtype)
     first = kernels.encode(x, sae)
     assert_topk_matches(x, sae, *first, rtol=2e-2, atol=2e-2)
-    second = kernels.encode(x, sae)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     s = thr_mod.survivors(x, sae.W_enc, encode_mod.folded_bias(sae), k)
+    torch.cuda.synchronize()
+    assert int(thr_mod._tickets(x.device, s.plan.MB)[:s.plan.MB].abs().sum()) == 0  # reset for the next launch
     assert int((s.counts < k).sum()) == 0 and int((s.counts > s.plan.CAP).sum()) == 0
+    x2 = torch.randn_like(x)  # a different input: stale thresholds or keys of the first call would show
+    assert_topk_matches(x2, sae, *kernels.encode(x2, sae), rtol=2e-2, atol=2e-2)
+    # two captured graphs, the second replayed first: each holds its own zeroed tickets
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         kernels.encode(x, sae)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = kernels.encode(x, sae)
-    graph.replay()
+    graphs, outs = [], []
+    for xi in (x, x2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(kernels.encode(xi, sae))
+        graphs.append(g)
+    for g in reversed(graphs):
+        g.replay()
+    graphs[0].replay()
     torch.cuda.synchronize()
-    assert torch.equal(out[1], first[1])
+    assert torch.equal(outs[0][1], first[1])
+    assert_topk_matches(x2, sae, *outs[1], rtol=2e-2, atol=2e-2)

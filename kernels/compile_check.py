@@ -543,8 +543,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.gate:
         allowed = [r for r in results if r.get("ok") and r.get("spill_allowed") and r.get("spill_stores", 0)]
         print(f"gate: {len(results)} configs, {len(problems)} failing"
-              + (f"; {len(allowed)} spill where allowed (no tile within the table's budget, or the opt-in "
-                 "compact kernel's int64 offsets)" if allowed else ""))
+              + (f"; {len(allowed)} spill where allowed (no tile within the table's budget, the opt-in compact "
+                 "kernel's int64 offsets, or the threshold tails' mixed-dtype overflow path)" if allowed else ""))
         for p in problems:
             print(f"GATE FAIL {p}")
     if args.json:

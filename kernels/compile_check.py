@@ -276,8 +276,6 @@ def cases(arch: int, full: bool = False) -> list[Case]:
 def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 32768, d: int = 768) -> list[Case]:
     """The launches of the "threshold" selection (kernels/encode_threshold.py) for one shape on sm_<arch>: sampling,
     filter, and the tail as `kernels.encode` (select) and as the patch's residual edit (threshold_edit)."""
-    import torch
-
     from .encode_threshold import filter_meta, gpu_threshold_config, select_blocks, threshold_meta, threshold_plan
     from .encode_topk import operand_dtype
     from .snce_edit import edit_blocks
@@ -286,11 +284,11 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
     plan = threshold_plan(M, n, k, gpu_threshold_config(M, op.itemsize), interpreter=False)
     xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
     label = f"{xt if xt == wt else f'{xt} x / {wt} W'} k{k} M{M} n{n} d{d}"
-    tc = op in (torch.float16, torch.bfloat16) or _compute_precision(x_dtype, w_dtype) == "tf32"
     strides = dict(stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1)
     tm, fm, sb = (threshold_meta(plan, x_dtype, w_dtype), filter_meta(plan, x_dtype, w_dtype),
                   select_blocks(plan, interpreter=False))
     eb = edit_blocks(k, 1, d, interpreter=False)
+    tc = tm["PRECISION"] in ("tf32", "tf32x3")  # as `encode_case`: 16-bit tiles, or 16-bit x as tf32
     tile = f" BM{plan.cfg.BM} BN{plan.cfg.BN} BK{plan.cfg.BK} w{plan.cfg.num_warps} s{plan.cfg.num_stages}"
     return [
         Case("threshold", label + tile + f" G{plan.G}",
@@ -322,12 +320,6 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
                              BKF=sb["BKF"], BT=eb["BT"], BD=eb["BD"]),
              num_warps=max(sb["num_warps"], eb["num_warps"]), num_stages=1, spill_allowed=xt != wt),
     ]
-
-
-def _compute_precision(x_dtype: Any, w_dtype: Any) -> str:
-    from .encode_topk import _compute_mode
-
-    return _compute_mode(x_dtype, w_dtype)[1] if _compute_mode(x_dtype, w_dtype)[0] else "native"
 
 
 def threshold_cases(arch: int) -> list[Case]:

@@ -24,7 +24,8 @@ import numpy as np
 
 from .compile_check import PROMPT_TOKENS, compile_binary, threshold_case
 from .cost_report import (ASSUMPTIONS as REPORT_ASSUMPTIONS, DEP_LATENCY, GPUS, ISSUE_RATE, LAUNCH_S, PROMPTS,
-                          REAL_ACTS, REAL_SAE, SPEC, model_eager, occupancy, real_inputs, spec_inputs)
+                          REAL_ACTS, REAL_SAE, SPEC, model_eager, modelled_targets, occupancy, real_inputs,
+                          spec_inputs)
 
 _INT32_MIN = -(2**31)
 ASSUMPTIONS = [
@@ -258,20 +259,7 @@ def build(arch: int, use_real: bool, progress: bool = True) -> dict:
                     speedup_over_eager=[round(eager / m["total_high_s"], 2), round(eager / m["total_low_s"], 2)],
                     x_w_enc_floor=[round(m["total_low_s"] / floor, 1), round(m["total_high_s"] / floor, 1)])
             entries.append(entry)
-    targets = {}
-    for gpu in GPUS[arch]:
-        t = {}
-        for e in entries:
-            if e["sae"] != "random_spec":
-                continue
-            m = e["modelled"][gpu.name]
-            if e["prompts"] == 16:
-                t["16_prompts_speedup_over_eager_modelled"] = m["speedup_over_eager"]
-                t["16_prompts_met (>= 2x)"] = bool(m["speedup_over_eager"][0] >= 2)
-            if e["prompts"] == 1:
-                t["1_prompt_x_w_enc_floor_modelled"] = m["x_w_enc_floor"]
-                t["1_prompt_met (<= 3x)"] = bool(m["x_w_enc_floor"][1] <= 3)
-        targets[gpu.name] = t
+    targets = modelled_targets(entries, arch)
     meta = metadata(torch.device("cpu"))
     meta.update(mode="static (compile + disassemble + replay + model)", triton=triton.__version__,
                 note="MODELLED, not measured: sm_%d SASS of kernels compiled without a GPU, a numpy replay of "

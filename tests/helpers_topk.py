@@ -57,6 +57,12 @@ def make_sae(d: int, n: int, k: int, dtype: torch.dtype = torch.float32, seed: i
     return sae.to(device=device, dtype=dtype).requires_grad_(False)
 
 
+def frequent_latents(x: torch.Tensor, sae, count: int = 2) -> list[int]:
+    """The `count` latents active on most tokens of x under the reference encode: edit targets that fire."""
+    _, idx = reference.encode(x, sae)
+    return torch.bincount(idx.reshape(-1).long(), minlength=sae.W_enc.shape[1]).topk(count).indices.tolist()
+
+
 def _assert_nonfinite_row_matches(pre: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, k: int,
                                   dtype: torch.dtype, rtol: float, atol: float) -> None:
     """A row whose pre-activations hold NaN or +-inf (docs/kernels.md, "NaN and inf"): NaN ranks above +inf

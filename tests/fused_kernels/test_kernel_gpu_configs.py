@@ -22,7 +22,7 @@ from snce_fast import kernels  # noqa: E402
 from snce_fast.ops import reference  # noqa: E402
 from snce_fast.kernels._tuning import encode_candidates, next_pow2, split_plan  # noqa: E402
 
-from helpers_topk import assert_topk_matches, make_sae  # noqa: E402
+from helpers_topk import assert_topk_matches, frequent_latents, make_sae  # noqa: E402
 
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 edit_mod = importlib.import_module("snce_fast.kernels.snce_edit")
@@ -105,8 +105,7 @@ def test_edit_with_gpu_blocks(monkeypatch, shape, d, n, k):
     assert edit_mod.edit_blocks(k, 2, d, False)["num_warps"] == 4
     sae = make_sae(d, n, k, seed=d)
     x = torch.randn(*shape, d, generator=torch.Generator().manual_seed(2))
-    _, idx = reference.encode(x, sae)
-    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    neurons = frequent_latents(x, sae)
     for kw in (dict(), dict(clamp=0.05), dict(scale=0.5)):
         out = kernels.edit(x, sae, neurons, **kw)
         ref = reference.edit(x, sae, neurons, **kw)

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from snce_fast import kernels  # noqa: E402
 from snce_fast.ops import reference  # noqa: E402
 
-from helpers_topk import make_sae  # noqa: E402
+from helpers_topk import frequent_latents, make_sae  # noqa: E402
 
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 edit_mod = importlib.import_module("snce_fast.kernels.snce_edit")
@@ -97,8 +97,7 @@ def test_patched_residual_edit_is_two_launches(monkeypatch):
     B, L, d, n, k = 2, 6, 24, 300, 17
     sae = make_sae(d, n, k)
     x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(1))
-    _, idx = reference.encode(x, sae)
-    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    neurons = frequent_latents(x, sae)
     edit_mask = (torch.arange(L) >= 1).expand(B, L)
     for kw in (dict(edit_mask=edit_mask), dict(), dict(clamp=0.1, edit_mask=edit_mask)):
         want = reference.edit(x, sae, neurons, **kw)
@@ -124,8 +123,7 @@ def test_patch_hook_residual_edit_is_two_launches(monkeypatch):
     B, L, d, n, k = 2, 6, 24, 300, 17
     sae = make_sae(d, n, k)
     x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(2))
-    _, idx = reference.encode(x, sae)
-    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    neurons = frequent_latents(x, sae)
     state = _patch_state(sae, neurons)
     first = state.edit_hidden(x)
     with _count(monkeypatch) as cnt:
@@ -145,8 +143,7 @@ def test_patch_hook_gated_edit_launches(monkeypatch, eos):
     B, L, d, n, k = 2, 6, 24, 300, 17
     sae = make_sae(d, n, k)
     x = torch.randn(B, L, d, generator=torch.Generator().manual_seed(3))
-    _, idx = reference.encode(x, sae)
-    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    neurons = frequent_latents(x, sae)
     state = _patch_state(sae, neurons, gate=True)
     state.eos_token_id = eos
     ids = torch.tensor([[0, 5, 6, 3, 3, 3], [0, 5, 6, 7, 8, 3]])
@@ -176,8 +173,7 @@ def test_threshold_path_is_three_launches(monkeypatch):
         kernels.encode(x, sae)
     assert cnt.triton == ["_threshold_kernel", "_filter_kernel", "_select_topk_kernel"] and cnt.aten == [], (
         cnt.triton, cnt.aten)
-    _, idx = reference.encode(x, sae)
-    neurons = torch.bincount(idx.reshape(-1).long(), minlength=n).topk(2).indices.tolist()
+    neurons = frequent_latents(x, sae)
     edit_mask = (torch.arange(L) >= 1).expand(B, L)
     kernels.edit(x, sae, neurons, edit_mask=edit_mask)
     with _count(monkeypatch) as cnt:

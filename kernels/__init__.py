@@ -28,8 +28,30 @@ def available() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
 
 
+def _installed_namesake() -> Any:
+    """The installed package of this top-level name (HF's `kernels`), found on sys.path outside this source
+    tree, loaded and put in sys.modules in this module's place; None when there is none."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != tree]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[__name__] = module  # `import kernels` returns what sys.modules holds once this file has run
+    spec.loader.exec_module(module)
+    return module
+
+
 _IMPORT_ERROR: Optional[Exception] = None
-if __name__ != "snce_fast.kernels":
+if __name__ != "snce_fast.kernels" and _installed_namesake() is not None:
+    # Imported as a top-level `kernels` from the source tree's root while HF's `kernels` is installed
+    # (transformers >= 5.25 requires it and imports it on import): the importer gets that package.
+    pass
+elif __name__ != "snce_fast.kernels":
     # Imported as a top-level `kernels`: the source tree's root is on sys.path (`python -m pytest` or a
     # REPL there) and someone probed for a package of that name -- transformers does, for HF's `kernels`,
     # on import. Registering the ops again under this second module would make torch destroy the first

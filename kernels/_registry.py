@@ -1,7 +1,7 @@
 """Register a Triton-launching function as a `snce_fast::` PyTorch op.
 
 On a GPU: `torch.library.triton_op` (Inductor sees the kernels through `wrap_triton`
-and can trace into them). Under `TRITON_INTERPRET=1`, `triton.jit` returns an
+and can trace into them), or with `opaque=True` a `custom_op` there too. Under `TRITON_INTERPRET=1`, `triton.jit` returns an
 InterpretedFunction that `wrap_triton` cannot trace, so the same function is registered
 as an opaque `torch.library.custom_op` with the given fake instead; `opcheck` and
 `torch.compile(fullgraph=True)` then work on CPU tensors too (the op stays one node).
@@ -21,9 +21,11 @@ if not __name__.startswith("snce_fast."):  # see kernels/__init__.py: a second r
 from ._tuning import interpreting  # noqa: E402
 
 
-def register_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+def register_op(name: str, fake: Callable, opaque: bool = False) -> Callable[[Callable], Callable]:
+    """`opaque`: a `custom_op` on a GPU too, for launches whose effects Inductor cannot analyse (inline PTX makes
+    its mutation analysis assume that every argument is written, so torch.compile would copy them)."""
     def deco(fn: Callable) -> Callable:
-        if interpreting():
+        if interpreting() or opaque:
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fake)
             return op

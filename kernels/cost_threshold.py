@@ -38,6 +38,9 @@ ASSUMPTIONS = [
     "outside "
     "loops (both branches of the overflow test counted: an upper bound) + the merge loop x (ceil(count / BS) - 1) "
     "per row, and for a row whose survivors overflow the direct loop nest x its trip counts",
+    "the filter's per-entry append path (the instructions its compare branches over) runs in a warp when any of "
+    "the warp's 32 lanes has a candidate there: with survivors spread evenly and independently, a fraction "
+    "1 - (1 - survivors / n)^32 of it (~50% at 2% survivors) is counted",
     "HBM floor: W_enc read once per launch (1/step of it for the sampling launch), x, the survivors written and "
     "read (8 bytes each), outputs; L2 floor: W_enc once per row block (repeats assumed to hit L2)",
     "3 launches per call at LAUNCH_S each; eager bf16 as in cost_report (model_eager)",
@@ -47,9 +50,15 @@ ASSUMPTIONS = [
 # ---------------------------------------------------------------------------------------------- replay
 def order_keys(pre: np.ndarray) -> np.ndarray:
     """int32 keys ordering like the fp32 values, NaN above +inf (the high word of the kernels' `_pack`)."""
-    b = pre.astype(np.float32).view(np.int32).copy()
-    b[np.isnan(pre)] = 0x7FC00000
+    b = np.atleast_1d(pre).astype(np.float32).view(np.int32).copy()
+    b[np.isnan(np.atleast_1d(pre))] = 0x7FC00000
     return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def threshold_values(thr: np.ndarray) -> np.ndarray:
+    """fp32 values of int32 key thresholds, as the filter's `_threshold_value` (clamped to -inf..+inf)."""
+    t = np.clip(thr, order_keys(np.float32(-np.inf)), order_keys(np.float32(np.inf))).astype(np.int32)
+    return np.where(t >= 0, t, t ^ 0x7FFFFFFF).astype(np.int32).view(np.float32)
 
 
 def replay_survivors(x: np.ndarray, W: np.ndarray, bias: np.ndarray, k: int, plan: Any, margin: int,
@@ -72,7 +81,7 @@ def replay_survivors(x: np.ndarray, W: np.ndarray, bias: np.ndarray, k: int, pla
         g = np.concatenate(gmax, axis=1)
         hk = np.sort(g, axis=1)[:, -k] if g.shape[1] >= k else np.full(g.shape[0], _INT32_MIN)
         thr = np.where(hk > _INT32_MIN + margin, hk - margin, _INT32_MIN)
-        surv = hi >= thr[:, None]
+        surv = ~(pre < threshold_values(thr)[:, None])  # the filter's float compare (NaN passes)
         counts[r0:r0 + chunk] = surv.sum(1)
         top = np.argpartition(-np.where(np.isnan(pre), np.inf, pre), k - 1, axis=1)[:, :k]
         lost += int((~np.take_along_axis(surv, top, 1)).sum())
@@ -106,7 +115,9 @@ def _sass_row(case: Any, arch: int, cache_dir: Optional[str]) -> dict:
     top = [lp for lp in loops if lp["depth"] == 0]
     counts = an.counts()
     shared = int(compiled.metadata.shared)
+    guarded = sass.guarded_instructions(an.instrs, an.labels, "ATOMG") if case.kernel == "threshold_filter" else 0
     return dict(kernel=case.kernel, label=case.label, reg=res.get("reg"), spill_stores=res.get("spill_stores", 0),
+                append_path_instructions=guarded,
                 shared_bytes=shared, num_warps=case.num_warps, instructions=counts["instructions"],
                 wgmma=counts["wgmma"], tensor_core=counts["tensor_core"], tma=counts["tma"], loops=loops,
                 outside_loops=counts["instructions"] - sum(lp["instructions"] for lp in top),
@@ -178,7 +189,10 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
                                 plan.MB * sampled / gpu.l2_bytes_s)
     # 2. filter launch: MB x NT programs
     r = rows["threshold_filter"]
-    per = r["outside_loops"] + _mma_loop(r)["instructions"] * trips
+    density = float(counts.mean()) / n  # survivors per entry
+    taken = 1.0 - (1.0 - min(density, 1.0)) ** 32  # a warp runs an entry's append path when any lane passes
+    guarded = r.get("append_path_instructions", 0)
+    per = r["outside_loops"] - guarded * (1.0 - taken) + _mma_loop(r)["instructions"] * trips
     n_prog = plan.MB * plan.NT
     t = _schedule(gpu, np.full(n_prog, float(per)), np.full(n_prog, tile_flops), r["num_warps"],
                   r["occupancy"]["ctas_per_sm"], tc_frac(r))

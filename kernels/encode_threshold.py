@@ -2,15 +2,17 @@
 inside the matmul, Hopper-sized tiles, three launches.
 
 1. `_threshold_kernel`, on one latent tile in `step` (STRIDE = 8 where there are enough tiles; fewer tiles: every
-   tile or every other, so that there are ~2 KP groups): each program takes the maximum key high word of every group of BN / R latents of its tile. The last program of a row block to finish (an atomic
+   tile or every other, so that there are ~2 KP groups): each program takes the maximum key high word of every
+   group of BN / R latents of its tile. The last program of a row block to finish (an atomic
    ticket) sorts each row's G = sampled tiles * R group maxima and keeps the K-th largest. Those K maxima are
    K distinct entries of the row, so the row's K-th largest entry is at least as large: every entry of the true
    top K passes `key >= threshold`, provided both launches compute the same tile values, which they do: the
    same tile, loop and operations. MARGIN (the threshold lowered by 2^12 in the key's high word, ~2^-11
    relative) is only a backstop against a last-bit difference. It zeroes the rows' candidate counts.
 2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`'s loop, written out):
-   one compare per entry; survivors are appended to the row's buffer of CAP int64 keys at slots reserved with
-   one atomic add per row and placed by popcount. About 1.4 K * STRIDE entries survive per row.
+   one fp32 compare per entry against the row's threshold value; a survivor (~2% of entries) takes the next
+   slot of its row's buffer of CAP int64 keys with its own atomic add and stores its key there (in PTX on
+   CUDA, `_append_ptx`: the other entries branch over it). About 1.4 K * STRIDE entries survive per row.
 3. the tail, one program per token (`_select_topk_kernel` here, `_select_edit_kernel` in snce_edit.py): the
    top K of the row's survivors (`_merge_row` over `count` keys) or, when the count passed CAP (NaN rows, ties
    of a degenerate SAE), the row's exact top K recomputed from x and W_enc (`_direct_row`), never a
@@ -27,12 +29,14 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._combine import max_combine, sum_combine
-from ._registry import on_device_of
+from ._registry import on_device_of, register_op
 from ._tuning import _device_key, interpreting, next_pow2
 from .encode_topk import (_KEY_MIN, _compute_mode, _key_high, _merge_row, _needs_wide, _pack, _preact_tile,
                           _topk_last, _unpack_relu, operand_dtype)
 
 _INT32_MIN = tl.constexpr(-(2**31))
+_KEY_NEG_INF = tl.constexpr(-2139095041)  # _key_high(-inf): 0xFF800000 ^ 0x7FFFFFFF
+_KEY_POS_INF = tl.constexpr(0x7F800000)  # _key_high(+inf)
 
 
 @triton.jit
@@ -79,12 +83,48 @@ def _threshold_kernel(
 
 
 @triton.jit
-def _popc64(v):
-    """Set bits of each int64 (SWAR; ptxas turns it into POPC)."""
-    v = v - ((v >> 1) & 0x5555555555555555)
-    v = (v & 0x3333333333333333) + ((v >> 2) & 0x3333333333333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0F
-    return ((v * 0x0101010101010101) >> 56) & 0xFF
+def _threshold_value(thr):
+    """The fp32 value whose key high word is `thr` (the inverse of `_key_high`), with thr clamped to the keys of
+    -inf..+inf first so the result is never NaN. For every value v, key(v) >= thr implies `not v < result`
+    (NaN included: NaN < anything is false), so the float compare lets through a superset of the key compare."""
+    t = tl.minimum(tl.maximum(thr, _KEY_NEG_INF), _KEY_POS_INF)
+    return tl.where(t >= 0, t, t ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _append_ptx(pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP):
+    """The filter's epilogue for one entry, in PTX (CUDA only): an entry not below its row's threshold, in a
+    real row and column, takes the next slot of its row (`atom.add` on *cnt_ptrs) and, below CAP, stores its
+    `_pack` key there (NaN made canonical, the high word ordered like the value, the column low). Every other
+    entry branches over all of it: ~2% of entries pass, so the common path is a compare and a branch.
+    (Triton's own per-entry `tl.atomic_add` on a [BM, BN] wgmma tile fails triton 3.9's layout pass, and its
+    predicated form costs ~13 issued instructions per entry against ~6 here: docs/kernels.md.) Returns 0."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .pred p;
+        .reg .u32 s, h, m;
+        .reg .u64 a;
+        mov.u32 $0, 0;
+        setp.lt.f32 p, $1, $2;
+        @p bra SKIP;
+        setp.eq.u32 p, $4, 0;
+        setp.ge.or.s32 p, $6, $7, p;
+        @p bra SKIP;
+        atom.global.relaxed.gpu.add.u32 s, [$3], 1;
+        setp.ge.u32 p, s, $8;
+        @p bra SKIP;
+        mov.b32 h, $1;
+        testp.notanumber.f32 p, $1;
+        @p mov.b32 h, 0x7FC00000;
+        shr.s32 m, h, 31;
+        and.b32 m, m, 0x7FFFFFFF;
+        xor.b32 h, h, m;
+        mad.wide.u32 a, s, 8, $5;
+        st.global.v2.b32 [a], {$6, h};
+        SKIP:
+        }""",
+        constraints="=r,f,f,l,r,l,r,r,r", args=[pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP],
+        dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -93,7 +133,7 @@ def _filter_kernel(
     M, N, D, MB, CAP,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % MB  # the row blocks of one latent tile run side by side: its W_enc tile is read once from HBM
@@ -121,19 +161,16 @@ def _filter_kernel(
             wt = wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
     pre = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    tl.static_assert(BN <= 64, "a row's candidates of one tile are one 64-bit mask")
-    hi = _key_high(pre)  # int32: a [BM, BN] tile of int64 keys spilled ~1.1 KB per thread on sm_90
-    thr = tl.load(thr_ptr + rows_o, mask=rmask, other=0)
-    cand = (hi >= thr[:, None]) & rmask[:, None] & cmask[None, :]
-    # slots by popcount of the row's candidate mask below each column: 22% fewer SASS instructions and 44 fewer
-    # registers than a cumsum along the row on sm_90 (docs/kernels.md)
-    bit = tl.full((1, BN), 1, tl.int64) << tl.arange(0, BN).to(tl.int64)[None, :]
-    mask_bits = tl.reduce(tl.where(cand, bit, 0), 1, sum_combine)  # distinct bits: the sum is the OR
-    n_row = _popc64(mask_bits).to(tl.int32)
-    base = tl.atomic_add(cnt_ptr + rows_o, n_row, mask=rmask & (n_row > 0), sem="relaxed")
-    pos = base[:, None] + _popc64(mask_bits[:, None] & (bit - 1)).to(tl.int32)
-    tl.store(out_ptr + rows_o[:, None] * stride_om + pos, (hi.to(tl.int64) << 32) | cols[None, :].to(tl.int64),
-             mask=cand & (pos < CAP))
+    # the row's threshold as an fp32 value: one float compare per entry instead of a key per entry
+    thr = _threshold_value(tl.load(thr_ptr + rows_o, mask=rmask, other=0))
+    if APPEND_PTX:
+        z = tl.zeros((BM, BN), tl.int32)
+        _append_ptx(pre, thr[:, None] + z.to(tl.float32), cnt_ptr + rows_o[:, None] + z, rmask.to(tl.int32)[:, None] + z,
+                    out_ptr + rows_o[:, None] * stride_om + z, cols[None, :] + z, N, CAP)
+    else:  # the interpreter (and a non-CUDA GPU): the same rule with per-entry atomics
+        cand = ~(pre < thr[:, None]) & rmask[:, None] & cmask[None, :]
+        slot = tl.atomic_add(cnt_ptr + rows_o[:, None] + tl.zeros((BM, BN), tl.int32), 1, mask=cand, sem="relaxed")
+        tl.store(out_ptr + rows_o[:, None] * stride_om + slot, _pack(pre, cols[None, :]), mask=cand & (slot < CAP))
 
 
 @triton.jit
@@ -205,9 +242,7 @@ MARGIN = 1 << 12  # high-word units, ~2**-11 relative: a backstop only (both lau
 
 
 def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> ThresholdConfig:
-    """The tile of both matmul launches (they must match: see MARGIN). GPU: BM 128 (64 for <= 64 tokens) x
-    BN 64 (wgmma on sm_90), 3 stages (`gpu_threshold_config`). BN 128 spilled ~1.1 KB per thread in the
-    filter's scattered store (a 64-bit address per entry); BN 64 does not (docs/kernels.md)."""
+    """The tile of both matmul launches (they must match: see MARGIN): `gpu_threshold_config` on a GPU."""
     name, _ = _device_key(device)
     if name == "cpu-interpreter":
         return ThresholdConfig(BM=min(64, max(16, next_pow2(M))), BN=64, BK=64, STRIDE=STRIDE, num_warps=1,
@@ -216,14 +251,16 @@ def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> Thresh
 
 
 def gpu_threshold_config(M: int, itemsize: int) -> ThresholdConfig:
-    """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`). 16-bit tiles:
-    16 warps at BM 128 (8 at BM 64): half the epilogue per warp and 90 registers on sm_90 (8 warps: 138), so
-    one program keeps 16 warps resident, for 30% more warp instructions per tile in all (docs/performance.md).
-    fp32 tiles: 8 warps (16 spilled 4 bytes in the exact-fp32 sampling kernel)."""
-    bm = 64 if M <= 64 else 128
-    warps = (16 if bm == 128 else 8) if itemsize <= 2 else (8 if bm == 128 else 4)
-    return ThresholdConfig(BM=bm, BN=64, BK=64 if itemsize <= 2 else 32, STRIDE=STRIDE, num_warps=warps,
-                           num_stages=3)
+    """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`), 3 stages.
+    16-bit tiles (wgmma on sm_90): BM 64 x BN 64 at 8 warps for <= 64 tokens; BM 128 x BN 64 at 16 warps for
+    <= 128 (one prompt: twice the programs of BN 128 for 132 SMs); BM 256 x BN 128 at 16 warps above, which
+    halves the W_enc re-reads from L2 that bound BM 128 (modelled 67 vs 92 us at 16 prompts: docs/performance.md;
+    127 registers, no spill). fp32 tiles: BM 128 (64) x BN 64 at 8 (4) warps."""
+    if itemsize > 2:
+        bm = 64 if M <= 64 else 128
+        return ThresholdConfig(BM=bm, BN=64, BK=32, STRIDE=STRIDE, num_warps=8 if bm == 128 else 4, num_stages=3)
+    bm, bn = (64, 64) if M <= 64 else (128, 64) if M <= 128 else (256, 128)
+    return ThresholdConfig(BM=bm, BN=bn, BK=64, STRIDE=STRIDE, num_warps=8 if bm == 64 else 16, num_stages=3)
 
 
 @dataclass(frozen=True)
@@ -269,12 +306,19 @@ def threshold_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dty
                 num_stages=c.num_stages)
 
 
-def filter_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
-    """Constexprs and launch options of `_filter_kernel` (the same tile as `threshold_meta`)."""
+def filter_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False,
+                ptx: bool = False) -> dict:
+    """Constexprs and launch options of `_filter_kernel` (the same tile as `threshold_meta`); `ptx`: the epilogue
+    in PTX (`_append_ptx`), for a CUDA device (not the interpreter, not ROCm)."""
     upcast, precision = _compute_mode(x_dtype, w_dtype)
     c = plan.cfg
     return dict(BM=c.BM, BN=c.BN, BK=c.BK, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide),
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                APPEND_PTX=bool(ptx), num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def uses_ptx(device: torch.device) -> bool:
+    """True where `_filter_kernel` runs its PTX epilogue: an NVIDIA GPU, not the interpreter."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting()
 
 
 def select_blocks(plan: ThresholdPlan, interpreter: bool) -> dict:
@@ -313,12 +357,25 @@ class Survivors:
     plan: ThresholdPlan
 
 
-def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> Survivors:
-    """Launches 1 and 2 (module docstring) for x [M >= 1, d]."""
+def _plan(x: torch.Tensor, W_enc: torch.Tensor, k: int) -> ThresholdPlan:
+    M = x.shape[0]
+    return threshold_plan(M, W_enc.shape[1], k, threshold_config(M, operand_dtype(x.dtype, W_enc.dtype), x.device),
+                          interpreting())
+
+
+def _survivors_fake(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = _plan(x, W_enc, k)
+    return x.new_empty((x.shape[0], plan.CAP), dtype=torch.int64), x.new_empty((x.shape[0],), dtype=torch.int32)
+
+
+# opaque to Inductor: the filter's PTX epilogue would make its mutation analysis take x, W_enc and the bias as
+# written (tests/fused_kernels/test_compile_check.py), and torch.compile would then copy W_enc on every call
+@register_op("snce_fast::threshold_survivors", _survivors_fake, opaque=True)
+def _survivors_op(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches 1 and 2 (module docstring) for x [M >= 1, d]: (keys [M, CAP] int64, counts [M] int32)."""
     M, d = x.shape
     n = W_enc.shape[1]
-    cfg = threshold_config(M, operand_dtype(x.dtype, W_enc.dtype), x.device)
-    plan = threshold_plan(M, n, k, cfg, interpreting())
+    plan = _plan(x, W_enc, k)
     gmax = x.new_empty((M, plan.G), dtype=torch.int32)
     thr = x.new_empty((M,), dtype=torch.int32)
     counts = x.new_empty((M,), dtype=torch.int32)
@@ -334,8 +391,14 @@ def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) 
             x, W_enc, bias, thr, counts, keys,
             M, n, d, plan.MB, plan.CAP,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-            **filter_meta(plan, x.dtype, W_enc.dtype, wide))
-    return Survivors(keys, counts, plan)
+            **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device)))
+    return keys, counts
+
+
+def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> Survivors:
+    """Launches 1 and 2 (module docstring) for x [M >= 1, d], as one opaque op."""
+    keys, counts = torch.ops.snce_fast.threshold_survivors(x, W_enc, bias, k)
+    return Survivors(keys, counts, _plan(x, W_enc, k))
 
 
 def threshold_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,

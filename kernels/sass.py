@@ -267,6 +267,27 @@ class Analysis:
         return mix(self.instrs, lp.head, lp.latch + 1)
 
 
+def guarded_instructions(instrs: list[Instr], labels: dict[str, int], op: str) -> int:
+    """Instructions skipped by a forward conditional branch whose skipped range holds an `op` instruction
+    (outermost ranges only): the filter's per-entry append path (ATOMG), which a warp runs only when one of
+    its lanes has a candidate."""
+    ranges = []
+    for i, ins in enumerate(instrs):
+        if ins.op == "BRA" and ins.pred and ins.target in labels:
+            end = labels[ins.target]
+            if end > i + 1 and any(instrs[j].op == op for j in range(i + 1, end)):
+                ranges.append((i + 1, end))
+    total, reach = 0, -1
+    for lo, hi in sorted(ranges):
+        if lo >= reach:
+            total += hi - lo
+            reach = hi
+        elif hi > reach:
+            total += hi - reach
+            reach = hi
+    return total
+
+
 def analyse(text: str) -> Analysis:
     instrs, labels = parse(text)
     return Analysis(instrs, labels, blocks_of(instrs, labels), loops_of(instrs, labels))

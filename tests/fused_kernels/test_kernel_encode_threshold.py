@@ -23,6 +23,7 @@ cpu_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason=
 
 # the tile of the GPU table (BM 64 x BN 64, one tile in 8 sampled) under the interpreter
 _GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=64, BK=32, STRIDE=8, num_warps=4, num_stages=3)
+_GPU_CFG_WIDE = thr_mod.ThresholdConfig(BM=32, BN=128, BK=32, STRIDE=8, num_warps=4, num_stages=3)
 
 
 @pytest.fixture(autouse=True)
@@ -72,11 +73,13 @@ def test_k_near_n(n, k):
 
 
 @cpu_only
+@pytest.mark.parametrize("cfg", [_GPU_CFG, _GPU_CFG_WIDE], ids=["BN64", "BN128"])
 @pytest.mark.parametrize("M,d,n,k,dtype", [(1, 72, 4100, 64, torch.float16), (70, 40, 3000, 17, torch.float32),
                                              (9, 40, 1300, 5, torch.float16)])
-def test_threshold_select_with_gpu_tiles(monkeypatch, M, d, n, k, dtype):
-    """The GPU tile and sampling (several sampled tiles, sub-tile groups), mixed dtypes (16-bit x, fp32 SAE)."""
-    monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: _GPU_CFG)
+def test_threshold_select_with_gpu_tiles(monkeypatch, cfg, M, d, n, k, dtype):
+    """The GPU tiles and sampling (several sampled tiles, sub-tile groups; BN 64 and the BN 128 of more than 128
+    tokens), mixed dtypes (16-bit x, fp32 SAE)."""
+    monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: cfg)
     sae, x = _case(M, d, n, k, dtype)
     sae = sae.float()
     values, indices = kernels.encode(x, sae)
@@ -179,6 +182,21 @@ def test_patched_edit_by_threshold_matches_reference(kw):
     out = kernels.edit(x, sae, neurons, **kw)
     torch.testing.assert_close(out, reference.edit(x, sae, neurons, **kw), rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, x)
+
+
+@cpu_only
+def test_survivors_op_fake_and_compile(monkeypatch):
+    """The opaque op of the two matmul launches: its fake gives the real shapes and dtypes, and a compiled encode
+    (fullgraph) through it gives the eager result."""
+    sae, x = _case(9, 40, 1300, 5, torch.float32)
+    bias = encode_mod.folded_bias(sae)
+    torch.library.opcheck(torch.ops.snce_fast.threshold_survivors.default, (x, sae.W_enc.detach(), bias, sae.k),
+                          test_utils=("test_schema", "test_faketensor"))
+    monkeypatch.setattr(encode_mod, "SELECT", "threshold")
+    f = torch.compile(lambda x: kernels.encode(x, sae), fullgraph=True, backend="aot_eager")
+    v, i = f(x)
+    v0, i0 = kernels.encode(x, sae)
+    assert torch.equal(i, i0) and torch.equal(v, v0)
 
 
 # --- GPU (first GPU session): the ticket and the atomics on real hardware ---------------------------------

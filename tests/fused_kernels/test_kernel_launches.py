@@ -44,7 +44,8 @@ class _Launches(TorchDispatchMode):
         # our ops are opaque custom ops under the interpreter: run their Python bodies under this mode
         self.bodies = {f"snce_fast::{op._name.split('::')[-1]}": op._init_fn
                        for op in (encode_mod.encode_topk, edit_mod.edit_residual, edit_mod.edit_residual_keys,
-                                  edit_mod.edit_residual_threshold, decode_mod.sparse_decode)
+                                  edit_mod.edit_residual_threshold, decode_mod.sparse_decode,
+                                  thr_mod._survivors_op)
                        if hasattr(op, "_init_fn")}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

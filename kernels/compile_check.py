@@ -400,6 +400,40 @@ def compile_binary(case: Case, arch: int, fn: Any = None, cache_dir: Optional[st
     return compiled, log.getvalue()
 
 
+_LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.(\w+)<\{(.*)\}>", re.M)
+_ASM_LAYOUT = re.compile(r"tt\.elementwise_inline_asm.*?->\s*tensor<([0-9x]+)x\w+,\s*(#\w+)>")
+
+
+def _ints(spec: str, key: str) -> Optional[list[int]]:
+    m = re.search(key + r"\s*=\s*\[([0-9, ]+)\]", spec)
+    return [int(v) for v in m.group(1).split(",")] if m else None
+
+
+def asm_layout_problems(ttgir: str) -> list[str]:
+    """Inline asm runs once per element a thread holds; a layout whose footprint (blocked: sizePerThread x
+    threadsPerWarp x warpsPerCTA; nvidia_mma: instrShape x warpsPerCTA) exceeds the tensor holds some elements in
+    two threads, and an asm with side effects (the threshold filter's append) would then run twice for them.
+    Returns a problem per `tt.elementwise_inline_asm` whose result layout replicates or is not one of those."""
+    layouts = {m.group(1): (m.group(2), m.group(3)) for m in _LAYOUT_DEF.finditer(ttgir)}
+    problems = []
+    for m in _ASM_LAYOUT.finditer(ttgir):
+        shape = [int(v) for v in m.group(1).split("x")]
+        kind, spec = layouts.get(m.group(2), ("?", ""))
+        if kind == "blocked":
+            parts = [_ints(spec, key) for key in ("sizePerThread", "threadsPerWarp", "warpsPerCTA")]
+            foot = [a * b * c for a, b, c in zip(*parts)] if all(parts) else None
+        elif kind == "nvidia_mma":
+            w, instr = _ints(spec, "warpsPerCTA"), _ints(spec, "instrShape")
+            foot = [a * b for a, b in zip(instr, w)] if w and instr else None
+        else:
+            foot = None
+        if foot is None:
+            problems.append(f"inline asm on a {kind} layout ({m.group(2)}): replication not checked")
+        elif any(f > s for f, s in zip(foot, shape)):
+            problems.append(f"inline asm on {kind} footprint {foot} over a {shape} tensor: elements held twice")
+    return problems
+
+
 def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str] = None,
                  disasm: bool = False) -> dict:
     """Compile one case for sm_<arch> (`fn`: another jit function than the named kernel; `cache_dir`:
@@ -410,6 +444,8 @@ def compile_case(case: Case, arch: int, fn: Any = None, cache_dir: Optional[str]
     try:
         compiled, log = compile_binary(case, arch, fn, cache_dir)
         row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **_ptxas_resources(log))
+        if "elementwise_inline_asm" in compiled.asm.get("ttgir", ""):
+            row["asm_layout_problems"] = asm_layout_problems(compiled.asm["ttgir"])
         if disasm:
             from . import sass
 
@@ -444,6 +480,7 @@ def gate(results: list[dict]) -> list[str]:
             problems.append(f"{where}: spills ({r.get('spill_stores', 0)} bytes stores, {r.get('spill_loads', 0)} "
                             f"bytes loads, {r['sass'].get('spill_instructions', 0)} LDL/STL) at {r.get('reg')} "
                             "registers")
+        problems += [f"{where}: {p}" for p in r.get("asm_layout_problems", [])]
         if r.get("tensor_cores_expected") and not sum(r["sass"].get("tensor_core", {}).values()):
             problems.append(f"{where}: no tensor-core instruction (HMMA/HGMMA/UTC*MMA count 0) in a config whose "
                             "dtype multiplies on tensor cores")

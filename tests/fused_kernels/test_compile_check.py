@@ -217,3 +217,22 @@ def test_survivors_op_is_opaque_on_a_gpu_too(monkeypatch):
     assert torch.equal(torch.ops.snce_fast_test.opaque_probe(torch.arange(3.0)), torch.arange(3.0))
     assert isinstance(thr._survivors_op, CustomOpDef)
     assert '@register_op("snce_fast::threshold_survivors", _survivors_fake, opaque=True)' in inspect.getsource(thr)
+
+
+def test_asm_layout_problems_flags_replicated_elements():
+    """The gate's check that an inline asm (the threshold filter's append) runs once per element: a layout whose
+    footprint exceeds the tensor holds elements in two threads."""
+    from snce_fast.kernels.compile_check import asm_layout_problems
+
+    def ttgir(layout: str, shape: str) -> str:
+        return (f"#l = #ttg.{layout}\n"
+                f'%1 = tt.elementwise_inline_asm "{{ mov.u32 $0, 0; }}" {{constraints = "=r,r"}} %0 : '
+                f"tensor<{shape}xi32, #l> -> tensor<{shape}xi32, #l> loc(#loc1)\n")
+
+    mma = "nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [16, 1], instrShape = [16, 128, 16]}>"
+    blocked = "blocked<{sizePerThread = [4, 4], threadsPerWarp = [2, 16], warpsPerCTA = [4, 1], order = [1, 0]}>"
+    assert asm_layout_problems(ttgir(mma, "256x128")) == []
+    assert "held twice" in asm_layout_problems(ttgir(mma, "128x128"))[0]
+    assert asm_layout_problems(ttgir(blocked, "64x64")) == []
+    assert "held twice" in asm_layout_problems(ttgir(blocked, "16x64"))[0]
+    assert "not checked" in asm_layout_problems(ttgir("linear<{register = [[0, 1]]}>", "64x64"))[0]

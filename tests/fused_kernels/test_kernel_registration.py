@@ -51,7 +51,7 @@ def test_a_top_level_kernels_import_registers_nothing_and_breaks_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["ops"] == ["snce_fast::encode_topk", "snce_fast::triton_edit_residual",
+    assert res["ops"] == ["snce_fast::encode_topk", "snce_fast::threshold_survivors", "snce_fast::triton_edit_residual",
                           "snce_fast::triton_edit_residual_keys", "snce_fast::triton_edit_residual_threshold",
                           "snce_fast::triton_sparse_decode"]
     assert res["same"], "importing the top-level `kernels` replaced the registered ops"

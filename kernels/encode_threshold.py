@@ -9,7 +9,7 @@ inside the matmul, Hopper-sized tiles, three launches.
    top K passes `key >= threshold`, provided both launches compute the same tile values, which they do: the
    same tile, loop and operations. MARGIN (the threshold lowered by 2^12 in the key's high word, ~2^-11
    relative) is only a backstop against a last-bit difference. It zeroes the rows' candidate counts.
-2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`'s loop, written out):
+2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`, as launch 1):
    one fp32 compare per entry against the row's threshold value; a survivor (~2% of entries) takes the next
    slot of its row's buffer of CAP int64 keys with its own atomic add and stores its key there (in PTX on
    CUDA, `_append_ptx`: the other entries branch over it). About 1.4 K * STRIDE entries survive per row.
@@ -143,24 +143,8 @@ def _filter_kernel(
     rmask = rows < M
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
-    # `_preact_tile`'s loop, written out: Inductor's mutation analysis follows a store's address back through
-    # the arguments of any jit helper whose result it depends on, so with the helper x, W_enc and the bias
-    # looked written (torch.compile would copy them every call); the same ops in the same order as the helper
-    cols_o = cols.to(tl.int64) if WIDE else cols
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < D
-        ks_o = ks.to(tl.int64) if WIDE else ks
-        xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-    pre = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
+    pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
+                       stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)  # the sampling launch's tile, same values
     # the row's threshold as an fp32 value: one float compare per entry instead of a key per entry
     thr = _threshold_value(tl.load(thr_ptr + rows_o, mask=rmask, other=0))
     if APPEND_PTX:

@@ -293,8 +293,24 @@ def _encode_compact_kernel(
             cnt, thr = _select_buffer(bv_ptr, bi_ptr, out_ptr, boff, ooff, cnt, thr, BM, KP, CAP, RS, False)
         cols = n0 + tl.arange(0, BN)
         cmask = cols < n_end
-        pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
-                           stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
+        # `_preact_tile`'s loop, written out (the same ops): Inductor's mutation analysis follows a store's address
+        # back through the arguments of any jit helper whose result it depends on, so through the helper x,
+        # W_enc and the bias looked written (torch.compile would copy them every call)
+        cols_o = cols.to(tl.int64) if WIDE else cols
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < D
+            ks_o = ks.to(tl.int64) if WIDE else ks
+            xt = tl.load(x_ptr + rows_o[:, None] * stride_xm + ks_o[None, :] * stride_xd,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(w_ptr + ks_o[:, None] * stride_wd + cols_o[None, :] * stride_wn,
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        pre = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
         live = cmask[None, :] & rmask[:, None]
         cand = ((pre > thr[:, None]) | (pre != pre) | (cnt < KP)[:, None]) & live
         n_row = tl.reduce(cand.to(tl.int32), 1, sum_combine)

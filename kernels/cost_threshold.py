@@ -64,9 +64,11 @@ def threshold_values(thr: np.ndarray) -> np.ndarray:
 def replay_survivors(x: np.ndarray, W: np.ndarray, bias: np.ndarray, k: int, plan: Any, margin: int,
                      chunk: int = 512) -> dict:
     """Every row's threshold and survivor count as `_threshold_kernel` and `_filter_kernel` compute them (fp32
-    pre-activations of the bf16-rounded inputs), and whether the true top k all survive (they must)."""
+    pre-activations of the bf16-rounded inputs), and whether the true top k all survive (they must). `thresholds`:
+    the rows' int32 key thresholds (the filter passes `not pre < threshold_values(thresholds)`)."""
     BN, R, step, NS = plan.cfg.BN, plan.R, plan.step, plan.NS
     counts = np.zeros(x.shape[0], dtype=np.int64)
+    thresholds = np.zeros(x.shape[0], dtype=np.int32)
     lost = 0
     for r0 in range(0, x.shape[0], chunk):
         pre = x[r0:r0 + chunk] @ W + bias[None, :]
@@ -83,9 +85,10 @@ def replay_survivors(x: np.ndarray, W: np.ndarray, bias: np.ndarray, k: int, pla
         thr = np.where(hk > _INT32_MIN + margin, hk - margin, _INT32_MIN)
         surv = ~(pre < threshold_values(thr)[:, None])  # the filter's float compare (NaN passes)
         counts[r0:r0 + chunk] = surv.sum(1)
+        thresholds[r0:r0 + chunk] = thr
         top = np.argpartition(-np.where(np.isnan(pre), np.inf, pre), k - 1, axis=1)[:, :k]
         lost += int((~np.take_along_axis(surv, top, 1)).sum())
-    return dict(counts=counts, lost_top_k_entries=lost)
+    return dict(counts=counts, thresholds=thresholds, lost_top_k_entries=lost)
 
 
 def replay_summary(rep: dict, plan: Any) -> dict:

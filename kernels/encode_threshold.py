@@ -1,7 +1,7 @@
 """The "threshold" selection of the fused TopK encode (docs/kernels.md, "Threshold selection"): no sorting
 inside the matmul, Hopper-sized tiles, three launches.
 
-1. `_threshold_kernel`, on one latent tile in `step` (STRIDE = 8 where there are enough tiles; fewer tiles: every
+1. `_threshold_kernel`, on one latent tile in `step` (STRIDE = 4 where there are enough tiles; fewer tiles: every
    tile or every other, so that there are ~2 KP groups): each program takes the maximum key high word of every
    group of BN / R latents of its tile. The last program of a row block to finish (an atomic
    ticket) sorts each row's G = sampled tiles * R group maxima and keeps the K-th largest. Those K maxima are
@@ -10,7 +10,7 @@ inside the matmul, Hopper-sized tiles, three launches.
    same tile, loop and operations. MARGIN (the threshold lowered by 2^12 in the key's high word, ~2^-11
    relative) is only a backstop against a last-bit difference. It zeroes the rows' candidate counts.
 2. `_filter_kernel`, one program per [BM, BN] tile of the whole x @ W_enc (`_preact_tile`, as launch 1):
-   one fp32 compare per entry against the row's threshold value; a survivor (~2% of entries) takes the next
+   one fp32 compare per entry against the row's threshold value; a survivor (~1% of entries) takes the next
    slot of its row's buffer of CAP int64 keys with its own atomic add and stores its key there (in PTX on
    CUDA, `_append_ptx`: the other entries branch over it). About 1.4 K * STRIDE entries survive per row.
 3. the tail, one program per token (`_select_topk_kernel` here, `_select_edit_kernel` in snce_edit.py): the
@@ -96,7 +96,7 @@ def _append_ptx(pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP):
     """The filter's epilogue for one entry, in PTX (CUDA only): an entry not below its row's threshold, in a
     real row and column, takes the next slot of its row (`atom.add` on *cnt_ptrs) and, below CAP, stores its
     `_pack` key there (NaN made canonical, the high word ordered like the value, the column low). Every other
-    entry branches over all of it: ~2% of entries pass, so the common path is a compare and a branch.
+    entry branches over all of it: ~1% of entries pass, so the common path is a compare and a branch.
     (Triton's own per-entry `tl.atomic_add` on a [BM, BN] wgmma tile fails triton 3.9's layout pass, and its
     predicated form costs ~13 issued instructions per entry against ~6 here: docs/kernels.md.) Returns 0."""
     return tl.inline_asm_elementwise(
@@ -220,7 +220,9 @@ class ThresholdConfig:
     num_stages: int
 
 
-STRIDE = 8  # expected survivors per row ~ 1.4 * k * STRIDE (docs/kernels.md)
+# expected survivors per row ~ 1.4 * k * STRIDE (docs/kernels.md). 4 rather than 8: the sampling launch's matmul
+# doubles, the survivors and the tail's selection halve; modelled faster at 1-128 prompts (docs/performance.md)
+STRIDE = 4
 CAP_FACTOR = 4  # buffer slots per expected survivor; tests shrink it to force the overflow path
 MARGIN = 1 << 12  # high-word units, ~2**-11 relative: a backstop only (both launches compute identical tiles)
 

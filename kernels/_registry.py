@@ -21,10 +21,15 @@ if not __name__.startswith("snce_fast."):  # see kernels/__init__.py: a second r
 from ._tuning import interpreting  # noqa: E402
 
 
+OPAQUE_OPS: set[str] = set()  # ops registered with opaque=True
+
+
 def register_op(name: str, fake: Callable, opaque: bool = False) -> Callable[[Callable], Callable]:
     """`opaque`: a `custom_op` on a GPU too, for launches whose effects Inductor cannot analyse (inline PTX makes
     its mutation analysis assume that every argument is written, so torch.compile would copy them)."""
     def deco(fn: Callable) -> Callable:
+        if opaque:
+            OPAQUE_OPS.add(name)
         if interpreting() or opaque:
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fake)

@@ -358,7 +358,8 @@ def model_kernel(row: dict, rep: dict, gpu: GPU, M: int, d: int, n: int, KP: int
 
 
 def model_tail(M: int, k: int, KP: int, splits: int, launches: int, gpu: GPU) -> float:
-    """The fused call after the kernel: torch.topk over [M, splits x KP] int64 keys + small ops, each a launch."""
+    """The fused call after the kernel: the merge kernel over [M, splits x KP] int64 keys (TOPK_PASSES reads of
+    them) and `launches` launches (the merge kernel's one since it replaced torch.topk and the unpack ops)."""
     keys = M * splits * KP * 8
     return launches * LAUNCH_S + TOPK_PASSES * keys / (gpu.hbm_bytes_s * BW_EFF)
 
@@ -376,8 +377,9 @@ def model_eager(M: int, d: int, n: int, k: int, gpu: GPU) -> dict:
 
 
 def count_tail_launches() -> tuple[int, list[str]]:
-    """aten ops (kernel launches on a GPU) of one `kernels.encode` call besides the Triton kernel, counted with
-    TorchDispatchMode on CPU tensors with the launch stubbed; views and allocations are not launches."""
+    """(launches of one `kernels.encode` call, those besides the encode kernel): aten ops (kernel launches on a
+    GPU), counted with TorchDispatchMode on CPU tensors, and the module's Triton launches (the encode kernel, the
+    merge kernel), every launch stubbed; views and allocations are not launches."""
     code = r"""
 import os, torch
 os.environ["TRITON_INTERPRET"] = "0"  # triton_op: a dispatch mode sees the ops inside it
@@ -390,7 +392,12 @@ FREE = ("view", "_unsafe_view", "alias", "as_strided", "t", "transpose", "unsque
         "select", "detach", "empty", "empty_like", "new_empty", "_reshape_alias", "reshape", "permute", "lift_fresh",
         "empty_strided", "clone_if_view", "sym_size", "sym_stride", "sym_numel", "is_same_size", "_to_copy_noop")
 calls = []
-et._launch = lambda *a, **kw: calls.append(1)
+class _Stub:  # every Triton launch of the module is counted, not run (no GPU driver here)
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        return lambda *a, **kw: calls.append(getattr(self.kernel, "__name__", str(self.kernel)))
+et.wrap_triton = _Stub
 pkg = sys.modules["snce_fast.kernels"]
 for name in dir(pkg):  # call the registered ops' Python bodies, so that the mode sees the ops inside them
     fn = getattr(pkg, name)
@@ -410,7 +417,7 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 with Count() as c:
     kernels.encode(x, sae)
-print(len(c.ops) + len(calls), ",".join(c.ops))
+print(len(c.ops) + len(calls), ",".join(c.ops + calls[1:]))  # every launch; calls[0] is the encode kernel itself
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, TRITON_INTERPRET="0"))

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .compile_check import PROMPT_TOKENS, compile_binary, threshold_case
+from .compile_check import PROMPT_TOKENS, asm_layout_problems, compile_binary, threshold_case
 from .cost_report import (ASSUMPTIONS as REPORT_ASSUMPTIONS, DEP_LATENCY, GPUS, ISSUE_RATE, LAUNCH_S, PROMPTS,
                           REAL_ACTS, REAL_SAE, SPEC, model_eager, modelled_targets, occupancy, real_inputs,
                           spec_inputs)
@@ -119,8 +119,10 @@ def _sass_row(case: Any, arch: int, cache_dir: Optional[str]) -> dict:
     counts = an.counts()
     shared = int(compiled.metadata.shared)
     guarded = sass.guarded_instructions(an.instrs, an.labels, "ATOMG") if case.kernel == "threshold_filter" else 0
+    ttgir = compiled.asm.get("ttgir", "")
+    asm = asm_layout_problems(ttgir) if "elementwise_inline_asm" in ttgir else None  # the gate's check, recorded
     return dict(kernel=case.kernel, label=case.label, reg=res.get("reg"), spill_stores=res.get("spill_stores", 0),
-                append_path_instructions=guarded,
+                append_path_instructions=guarded, asm_layout_problems=asm,
                 shared_bytes=shared, num_warps=case.num_warps, instructions=counts["instructions"],
                 wgmma=counts["wgmma"], tensor_core=counts["tensor_core"], tma=counts["tma"], loops=loops,
                 outside_loops=counts["instructions"] - sum(lp["instructions"] for lp in top),

@@ -148,10 +148,12 @@ def _filter_kernel(
     # the row's threshold as an fp32 value: one float compare per entry instead of a key per entry
     thr = _threshold_value(tl.load(thr_ptr + rows_o, mask=rmask, other=0))
     if APPEND_PTX:
-        z = tl.zeros((BM, BN), tl.int32)
-        _append_ptx(pre, thr[:, None] + z.to(tl.float32), cnt_ptr + rows_o[:, None] + z, rmask.to(tl.int32)[:, None] + z,
-                    out_ptr + rows_o[:, None] * stride_om + z, cols[None, :] + z, N, CAP)
-    else:  # the interpreter (and a non-CUDA GPU): the same rule with per-entry atomics
+        # the asm's operands share the tile's shape (broadcasts, no arithmetic)
+        _append_ptx(pre, tl.broadcast_to(thr[:, None], (BM, BN)), tl.broadcast_to(cnt_ptr + rows_o[:, None], (BM, BN)),
+                    tl.broadcast_to(rmask.to(tl.int32)[:, None], (BM, BN)),
+                    tl.broadcast_to(out_ptr + rows_o[:, None] * stride_om, (BM, BN)),
+                    tl.broadcast_to(cols[None, :], (BM, BN)), N, CAP)
+    else:  # the interpreter (and ROCm, untested): the same rule with per-entry atomics
         cand = ~(pre < thr[:, None]) & rmask[:, None] & cmask[None, :]
         slot = tl.atomic_add(cnt_ptr + rows_o[:, None] + tl.zeros((BM, BN), tl.int32), 1, mask=cand, sem="relaxed")
         tl.store(out_ptr + rows_o[:, None] * stride_om + slot, _pack(pre, cols[None, :]), mask=cand & (slot < CAP))
@@ -319,10 +321,10 @@ _RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers: a captured CUDA gr
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 tickets, one per row block. Each launch of `_threshold_kernel` leaves them at zero again, so
-    outside CUDA graph capture and torch.compile they are kept per (device, stream) and no launch clears them.
-    While a graph is captured (its zero fill runs only at replay) or compiled, they are made afresh and not kept:
-    the graph or the compiled code then holds its own zero fill."""
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    outside CUDA graph capture they are kept per (device, stream) and no launch clears them. While a graph is
+    captured (its zero fill runs only at replay), they are made afresh and not kept: the graph then holds its own
+    zero fill. (torch.compile never traces this: the launches run inside the opaque `threshold_survivors` op.)"""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
@@ -359,13 +361,22 @@ def _survivors_fake(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k:
 @register_op("snce_fast::threshold_survivors", _survivors_fake, opaque=True)
 def _survivors_op(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches 1 and 2 (module docstring) for x [M >= 1, d]: (keys [M, CAP] int64, counts [M] int32)."""
+    M = x.shape[0]
+    plan = _plan(x, W_enc, k)
+    keys = x.new_empty((M, plan.CAP), dtype=torch.int64)
+    counts = x.new_empty((M,), dtype=torch.int32)
+    launch_survivors(x, W_enc, bias, k, plan, keys, counts)
+    return keys, counts
+
+
+def launch_survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, plan: ThresholdPlan,
+                     keys: torch.Tensor, counts: torch.Tensor) -> None:
+    """The two launches into given buffers (keys [M, >= CAP] int64, counts [M] int32; a test passes views of
+    guarded, larger buffers)."""
     M, d = x.shape
     n = W_enc.shape[1]
-    plan = _plan(x, W_enc, k)
     gmax = x.new_empty((M, plan.G), dtype=torch.int32)
     thr = x.new_empty((M,), dtype=torch.int32)
-    counts = x.new_empty((M,), dtype=torch.int32)
-    keys = x.new_empty((M, plan.CAP), dtype=torch.int64)
     wide = _needs_wide(x, W_enc, keys, gmax)
     with on_device_of(x):
         wrap_triton(_threshold_kernel)[(plan.MB, plan.NS)](
@@ -378,7 +389,6 @@ def _survivors_op(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: i
             M, n, d, plan.MB, plan.CAP,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
             **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device)))
-    return keys, counts
 
 
 def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> Survivors:

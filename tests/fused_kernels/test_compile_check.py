@@ -194,15 +194,15 @@ def test_survivors_op_is_opaque_on_a_gpu_too(monkeypatch):
     """`register_op(opaque=True)` makes a `custom_op` (Inductor does not trace into it) where a plain registration
     makes a `triton_op` on a GPU; the threshold path's two matmul launches are registered that way."""
     import importlib
-    import inspect
+    import uuid
 
     import torch
     from torch._library.custom_ops import CustomOpDef
 
     reg = importlib.import_module("snce_fast.kernels._registry")
-    thr = importlib.import_module("snce_fast.kernels.encode_threshold")
     monkeypatch.setattr(reg, "interpreting", lambda: False)  # as on a GPU
     monkeypatch.setattr(reg, "triton_op", lambda name, mutates_args: (lambda fn: ("triton_op", name)))
+    monkeypatch.setattr(reg, "OPAQUE_OPS", set(reg.OPAQUE_OPS))
 
     def fake(x):
         return torch.empty_like(x)
@@ -210,12 +210,13 @@ def test_survivors_op_is_opaque_on_a_gpu_too(monkeypatch):
     def body(x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
-    assert reg.register_op("snce_fast_test::traced_probe", fake)(body) == ("triton_op", "snce_fast_test::traced_probe")
-    opaque = reg.register_op("snce_fast_test::opaque_probe", fake, opaque=True)(body)
-    assert isinstance(opaque, CustomOpDef)
-    assert torch.equal(torch.ops.snce_fast_test.opaque_probe(torch.arange(3.0)), torch.arange(3.0))
-    assert isinstance(thr._survivors_op, CustomOpDef)
-    assert '@register_op("snce_fast::threshold_survivors", _survivors_fake, opaque=True)' in inspect.getsource(thr)
+    ns = f"snce_fast_test_{uuid.uuid4().hex[:8]}"  # a fresh namespace: the test can run twice in one process
+    assert reg.register_op(f"{ns}::traced", fake)(body) == ("triton_op", f"{ns}::traced")
+    opaque = reg.register_op(f"{ns}::opaque", fake, opaque=True)(body)
+    assert isinstance(opaque, CustomOpDef) and f"{ns}::opaque" in reg.OPAQUE_OPS
+    assert torch.equal(getattr(torch.ops, ns).opaque(torch.arange(3.0)), torch.arange(3.0))
+    importlib.import_module("snce_fast.kernels.encode_threshold")
+    assert "snce_fast::threshold_survivors" in reg.OPAQUE_OPS
 
 
 def test_asm_layout_problems_flags_replicated_elements():
@@ -235,3 +236,22 @@ def test_asm_layout_problems_flags_replicated_elements():
     assert asm_layout_problems(ttgir(blocked, "64x64")) == []
     assert "held twice" in asm_layout_problems(ttgir(blocked, "16x64"))[0]
     assert "not checked" in asm_layout_problems(ttgir("linear<{register = [[0, 1]]}>", "64x64"))[0]
+    inline = ttgir(mma, "256x128").replace("#l>", "#ttg.nvidia_mma<{warpsPerCTA = [16, 1]}>>")  # no alias to read
+    assert "could not be read" in asm_layout_problems(inline)[0]
+
+
+def test_the_real_filter_asm_is_parsed_and_runs_once_per_element(tmp_path):
+    """The gate's parser on what triton really emits for the threshold filter (sm_90, the 16-prompt tile)."""
+    res = _run("""
+        import json, re
+        import torch
+        from snce_fast.kernels import compile_check as cc
+
+        case = [c for c in cc.threshold_case(90, torch.bfloat16, torch.bfloat16, 64, 16 * cc.PROMPT_TOKENS)
+                if c.kernel == "threshold_filter"][0]
+        ttgir = cc.compile_binary(case, 90)[0].asm["ttgir"]
+        print(json.dumps(dict(parsed=len(cc._ASM_LAYOUT.findall(ttgir)),
+                              ops=len(re.findall(r"=\\s*tt\\.elementwise_inline_asm\\b", ttgir)),
+                              problems=cc.asm_layout_problems(ttgir))))
+    """, tmp_path)
+    assert res == dict(parsed=1, ops=1, problems=[])

@@ -236,3 +236,34 @@ def test_gate_expectations_of_the_default_cases():
         mixed_tail = kernel in ("threshold_select", "threshold_edit") and ptrs["x_ptr"] != ptrs["w_ptr"]
         assert spill_ok == (encode and kp == 256 or kernel == "encode_compact" and wide or mixed_tail), (
             kernel, ptrs, kp)
+
+
+def test_guarded_instructions_counts_the_append_path_once():
+    """The threshold model's append path: what a forward branch skips when the skipped range holds an ATOMG
+    (outermost ranges; the inner bound check's branch to the same label is not counted twice)."""
+    text = """
+        /*0000*/                   FSETP.GEU.AND P1, PT, R3, R4, PT ;
+        /*0010*/               @!P1 BRA `(.L_x_3) ;
+        /*0020*/                   IMAD.MOV.U32 R5, RZ, RZ, 0x1 ;
+        /*0030*/                   ATOMG.E.ADD.STRONG.GPU PT, R6, desc[UR4][R8.64], R5 ;
+        /*0040*/                   ISETP.GE.U32.AND P2, PT, R6, UR6, PT ;
+        /*0050*/               @P2 BRA `(.L_x_3) ;
+        /*0060*/                   STG.E.64 desc[UR4][R10.64], R2 ;
+.L_x_3:
+        /*0070*/                   BSYNC B0 ;
+        /*0080*/               @P3 BRA `(.L_x_4) ;
+        /*0090*/                   FADD R1, R1, R2 ;
+.L_x_4:
+        /*00a0*/                   EXIT ;
+"""
+    instrs, labels = sass.parse(text)
+    assert sass.guarded_instructions(instrs, labels, "ATOMG") == 5  # 0x20..0x60; the FADD skip holds no atomic
+    assert sass.guarded_instructions(instrs, labels, "HMMA") == 0
+
+
+def test_count_tail_launches_runs_without_a_gpu():
+    """The sort path's launch count (a subprocess with every Triton launch stubbed): the encode kernel and the
+    merge kernel, no aten op."""
+    from snce_fast.kernels.cost_report import count_tail_launches
+
+    assert count_tail_launches() == (2, ["_merge_topk_kernel"])

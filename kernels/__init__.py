@@ -47,16 +47,15 @@ def _installed_namesake() -> Any:
 
 
 _IMPORT_ERROR: Optional[Exception] = None
-if __name__ != "snce_fast.kernels" and _installed_namesake() is not None:
-    # Imported as a top-level `kernels` from the source tree's root while HF's `kernels` is installed
-    # (transformers >= 5.25 requires it and imports it on import): the importer gets that package.
-    pass
-elif __name__ != "snce_fast.kernels":
+if __name__ != "snce_fast.kernels":
     # Imported as a top-level `kernels`: the source tree's root is on sys.path (`python -m pytest` or a
     # REPL there) and someone probed for a package of that name -- transformers does, for HF's `kernels`,
-    # on import. Registering the ops again under this second module would make torch destroy the first
-    # registrations while the real snce_fast.kernels still calls them (a use-after-free: random crashes
-    # much later). So register nothing, and have no __version__ (transformers then treats it as absent).
+    # on import. Where HF's `kernels` is installed (transformers >= 5.25 requires it), the importer gets that
+    # package instead of this module. Either way this module registers nothing: registering the ops again under
+    # a second module would make torch destroy the first registrations while the real snce_fast.kernels still
+    # calls them (a use-after-free: random crashes much later). Without HF's package it has no __version__
+    # (transformers then treats it as absent).
+    _installed_namesake()
     _IMPORT_ERROR = ImportError(f"the kernels were imported as {__name__!r}; import snce_fast.kernels")
 else:
     from snce_fast.checks import check_activations, check_codes, check_k

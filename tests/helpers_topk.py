@@ -6,6 +6,17 @@ import torch
 from snce_fast.ops import reference
 
 
+def dyadic_inputs(M: int, d: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (x [M, d], W_enc [d, n], bias [n]) on small dyadic grids (x in -3..3, W in eighths of -1..1, bias in
+    quarters of -2..2): every product and sum is exact in fp32, and in fp16 / bf16 tiles, so a kernel's tile order
+    and numpy's agree bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (M, d), generator=g).float()
+    W = torch.randint(-8, 9, (d, n), generator=g).float() / 8
+    bias = torch.randint(-8, 9, (n,), generator=g).float() / 4
+    return x, W, bias
+
+
 def assert_topk_matches(x: torch.Tensor, sae, values: torch.Tensor, indices: torch.Tensor,
                         rtol: float = 1e-4, atol: float = 1e-4) -> None:
     """Check (values, indices) is a valid top-k of `reference.pre_activations(x, sae)`.

@@ -14,6 +14,8 @@ pytest.importorskip("triton")
 
 from snce_fast.kernels import cost_threshold  # noqa: E402
 
+from helpers_topk import dyadic_inputs  # noqa: E402
+
 thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 
@@ -34,12 +36,8 @@ def test_replay_counts_equal_the_kernels(monkeypatch, M, n, k):
     replayed survivor count of every row equals the kernels' count, a NaN row included."""
     cfg = thr_mod.ThresholdConfig(BM=16, BN=64, BK=16, STRIDE=4, num_warps=1, num_stages=1)
     monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: cfg)
-    g = torch.Generator().manual_seed(n)
-    d = 24
-    x = torch.randint(-3, 4, (M, d), generator=g).float()
+    x, W, bias = dyadic_inputs(M, 24, n, seed=n)
     x[1, 2] = float("nan")
-    W = torch.randint(-8, 9, (d, n), generator=g).float() / 8
-    bias = torch.randint(-8, 9, (n,), generator=g).float() / 4
     s = thr_mod.survivors(x, W, bias, k)
     plan = thr_mod.threshold_plan(M, n, k, cfg, interpreter=True)
     assert plan == s.plan

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from snce_fast import kernels  # noqa: E402
 from snce_fast.ops import reference  # noqa: E402
 
-from helpers_topk import assert_topk_matches, frequent_latents, make_sae  # noqa: E402
+from helpers_topk import assert_topk_matches, dyadic_inputs, frequent_latents, make_sae  # noqa: E402
 
 encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
 thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
@@ -235,7 +235,6 @@ def test_gpu_threshold_real_shapes(prompts, k, dtype):
     assert_topk_matches(x2, sae, *outs[1], rtol=2e-2, atol=2e-2)
 
 
-
 def _assert_buffer_is_the_replay(M, d, n, k, dtype, device):
     """On dyadic inputs every fp32 sum is exact, so the kernel's tiles equal numpy's: each row's buffer must hold
     exactly the replayed survivors (every entry not below the row's threshold value), each once, with its `_pack`
@@ -245,12 +244,10 @@ def _assert_buffer_is_the_replay(M, d, n, k, dtype, device):
     views of larger ones filled with sentinels: rows past M and slots past CAP must stay untouched."""
     from snce_fast.kernels import cost_threshold
 
-    g = torch.Generator().manual_seed(M + n)
-    x = torch.randint(-3, 4, (M, d), generator=g).float()
+    x, W, bias = dyadic_inputs(M, d, n, seed=M + n)
     x[1, 2] = float("nan")
     x[2] = 0.0
-    W = torch.randint(-8, 9, (d, n), generator=g).float() / 8
-    bias = torch.randint(-8, 9, (n,), generator=g).float() / 4 - 3  # -5 .. -1
+    bias -= 3  # -5 .. -1
     xd, Wd, bd = x.to(device, dtype), W.to(device, dtype), bias.to(device)
     plan = thr_mod._plan(xd, Wd, k)
     big_keys = torch.full((M + 64, plan.CAP + 8), -5, dtype=torch.int64, device=device)

@@ -129,20 +129,34 @@ def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "by
         r["fused_speedup_over_this"] = r["ms"] / f if f else None
 
 
-def with_select(path: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` run under the encode kernels' selection `path` ("sort", "compact" or "threshold", docs/kernels.md),
-    whatever SNCE_FAST_ENCODE_SELECT says, so that one run times two paths side by side."""
+def with_select(path: str, fn: Callable[[], Any], grid: str = "tiles") -> Callable[[], Any]:
+    """`fn` run under the encode kernels' selection `path` ("sort", "compact" or "threshold", docs/kernels.md) and
+    the threshold filter's `grid` ("tiles" or "persistent"), whatever SNCE_FAST_ENCODE_SELECT and
+    SNCE_FAST_THRESHOLD_GRID say, so that one run times several paths side by side."""
     import importlib
 
     encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
+    thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
 
     def run() -> Any:
         old, encode_mod.SELECT = encode_mod.SELECT, path
+        old_grid, thr_mod.GRID = thr_mod.GRID, grid
         try:
             return fn()
         finally:
-            encode_mod.SELECT = old
+            encode_mod.SELECT, thr_mod.GRID = old, old_grid
     return run
+
+
+def topk_agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """How a fused (values, indices) result agrees with the reference's, recorded beside its time: the largest
+    value difference (both sorted descending) and the mean fraction of each row's indices the reference also
+    chose (below 1 only through ties or rounding at the k-th value)."""
+    v, i = got
+    rv, ri = want
+    same = (i.reshape(-1, i.shape[-1]).long().unsqueeze(-1) == ri.reshape(-1, ri.shape[-1]).long().unsqueeze(-2))
+    return {"max_value_err": float((v.float() - rv.float()).abs().nan_to_num(0.0).max()) if v.numel() else 0.0,
+            "index_overlap": float(same.any(-1).float().mean()) if i.numel() else 1.0}
 
 
 def graphed(fn: Callable[[], Any]) -> tuple[Optional[Callable[[], Any]], Optional[str]]:

@@ -71,18 +71,24 @@ def main(argv=None) -> list[dict]:
         impls = {
             "fused": lambda: kernels.edit(x, sae, j, edit_mask=mask),
             "fused_threshold": C.with_select("threshold", lambda: kernels.edit(x, sae, j, edit_mask=mask)),
+            "fused_threshold_persistent": C.with_select("threshold", lambda: kernels.edit(x, sae, j, edit_mask=mask),
+                                                        "persistent"),
             "reference": lambda: reference.edit(x, sae, j, edit_mask=mask),
             "eleuther_eager": lambda: eleuther_edit(x, sae, j, mask),
             "saelens_dense": (lambda: saelens_edit(x, sae, j, mask)) if C.dense_fits(M, n, 4) else None,
             "compiled_reference": (lambda: compiled(x, sae, j, edit_mask=mask)) if compiled else None,
         }
         why = {}
-        for name in ("fused", "fused_threshold", "reference"):  # replayed from a CUDA graph: kernels only
+        for name in ("fused", "fused_threshold", "fused_threshold_persistent", "reference"):  # kernels only: graphs
             impls[f"{name}_cuda_graph"], why[f"{name}_cuda_graph"] = C.graphed(impls[name])
         item = x.element_size()
         rows += C.time_impls(impls, {"group": f"d{d}_n{n}_k{k}", "prompts": p, "M": M, "dtype": str(dtype),
                                      "flops": 2 * M * d * n, "bytes": d * n * item + 2 * M * d * item}, reps,
                              skip_reasons=why)
+        want = reference.edit(x, sae, j, edit_mask=mask)  # the fp32 oracle: each fused path's error beside its time
+        for r in rows[-len(impls):]:
+            if r["impl"] in ("fused", "fused_threshold", "fused_threshold_persistent"):
+                r["vs_reference"] = {"max_abs_err": float((impls[r["impl"]]().float() - want.float()).abs().max())}
         C.checkpoint("edit", rows)
     C.report("edit", rows)
     return rows

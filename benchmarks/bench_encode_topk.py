@@ -64,6 +64,7 @@ def main(argv=None) -> list[dict]:
             impls = {
                 "fused": lambda: kernels.encode(x, sae),
                 "fused_threshold": C.with_select("threshold", lambda: kernels.encode(x, sae)),
+                "fused_threshold_persistent": C.with_select("threshold", lambda: kernels.encode(x, sae), "persistent"),
                 "reference": lambda: reference.encode(x, sae),
                 "eleuther_eager": lambda: eleuther_encode(x, sae),
                 "saelens_dense": (lambda: saelens_encode(x, sae)) if C.dense_fits(M, n, x.element_size()) else None,
@@ -73,6 +74,8 @@ def main(argv=None) -> list[dict]:
             impls["fused_cuda_graph"] = graph_fused
             graph_thr, graph_thr_why = C.graphed(impls["fused_threshold"])
             impls["fused_threshold_cuda_graph"] = graph_thr
+            graph_per, graph_per_why = C.graphed(impls["fused_threshold_persistent"])
+            impls["fused_threshold_persistent_cuda_graph"] = graph_per
             item = x.element_size()
             rows += C.time_impls(
                 impls,
@@ -80,10 +83,15 @@ def main(argv=None) -> list[dict]:
                  "flops": 2 * M * d * n, "bytes": d * n * item + M * d * item + M * k * 8},
                 reps,
                 skip_reasons={"saelens_dense": "dense [M, n] too large", "fused_cuda_graph": graph_why,
-                              "fused_threshold_cuda_graph": graph_thr_why, "compiled_reference": (
+                              "fused_threshold_cuda_graph": graph_thr_why,
+                              "fused_threshold_persistent_cuda_graph": graph_per_why, "compiled_reference": (
                     "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
                     else "--no-compile")},
             )
+            want = reference.encode(x, sae)  # the fp32 oracle: each fused path's agreement beside its time
+            for r in rows[-len(impls):]:
+                if r["impl"] in ("fused", "fused_threshold", "fused_threshold_persistent"):
+                    r["vs_reference"] = C.topk_agreement(impls[r["impl"]](), want)
             C.checkpoint("encode_topk", rows)
         del sae
     C.report("encode_topk", rows)

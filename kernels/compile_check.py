@@ -273,15 +273,18 @@ def cases(arch: int, full: bool = False) -> list[Case]:
     return out
 
 
-def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 32768, d: int = 768) -> list[Case]:
+def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int = 32768, d: int = 768,
+                   persistent: bool = False) -> list[Case]:
     """The launches of the "threshold" selection (kernels/encode_threshold.py) for one shape on sm_<arch>: sampling,
-    filter, and the tail as `kernels.encode` (select) and as the patch's residual edit (threshold_edit)."""
-    from .encode_threshold import filter_meta, gpu_threshold_config, select_blocks, threshold_meta, threshold_plan
+    filter, and the tail as `kernels.encode` (select) and as the patch's residual edit (threshold_edit);
+    `persistent`: with the filter on the persistent grid (`SNCE_FAST_THRESHOLD_GRID=persistent`)."""
+    from .encode_threshold import (filter_meta, filter_programs, gpu_threshold_config, select_blocks, threshold_meta,
+                                   threshold_plan)
     from .encode_topk import operand_dtype
     from .snce_edit import edit_blocks
 
     op = operand_dtype(x_dtype, w_dtype)
-    plan = threshold_plan(M, n, k, gpu_threshold_config(M, op.itemsize), interpreter=False)
+    plan = threshold_plan(M, n, k, gpu_threshold_config(M, op.itemsize, persistent), interpreter=False)
     xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
     label = f"{xt if xt == wt else f'{xt} x / {wt} W'} k{k} M{M} n{n} d{d}"
     strides = dict(stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1)
@@ -289,7 +292,8 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
                   select_blocks(plan, interpreter=False))
     eb = edit_blocks(k, 1, d, interpreter=False)
     tc = tm["PRECISION"] in ("tf32", "tf32x3")  # as `encode_case`: 16-bit tiles, or 16-bit x as tf32
-    tile = f" BM{plan.cfg.BM} BN{plan.cfg.BN} BK{plan.cfg.BK} w{plan.cfg.num_warps} s{plan.cfg.num_stages}"
+    tile = (f" BM{plan.cfg.BM} BN{plan.cfg.BN} BK{plan.cfg.BK} w{plan.cfg.num_warps} s{plan.cfg.num_stages}"
+            + (" persistent" if persistent else ""))
     return [
         Case("threshold", label + tile + f" G{plan.G}",
              dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", gmax_ptr="int32", thr_ptr="int32", cnt_ptr="int32",
@@ -299,7 +303,8 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
              num_warps=tm["num_warps"], num_stages=tm["num_stages"], tensor_cores=tc),
         Case("threshold_filter", label + tile + f" CAP{plan.CAP}",
              dict(x_ptr=xt, w_ptr=wt, b_ptr="float32", thr_ptr="int32", cnt_ptr="int32", out_ptr="int64"),
-             dict(M=M, N=n, D=d, MB=plan.MB, CAP=plan.CAP, stride_om=plan.CAP, **strides),
+             dict(M=M, N=n, D=d, MB=plan.MB, CAP=plan.CAP, NP=filter_programs(plan, ARCHS[arch][1]),
+                  stride_om=plan.CAP, **strides),
              constexprs={k_: v for k_, v in fm.items() if k_ not in ("num_warps", "num_stages")},
              num_warps=fm["num_warps"], num_stages=fm["num_stages"], tensor_cores=tc),
         # the tail has no matmul; with 16-bit x and an fp32 W_enc its overflow path (`_direct_row`, fp32
@@ -324,7 +329,8 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
 
 def threshold_cases(arch: int) -> list[Case]:
     """The threshold selection at the SPEC shape: bf16 at k 1/17/64/256 for 16 prompts, and at k 64 for one token
-    (BM 64) and one prompt; fp16 x with an fp32 SAE and fp32 at k 64."""
+    (BM 64) and one prompt; fp16 x with an fp32 SAE and fp32 at k 64; the persistent filter grid at k 64 for one
+    token, one prompt and 16 prompts (bf16), and 16 prompts (fp32)."""
     import torch
 
     bf, M16 = torch.bfloat16, 16 * PROMPT_TOKENS
@@ -335,6 +341,9 @@ def threshold_cases(arch: int) -> list[Case]:
         out += threshold_case(arch, bf, bf, 64, M)
     for xd, wd in ((torch.float16, torch.float32), (torch.float32, torch.float32)):
         out += threshold_case(arch, xd, wd, 64, M16)
+    for M in (1, PROMPT_TOKENS, M16):
+        out += threshold_case(arch, bf, bf, 64, M, persistent=True)
+    out += threshold_case(arch, torch.float32, torch.float32, 64, M16, persistent=True)
     return out
 
 

@@ -20,6 +20,7 @@ inside the matmul, Hopper-sized tiles, three launches.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,16 +129,15 @@ def _append_ptx(pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP):
 
 
 @triton.jit
-def _filter_kernel(
-    x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr,
-    M, N, D, MB, CAP,
+def _filter_tile(
+    tile, x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, APPEND_PTX: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % MB  # the row blocks of one latent tile run side by side: its W_enc tile is read once from HBM
-    pid_n = pid // MB
+    """The filter on tile number `tile` of x @ W_enc (row blocks fastest)."""
+    pid_m = tile % MB  # the row blocks of one latent tile run side by side: its W_enc tile is read once from HBM
+    pid_n = tile // MB
     rows = pid_m * BM + tl.arange(0, BM)
     rows_o = rows.to(tl.int64) if WIDE else rows
     rmask = rows < M
@@ -157,6 +157,27 @@ def _filter_kernel(
         cand = ~(pre < thr[:, None]) & rmask[:, None] & cmask[None, :]
         slot = tl.atomic_add(cnt_ptr + rows_o[:, None] + tl.zeros((BM, BN), tl.int32), 1, mask=cand, sem="relaxed")
         tl.store(out_ptr + rows_o[:, None] * stride_om + slot, _pack(pre, cols[None, :]), mask=cand & (slot < CAP))
+
+
+@triton.jit
+def _filter_kernel(
+    x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr,
+    M, N, D, MB, CAP, NP,
+    stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """One program per tile, or (PERSISTENT) NP programs, one per SM, each looping over every NP-th tile in one
+    flattened pipeline: the next tile's loads are issued while this tile's epilogue runs."""
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), MB * tl.cdiv(N, BN), NP, flatten=True):
+            _filter_tile(tile, x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
+                         stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
+                         APPEND_PTX)
+    else:
+        _filter_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
+                     stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
+                     APPEND_PTX)
 
 
 @triton.jit
@@ -220,6 +241,7 @@ class ThresholdConfig:
     STRIDE: int  # one latent tile in STRIDE is sampled for the threshold
     num_warps: int
     num_stages: int
+    PERSISTENT: bool = False  # the filter on a persistent grid (`_filter_kernel`)
 
 
 # expected survivors per row ~ 1.4 * k * STRIDE (docs/kernels.md). 4 rather than 8: the sampling launch's matmul
@@ -227,28 +249,45 @@ class ThresholdConfig:
 STRIDE = 4
 CAP_FACTOR = 4  # buffer slots per expected survivor; tests shrink it to force the overflow path
 MARGIN = 1 << 12  # high-word units, ~2**-11 relative: a backstop only (both launches compute identical tiles)
+# the filter's grid: "tiles" (default), one program per tile; "persistent" (opt-in, not yet measured on a GPU), one
+# program per SM looping over the tiles (docs/kernels.md). SNCE_FAST_THRESHOLD_GRID picks it per process; tests set GRID
+GRIDS = ("tiles", "persistent")
+GRID = os.environ.get("SNCE_FAST_THRESHOLD_GRID", "tiles")
+
+
+def check_grid() -> str:
+    """The filter grid in use (`GRID`), or a ValueError naming the bad value."""
+    if GRID not in GRIDS:
+        raise ValueError(f"SNCE_FAST_THRESHOLD_GRID={GRID!r}: expected one of {GRIDS}")
+    return GRID
 
 
 def threshold_config(M: int, dtype: torch.dtype, device: torch.device) -> ThresholdConfig:
-    """The tile of both matmul launches (they must match: see MARGIN): `gpu_threshold_config` on a GPU."""
+    """The tile of both matmul launches (they must match: see MARGIN) and the filter's grid (`GRID`):
+    `gpu_threshold_config` on a GPU."""
     name, _ = _device_key(device)
+    persistent = check_grid() == "persistent"
     if name == "cpu-interpreter":
         return ThresholdConfig(BM=min(64, max(16, next_pow2(M))), BN=64, BK=64, STRIDE=STRIDE, num_warps=1,
-                               num_stages=1)
-    return gpu_threshold_config(M, dtype.itemsize)
+                               num_stages=1, PERSISTENT=persistent)
+    return gpu_threshold_config(M, dtype.itemsize, persistent)
 
 
-def gpu_threshold_config(M: int, itemsize: int) -> ThresholdConfig:
+def gpu_threshold_config(M: int, itemsize: int, persistent: bool = False) -> ThresholdConfig:
     """`threshold_config` on a GPU, for tiles of `itemsize`-byte operands (also for `compile_check`), 3 stages.
     16-bit tiles (wgmma on sm_90): BM 64 x BN 64 at 8 warps for <= 64 tokens; BM 128 x BN 64 at 16 warps for
     <= 128 (one prompt: twice the programs of BN 128 for 132 SMs); BM 256 x BN 128 at 16 warps above, which
     halves the W_enc re-reads from L2 that bound BM 128 (modelled 67 vs 92 us at 16 prompts: docs/performance.md;
-    127 registers, no spill). fp32 tiles: BM 128 (64) x BN 64 at 8 (4) warps."""
+    127 registers, no spill). fp32 tiles: BM 128 (64) x BN 64 at 8 (4) warps. `persistent`: the same tiles, but
+    above 128 tokens at 8 warps (the flattened loop spills 108 bytes at 16 warps' 128-register cap; 252 registers
+    at 8)."""
     if itemsize > 2:
         bm = 64 if M <= 64 else 128
-        return ThresholdConfig(BM=bm, BN=64, BK=32, STRIDE=STRIDE, num_warps=8 if bm == 128 else 4, num_stages=3)
+        return ThresholdConfig(BM=bm, BN=64, BK=32, STRIDE=STRIDE, num_warps=8 if bm == 128 else 4, num_stages=3,
+                               PERSISTENT=persistent)
     bm, bn = (64, 64) if M <= 64 else (128, 64) if M <= 128 else (256, 128)
-    return ThresholdConfig(BM=bm, BN=bn, BK=64, STRIDE=STRIDE, num_warps=8 if bm == 64 else 16, num_stages=3)
+    warps = 8 if bm == 64 or (persistent and bm == 256) else 16
+    return ThresholdConfig(BM=bm, BN=bn, BK=64, STRIDE=STRIDE, num_warps=warps, num_stages=3, PERSISTENT=persistent)
 
 
 @dataclass(frozen=True)
@@ -301,7 +340,13 @@ def filter_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype,
     upcast, precision = _compute_mode(x_dtype, w_dtype)
     c = plan.cfg
     return dict(BM=c.BM, BN=c.BN, BK=c.BK, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide),
-                APPEND_PTX=bool(ptx), num_warps=c.num_warps, num_stages=c.num_stages)
+                APPEND_PTX=bool(ptx), PERSISTENT=c.PERSISTENT, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def filter_programs(plan: ThresholdPlan, sms: int) -> int:
+    """`_filter_kernel`'s grid: one program per tile, or on the persistent grid one per SM (fewer if fewer tiles)."""
+    tiles = plan.MB * plan.NT
+    return min(tiles, sms) if plan.cfg.PERSISTENT else tiles
 
 
 def uses_ptx(device: torch.device) -> bool:
@@ -384,9 +429,10 @@ def launch_survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k
             M, n, d, k, plan.NS, plan.step,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), gmax.stride(0),
             **threshold_meta(plan, x.dtype, W_enc.dtype, wide))
-        wrap_triton(_filter_kernel)[(plan.MB * plan.NT,)](
+        programs = filter_programs(plan, _device_key(x.device)[1])
+        wrap_triton(_filter_kernel)[(programs,)](
             x, W_enc, bias, thr, counts, keys,
-            M, n, d, plan.MB, plan.CAP,
+            M, n, d, plan.MB, plan.CAP, programs,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
             **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device)))
 

@@ -192,6 +192,41 @@ def test_benchmark_tune_candidates_limit(monkeypatch):
         _common.limit_tuning(0)
 
 
+def test_benchmark_paths_and_agreement(monkeypatch):
+    """The benchmarks' `with_select` runs a call under a selection path and filter grid and restores both (also
+    when the call raises); `topk_agreement` records how a fused result differs from the reference."""
+    import importlib
+    import os
+    import sys
+
+    import torch
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    monkeypatch.delitem(sys.modules, "_common", raising=False)
+    import _common
+
+    encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
+    thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
+    monkeypatch.setattr(encode_mod, "SELECT", "sort")
+    monkeypatch.setattr(thr_mod, "GRID", "tiles")
+    seen = _common.with_select("threshold", lambda: (encode_mod.SELECT, thr_mod.GRID), "persistent")()
+    assert seen == ("threshold", "persistent") and (encode_mod.SELECT, thr_mod.GRID) == ("sort", "tiles")
+
+    def boom():
+        raise RuntimeError("x")
+    with pytest.raises(RuntimeError):
+        _common.with_select("compact", boom, "persistent")()
+    assert (encode_mod.SELECT, thr_mod.GRID) == ("sort", "tiles")
+
+    v = torch.tensor([[3.0, 2.0, 1.0, 0.5], [4.0, 3.0, 2.0, 1.0]])
+    i = torch.tensor([[7, 1, 4, 2], [0, 1, 2, 3]], dtype=torch.int32)
+    assert _common.topk_agreement((v, i), (v, i.long())) == {"max_value_err": 0.0, "index_overlap": 1.0}
+    i2, v2 = i.clone(), v.clone()
+    i2[0, 3], v2[1, 0] = 9, 4.25  # one index of 8 differs; one value off by 0.25
+    got = _common.topk_agreement((v2, i2), (v, i))
+    assert got == {"max_value_err": 0.25, "index_overlap": 7 / 8}
+
+
 def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
     """`cost_report --tables` re-prints the docs tables from the committed JSON; a bad file is a one-line error."""
     import os

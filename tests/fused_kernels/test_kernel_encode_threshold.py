@@ -1,4 +1,5 @@
 """The "threshold" selection of the fused encode (kernels/encode_threshold.py) against the eager reference."""
+import dataclasses
 import importlib
 import os
 
@@ -26,6 +27,8 @@ cpu_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason=
 # tiles even at small n)
 _GPU_CFG = thr_mod.ThresholdConfig(BM=64, BN=64, BK=32, STRIDE=8, num_warps=4, num_stages=3)
 _GPU_CFG_WIDE = thr_mod.ThresholdConfig(BM=32, BN=128, BK=32, STRIDE=8, num_warps=4, num_stages=3)
+# the filter on the persistent grid: 4 programs under the interpreter (its "SM count"), each looping over tiles
+_GPU_CFG_PERSISTENT = dataclasses.replace(_GPU_CFG, PERSISTENT=True)
 
 
 @pytest.fixture(autouse=True)
@@ -75,12 +78,12 @@ def test_k_near_n(n, k):
 
 
 @cpu_only
-@pytest.mark.parametrize("cfg", [_GPU_CFG, _GPU_CFG_WIDE], ids=["BN64", "BN128"])
+@pytest.mark.parametrize("cfg", [_GPU_CFG, _GPU_CFG_WIDE, _GPU_CFG_PERSISTENT], ids=["BN64", "BN128", "persistent"])
 @pytest.mark.parametrize("M,d,n,k,dtype", [(1, 72, 4100, 64, torch.float16), (70, 40, 3000, 17, torch.float32),
                                              (9, 40, 1300, 5, torch.float16)])
 def test_threshold_select_with_gpu_tiles(monkeypatch, cfg, M, d, n, k, dtype):
     """The GPU tiles and sampling (several sampled tiles, sub-tile groups; BN 64 and the BN 128 of more than 128
-    tokens), mixed dtypes (16-bit x, fp32 SAE)."""
+    tokens; the persistent filter grid), mixed dtypes (16-bit x, fp32 SAE)."""
     monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: cfg)
     sae, x = _case(M, d, n, k, dtype)
     sae = sae.float()
@@ -187,6 +190,35 @@ def test_patched_edit_by_threshold_matches_reference(kw):
 
 
 @cpu_only
+def test_persistent_grid_option(monkeypatch):
+    """SNCE_FAST_THRESHOLD_GRID: "persistent" runs the filter on min(tiles, SMs) programs (the same result as one
+    program per tile); a bad value is refused by name."""
+    sae, x = _case(70, 40, 1000, 17, torch.float32)
+    want = kernels.encode(x, sae)
+    assert thr_mod._plan(x, sae.W_enc, 17).cfg.PERSISTENT is False
+    monkeypatch.setattr(thr_mod, "GRID", "persistent")
+    plan = thr_mod._plan(x, sae.W_enc, 17)
+    assert plan.cfg.PERSISTENT and plan.MB * plan.NT == 32
+    assert thr_mod.filter_programs(plan, 4) == 4 and thr_mod.filter_programs(plan, 132) == 32
+    assert thr_mod.filter_programs(dataclasses.replace(plan, cfg=_GPU_CFG), 4) == 32
+    got = kernels.encode(x, sae)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    monkeypatch.setattr(thr_mod, "GRID", "bogus")
+    with pytest.raises(ValueError, match="SNCE_FAST_THRESHOLD_GRID='bogus'"):
+        kernels.encode(x, sae)
+
+
+def test_gpu_persistent_configs():
+    """The persistent grid keeps each GPU tile but runs 8 warps at BM 256 (16 warps' 128-register cap spills the
+    flattened loop: docs/kernels.md)."""
+    for M, itemsize in ((1, 2), (77, 2), (1232, 2), (1232, 4)):
+        base = thr_mod.gpu_threshold_config(M, itemsize)
+        p = thr_mod.gpu_threshold_config(M, itemsize, persistent=True)
+        assert p.PERSISTENT and not base.PERSISTENT and (p.BM, p.BN, p.BK) == (base.BM, base.BN, base.BK)
+        assert p.num_warps == (8 if base.BM == 256 else base.num_warps)
+
+
+@cpu_only
 def test_survivors_op_fake():
     """The opaque op of the two matmul launches: its fake gives the real shapes and dtypes (torch.compile sees only
     the fake; the compiled path itself runs on a GPU: test_gpu_compile_inductor_threshold)."""
@@ -198,13 +230,17 @@ def test_survivors_op_fake():
 
 # --- GPU (first GPU session): the ticket and the atomics on real hardware ---------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("prompts,k,dtype", [(1, 64, torch.bfloat16), (16, 64, torch.bfloat16),
-                                             (16, 17, torch.float16), (3, 256, torch.bfloat16)])
-def test_gpu_threshold_real_shapes(prompts, k, dtype):
-    """SPEC shape (d 768, n 32768) on the GPU tiles: the tickets back at zero after a call, a second input, and two
-    captured CUDA graphs replayed out of order: every result a valid top-k of the reference."""
+@pytest.mark.parametrize("prompts,k,dtype,grid", [(1, 64, torch.bfloat16, "tiles"), (16, 64, torch.bfloat16, "tiles"),
+                                                  (16, 17, torch.float16, "tiles"), (3, 256, torch.bfloat16, "tiles"),
+                                                  (1, 64, torch.bfloat16, "persistent"),
+                                                  (16, 64, torch.bfloat16, "persistent")])
+def test_gpu_threshold_real_shapes(monkeypatch, prompts, k, dtype, grid):
+    """SPEC shape (d 768, n 32768) on the GPU tiles (and the persistent filter grid): the tickets back at zero after
+    a call, a second input, and two captured CUDA graphs replayed out of order: every result a valid top-k of the
+    reference."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode")
+    monkeypatch.setattr(thr_mod, "GRID", grid)
     sae = make_sae(768, 32768, k, dtype=dtype, device="cuda")
     x = torch.randn(prompts * 77, 768, device="cuda", dtype=dtype)
     first = kernels.encode(x, sae)
@@ -273,23 +309,27 @@ def _assert_buffer_is_the_replay(M, d, n, k, dtype, device):
 
 
 @cpu_only
-@pytest.mark.parametrize("cfg", [None, _GPU_CFG_WIDE], ids=["interpreter-tile", "BN128"])
+@pytest.mark.parametrize("cfg", [None, _GPU_CFG_WIDE, _GPU_CFG_PERSISTENT], ids=["interpreter-tile", "BN128",
+                                                                              "persistent"])
 def test_filter_appends_exactly_the_replayed_survivors(monkeypatch, cfg):
     """The filter's append (here the interpreter's `tl.atomic_add` form of the rule) against the replay
-    (fp16: the interpreter's bf16 dot is wrong in triton 3.9)."""
+    (fp16: the interpreter's bf16 dot is wrong in triton 3.9). On the persistent grid (4 programs for 5 x 65 tiles)
+    exact counts also mean every tile was filtered once: none skipped, none twice."""
     if cfg is not None:
         monkeypatch.setattr(thr_mod, "threshold_config", lambda M, dtype, device: cfg)
     _assert_buffer_is_the_replay(20, 64, 4100, 16, torch.float16, "cpu")  # 4,100: not a multiple of 64 or 128
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("grid", ["tiles", "persistent"])
 @pytest.mark.parametrize("prompts", [1, 16])
-def test_gpu_filter_appends_exactly_the_replayed_survivors(prompts):
+def test_gpu_filter_appends_exactly_the_replayed_survivors(monkeypatch, prompts, grid):
     """The PTX epilogue (`_append_ptx`, GPU only) at the SPEC shape but n 32,731 (its column check fires) and the
     GPU tiles (BM 128 x BN 64 for one prompt, its padded rows 77..127; BM 256 x BN 128 for 16), bf16 on tensor
-    cores: `_assert_buffer_is_the_replay`."""
+    cores, one program per tile or on the persistent grid: `_assert_buffer_is_the_replay`."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode")
+    monkeypatch.setattr(thr_mod, "GRID", grid)
     _assert_buffer_is_the_replay(prompts * 77, 768, 32731, 64, torch.bfloat16, "cuda")
 
 

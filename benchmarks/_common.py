@@ -129,10 +129,11 @@ def finish_rows(rows: list[dict], flops_key: str = "flops", bytes_key: str = "by
         r["fused_speedup_over_this"] = r["ms"] / f if f else None
 
 
-def with_select(path: str, fn: Callable[[], Any], grid: str = "tiles") -> Callable[[], Any]:
-    """`fn` run under the encode kernels' selection `path` ("sort", "compact" or "threshold", docs/kernels.md) and
-    the threshold filter's `grid` ("tiles" or "persistent"), whatever SNCE_FAST_ENCODE_SELECT and
-    SNCE_FAST_THRESHOLD_GRID say, so that one run times several paths side by side."""
+def with_select(path: str, fn: Callable[[], Any], grid: str = "tiles", pdl: bool = True) -> Callable[[], Any]:
+    """`fn` run under the encode kernels' selection `path` ("sort", "compact" or "threshold", docs/kernels.md), the
+    threshold filter's `grid` ("tiles" or "persistent") and its programmatic dependent launch (`pdl`), whatever
+    SNCE_FAST_ENCODE_SELECT, SNCE_FAST_THRESHOLD_GRID and SNCE_FAST_THRESHOLD_PDL say, so that one run times
+    several paths side by side."""
     import importlib
 
     encode_mod = importlib.import_module("snce_fast.kernels.encode_topk")
@@ -141,10 +142,11 @@ def with_select(path: str, fn: Callable[[], Any], grid: str = "tiles") -> Callab
     def run() -> Any:
         old, encode_mod.SELECT = encode_mod.SELECT, path
         old_grid, thr_mod.GRID = thr_mod.GRID, grid
+        old_pdl, thr_mod.PDL = thr_mod.PDL, pdl
         try:
             return fn()
         finally:
-            encode_mod.SELECT, thr_mod.GRID = old, old_grid
+            encode_mod.SELECT, thr_mod.GRID, thr_mod.PDL = old, old_grid, old_pdl
     return run
 
 

@@ -76,6 +76,9 @@ def main(argv=None) -> list[dict]:
             impls["fused_threshold_cuda_graph"] = graph_thr
             graph_per, graph_per_why = C.graphed(impls["fused_threshold_persistent"])
             impls["fused_threshold_persistent_cuda_graph"] = graph_per
+            # the filter as an ordinary launch: what its programmatic dependent launch saves (replays only)
+            graph_np, graph_np_why = C.graphed(C.with_select("threshold", lambda: kernels.encode(x, sae), pdl=False))
+            impls["fused_threshold_no_pdl_cuda_graph"] = graph_np
             item = x.element_size()
             rows += C.time_impls(
                 impls,
@@ -84,7 +87,8 @@ def main(argv=None) -> list[dict]:
                 reps,
                 skip_reasons={"saelens_dense": "dense [M, n] too large", "fused_cuda_graph": graph_why,
                               "fused_threshold_cuda_graph": graph_thr_why,
-                              "fused_threshold_persistent_cuda_graph": graph_per_why, "compiled_reference": (
+                              "fused_threshold_persistent_cuda_graph": graph_per_why,
+                              "fused_threshold_no_pdl_cuda_graph": graph_np_why, "compiled_reference": (
                     "torch.compile skipped on CPU (Inductor CPU codegen too slow for a tiny run)" if not C.ON_GPU
                     else "--no-compile")},
             )

@@ -288,7 +288,8 @@ def threshold_case(arch: int, x_dtype: Any, w_dtype: Any, k: int, M: int, n: int
     xt, wt = (str(t).removeprefix("torch.") for t in (x_dtype, w_dtype))
     label = f"{xt if xt == wt else f'{xt} x / {wt} W'} k{k} M{M} n{n} d{d}"
     strides = dict(stride_xm=d, stride_xd=1, stride_wd=n, stride_wn=1)
-    tm, fm, sb = (threshold_meta(plan, x_dtype, w_dtype), filter_meta(plan, x_dtype, w_dtype, ptx=True),
+    gdc = arch >= 90  # the filter as a programmatic dependent launch (`uses_pdl`)
+    tm, fm, sb = (threshold_meta(plan, x_dtype, w_dtype, gdc=gdc), filter_meta(plan, x_dtype, w_dtype, ptx=True, gdc=gdc),
                   select_blocks(plan, interpreter=False))
     eb = edit_blocks(k, 1, d, interpreter=False)
     tc = tm["PRECISION"] in ("tf32", "tf32x3")  # as `encode_case`: 16-bit tiles, or 16-bit x as tf32

@@ -44,6 +44,9 @@ ASSUMPTIONS = [
     "HBM floor: W_enc read once per launch (1/step of it for the sampling launch), x, the survivors written and "
     "read (8 bytes each), outputs; L2 floor: W_enc once per row block (repeats assumed to hit L2)",
     "3 launches per call at LAUNCH_S each; eager bf16 as in cost_report (model_eager)",
+    "the filter is a programmatic dependent launch of the sampling launch (sm_90+): its launch gap (LAUNCH_S) and "
+    "min(the row-block sort of the sampling launch's last program, one filter tile's compute) are hidden, as its "
+    "first programs compute a tile while the sort runs and wait only before the epilogue",
 ]
 
 
@@ -187,6 +190,7 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
     RS = threshold_meta(plan, torch.bfloat16, torch.bfloat16)["RS"]
     real_rows = np.minimum(c.BM, M - c.BM * np.arange(plan.MB))  # the sort loop runs over a block's real rows
     instr[-1, :] += sort_loop["instructions"] * -(-real_rows // RS)
+    sort_s = sort_loop["instructions"] * -(-int(real_rows.max()) // RS) * r["num_warps"] / ISSUE_RATE / gpu.clock_hz
     t = _schedule(gpu, instr.ravel(), np.full(instr.size, tile_flops), r["num_warps"],
                   r["occupancy"]["ctas_per_sm"], tc_frac(r))
     sampled = plan.NS * c.BN * d * 2
@@ -201,6 +205,8 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
     n_prog = plan.MB * plan.NT
     t = _schedule(gpu, np.full(n_prog, float(per)), np.full(n_prog, tile_flops), r["num_warps"],
                   r["occupancy"]["ctas_per_sm"], tc_frac(r))
+    tile_s = max(per * r["num_warps"] / ISSUE_RATE / gpu.clock_hz,
+                 tile_flops / (gpu.bf16_flops / gpu.sms * tc_frac(r)))  # one filter program's tile, alone on its SM
     surv = float(np.minimum(counts, plan.CAP).sum()) * 8
     out["filter"] = _bounded(t, (d * n * 2 + M * d * 2 + surv) / gpu.hbm_bytes_s, plan.MB * d * n * 2 / gpu.l2_bytes_s)
     # 3. tail: one program per row
@@ -222,8 +228,10 @@ def model_call(rows: dict, plan: Any, counts: np.ndarray, gpu: Any, M: int, d: i
     over = int((counts > plan.CAP).sum())
     out["select"] = _bounded(t, (surv + M * k * 6) / gpu.hbm_bytes_s, over * d * n * 2 / gpu.l2_bytes_s)
     out["launches_s"] = 3 * LAUNCH_S
-    out["total_low_s"] = sum(out[p]["low_s"] for p in ("threshold", "filter", "select")) + out["launches_s"]
-    out["total_high_s"] = sum(out[p]["high_s"] for p in ("threshold", "filter", "select")) + out["launches_s"]
+    out["pdl_overlap_s"] = min(sort_s, tile_s) + LAUNCH_S
+    for est in ("low", "high"):
+        out[f"total_no_pdl_{est}_s"] = sum(out[p][f"{est}_s"] for p in ("threshold", "filter", "select")) + out["launches_s"]
+        out[f"total_{est}_s"] = out[f"total_no_pdl_{est}_s"] - out["pdl_overlap_s"]
     return out
 
 
@@ -269,6 +277,8 @@ def build(arch: int, use_real: bool, progress: bool = True) -> dict:
                 us = lambda v: round(float(v) * 1e6, 1)  # noqa: E731
                 entry["modelled"][gpu.name] = dict(
                     fused_us=[us(m["total_low_s"]), us(m["total_high_s"])],
+                    fused_no_pdl_us=[us(m["total_no_pdl_low_s"]), us(m["total_no_pdl_high_s"])],
+                    pdl_overlap_us=us(m["pdl_overlap_s"]),
                     parts_us={part: [us(m[part]["low_s"]), us(m[part]["high_s"])]
                               for part in ("threshold", "filter", "select")},
                     parts_bounds_us={part: {b: us(m[part][b]) for b in ("compute_low_s", "compute_high_s",
@@ -291,15 +301,16 @@ def build(arch: int, use_real: bool, progress: bool = True) -> dict:
 def table(rep: dict) -> str:
     """Markdown table of the modelled calls (for docs/performance.md)."""
     lines = ["| SAE | prompts | survivors/row mean (max) | overflow rows | GPU | sample / filter / tail µs (modelled, "
-             "high) | call µs (modelled) | eager bf16 µs (modelled) | speed-up (modelled) | × W_enc floor "
-             "(modelled) |", "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+             "high) | call µs (modelled) | without PDL µs (modelled) | eager bf16 µs (modelled) | speed-up (modelled) "
+             "| × W_enc floor (modelled) |", "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for e in rep["model"]:
         rp = e["replay"]
         for gpu, m in e["modelled"].items():
             parts = " / ".join(f"{m['parts_us'][p][1]:g}" for p in ("threshold", "filter", "select"))
             lines.append(f"| {e['sae']} (n {e['n']}, k {e['k']}) | {e['prompts']} | {rp['survivors_mean']:g} "
                          f"({rp['survivors_max']}) | {rp['overflow_rows']} | {gpu} | {parts} | "
-                         f"{m['fused_us'][0]:g}-{m['fused_us'][1]:g} | {m['eager_bf16_us']:g} | "
+                         f"{m['fused_us'][0]:g}-{m['fused_us'][1]:g} | "
+                         f"{m['fused_no_pdl_us'][0]:g}-{m['fused_no_pdl_us'][1]:g} | {m['eager_bf16_us']:g} | "
                          f"{m['speedup_over_eager'][0]:g}-{m['speedup_over_eager'][1]:g}x | "
                          f"{m['x_w_enc_floor'][0]:g}-{m['x_w_enc_floor'][1]:g} |")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ def _threshold_kernel(
     stride_xm, stride_xd, stride_wd, stride_wn, stride_gm,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr,
     RS: tl.constexpr, MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -63,6 +64,8 @@ def _threshold_kernel(
     gs = pid_s * R + tl.arange(0, R)
     tl.store(gmax_ptr + rows_o[:, None] * stride_gm + gs[None, :], gmax, mask=rmask[:, None])
     tl.debug_barrier()  # every thread's maxima are written before this program takes its ticket
+    if GDC:  # the filter launch may start now (PDL): its matmul overlaps the row blocks' sort below
+        tl.extra.cuda.gdc_launch_dependents()
     ticket = tl.atomic_add(ticket_ptr + pid_m, 1, sem="acq_rel")
     if ticket == NS - 1:  # the row block's last program: all of its rows' maxima are in memory
         G = NS * R
@@ -133,7 +136,7 @@ def _filter_tile(
     tile, x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr,
+    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr, GDC: tl.constexpr,
 ):
     """The filter on tile number `tile` of x @ W_enc (row blocks fastest)."""
     pid_m = tile % MB  # the row blocks of one latent tile run side by side: its W_enc tile is read once from HBM
@@ -145,6 +148,8 @@ def _filter_tile(
     cmask = cols < N
     pre = _preact_tile(x_ptr, w_ptr, b_ptr, rows_o, rmask, cols, cmask, D, stride_xm, stride_xd, stride_wd,
                        stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)  # the sampling launch's tile, same values
+    if GDC:  # launched early (PDL): the sampling launch's thresholds and zeroed counts are complete past this wait
+        tl.extra.cuda.gdc_wait()
     # the row's threshold as an fp32 value: one float compare per entry instead of a key per entry
     thr = _threshold_value(tl.load(thr_ptr + rows_o, mask=rmask, other=0))
     if APPEND_PTX:
@@ -165,7 +170,7 @@ def _filter_kernel(
     M, N, D, MB, CAP, NP,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr, PERSISTENT: tl.constexpr,
+    WIDE: tl.constexpr, APPEND_PTX: tl.constexpr, PERSISTENT: tl.constexpr, GDC: tl.constexpr,
 ):
     """One program per tile, or (PERSISTENT) NP programs, one per SM, each looping over every NP-th tile in one
     flattened pipeline: the next tile's loads are issued while this tile's epilogue runs."""
@@ -173,11 +178,11 @@ def _filter_kernel(
         for tile in tl.range(tl.program_id(0), MB * tl.cdiv(N, BN), NP, flatten=True):
             _filter_tile(tile, x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
                          stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
-                         APPEND_PTX)
+                         APPEND_PTX, GDC)
     else:
         _filter_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
                      stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
-                     APPEND_PTX)
+                     APPEND_PTX, GDC)
 
 
 @triton.jit
@@ -255,6 +260,10 @@ GRIDS = ("tiles", "persistent")
 GRID = os.environ.get("SNCE_FAST_THRESHOLD_GRID", "tiles")
 
 
+# programmatic dependent launch of the filter (sm_90+): on unless SNCE_FAST_THRESHOLD_PDL=0; tests set PDL
+PDL = os.environ.get("SNCE_FAST_THRESHOLD_PDL", "1") != "0"
+
+
 def check_grid() -> str:
     """The filter grid in use (`GRID`), or a ValueError naming the bad value."""
     if GRID not in GRIDS:
@@ -323,24 +332,27 @@ def threshold_plan(M: int, n: int, k: int, cfg: ThresholdConfig, interpreter: bo
     return ThresholdPlan(cfg=cfg, MB=-(-M // cfg.BM), NT=NT, NS=NS, step=stride, R=R, KP=KP, CAP=CAP, BS=BS)
 
 
-def threshold_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False) -> dict:
-    """Constexprs and launch options of `_threshold_kernel` (shared with `compile_check`)."""
+def threshold_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False,
+                   gdc: bool = False) -> dict:
+    """Constexprs and launch options of `_threshold_kernel` (shared with `compile_check`); `gdc`: let the filter
+    launch start early (programmatic dependent launch, `uses_pdl`)."""
     upcast, precision = _compute_mode(x_dtype, w_dtype)
     c = plan.cfg
     GP = max(next_pow2(plan.G), plan.KP)  # the K-th of fewer than KP maxima: INT32_MIN pads (k near n)
     return dict(BM=c.BM, BN=c.BN, BK=c.BK, R=plan.R, GP=GP, KP=plan.KP, RS=max(1, min(c.BM, 4096 // GP)),
-                MARGIN=MARGIN, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide), num_warps=c.num_warps,
-                num_stages=c.num_stages)
+                MARGIN=MARGIN, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide), GDC=bool(gdc),
+                num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def filter_meta(plan: ThresholdPlan, x_dtype: torch.dtype, w_dtype: torch.dtype, wide: bool = False,
-                ptx: bool = False) -> dict:
+                ptx: bool = False, gdc: bool = False) -> dict:
     """Constexprs and launch options of `_filter_kernel` (the same tile as `threshold_meta`); `ptx`: the epilogue
     in PTX (`_append_ptx`), for a CUDA device (not the interpreter, not ROCm)."""
     upcast, precision = _compute_mode(x_dtype, w_dtype)
     c = plan.cfg
     return dict(BM=c.BM, BN=c.BN, BK=c.BK, UPCAST=upcast, PRECISION=precision, WIDE=bool(wide),
-                APPEND_PTX=bool(ptx), PERSISTENT=c.PERSISTENT, num_warps=c.num_warps, num_stages=c.num_stages)
+                APPEND_PTX=bool(ptx), PERSISTENT=c.PERSISTENT, GDC=bool(gdc), num_warps=c.num_warps,
+                num_stages=c.num_stages)
 
 
 def filter_programs(plan: ThresholdPlan, sms: int) -> int:
@@ -352,6 +364,13 @@ def filter_programs(plan: ThresholdPlan, sms: int) -> int:
 def uses_ptx(device: torch.device) -> bool:
     """True where `_filter_kernel` runs its PTX epilogue: an NVIDIA GPU, not the interpreter."""
     return device.type == "cuda" and torch.version.hip is None and not interpreting()
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """True where the filter launch is a programmatic dependent launch of the sampling launch: an NVIDIA GPU of
+    compute capability 9.0 or newer, unless SNCE_FAST_THRESHOLD_PDL=0 (`PDL`). Its programs start while the
+    sampling launch's last programs sort the group maxima, and wait (`gdc_wait`) only before reading thresholds."""
+    return PDL and uses_ptx(device) and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def select_blocks(plan: ThresholdPlan, interpreter: bool) -> dict:
@@ -423,18 +442,20 @@ def launch_survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k
     gmax = x.new_empty((M, plan.G), dtype=torch.int32)
     thr = x.new_empty((M,), dtype=torch.int32)
     wide = _needs_wide(x, W_enc, keys, gmax)
+    pdl = uses_pdl(x.device)
     with on_device_of(x):
         wrap_triton(_threshold_kernel)[(plan.MB, plan.NS)](
             x, W_enc, bias, gmax, thr, counts, _tickets(x.device, plan.MB),
             M, n, d, k, plan.NS, plan.step,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), gmax.stride(0),
-            **threshold_meta(plan, x.dtype, W_enc.dtype, wide))
+            **threshold_meta(plan, x.dtype, W_enc.dtype, wide, pdl))
         programs = filter_programs(plan, _device_key(x.device)[1])
         wrap_triton(_filter_kernel)[(programs,)](
             x, W_enc, bias, thr, counts, keys,
             M, n, d, plan.MB, plan.CAP, programs,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
-            **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device)))
+            **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device), pdl),
+            **({"launch_pdl": True} if pdl else {}))  # a launch option: only where it applies
 
 
 def survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int) -> Survivors:

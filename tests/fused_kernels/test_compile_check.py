@@ -255,3 +255,42 @@ def test_the_real_filter_asm_is_parsed_and_runs_once_per_element(tmp_path):
                               problems=cc.asm_layout_problems(ttgir))))
     """, tmp_path)
     assert res == dict(parsed=1, ops=1, problems=[])
+
+
+def test_filter_waits_for_the_thresholds_only_after_its_matmul(tmp_path):
+    """Programmatic dependent launch (sm_90, the 16-prompt tiles, both grids): the sampling kernel lets the filter
+    start once its maxima are stored, before its ticket and sort; the filter's wait (ACQBULK) comes after its
+    last tensor-core instruction and before its first atomic, so its matmul overlaps the sort and nothing reads a
+    threshold or touches a count before the sampling launch is complete."""
+    res = _run("""
+        import json, re
+        import torch
+        from snce_fast.kernels import compile_check as cc, sass
+
+        out = {}
+        for persistent in (False, True):
+            for c in cc.threshold_case(90, torch.bfloat16, torch.bfloat16, 64, 16 * cc.PROMPT_TOKENS,
+                                       persistent=persistent):
+                if c.kernel not in ("threshold", "threshold_filter"):
+                    continue
+                compiled = cc.compile_binary(c, 90)[0]
+                ptx = compiled.asm["ptx"]
+                ops = [i.op.split(".")[0] for i in sass.analyse(sass.disassemble(compiled.asm["cubin"])).instrs]
+                where = lambda name: [k for k, op in enumerate(ops) if op == name]
+                out[c.kernel + (" persistent" if persistent else "")] = dict(
+                    trigger=ptx.count("griddepcontrol.launch_dependents"), wait=ptx.count("griddepcontrol.wait"),
+                    trigger_before_ticket=0 <= ptx.find("griddepcontrol.launch_dependents")
+                    < re.search(r"atom\\.global[.\\w]*acq_rel", ptx).start() if "acq_rel" in ptx else None,
+                    acq=where("ACQBULK"), hgmma=where("HGMMA"), atom=where("ATOMG"))
+        print(json.dumps(out))
+    """, tmp_path)
+    for name in ("threshold", "threshold persistent"):
+        r = res[name]
+        assert r["trigger"] == 1 and r["wait"] == 0 and r["trigger_before_ticket"], r
+    for name in ("threshold_filter", "threshold_filter persistent"):
+        r = res[name]
+        assert r["trigger"] == 0 and r["wait"] >= 1 and r["acq"] and r["hgmma"] and r["atom"], r
+    r = res["threshold_filter"]  # one tile: a straight line
+    assert max(r["hgmma"]) < r["acq"][0] < min(r["atom"]), r
+    r = res["threshold_filter persistent"]  # each tile's wait sits between its MMAs and its appends
+    assert any(max(h for h in r["hgmma"] if h < a) < a < min(t for t in r["atom"] if t > a) for a in r["acq"]), r

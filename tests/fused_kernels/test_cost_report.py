@@ -209,8 +209,11 @@ def test_benchmark_paths_and_agreement(monkeypatch):
     thr_mod = importlib.import_module("snce_fast.kernels.encode_threshold")
     monkeypatch.setattr(encode_mod, "SELECT", "sort")
     monkeypatch.setattr(thr_mod, "GRID", "tiles")
-    seen = _common.with_select("threshold", lambda: (encode_mod.SELECT, thr_mod.GRID), "persistent")()
-    assert seen == ("threshold", "persistent") and (encode_mod.SELECT, thr_mod.GRID) == ("sort", "tiles")
+    monkeypatch.setattr(thr_mod, "PDL", True)
+    seen = _common.with_select("threshold", lambda: (encode_mod.SELECT, thr_mod.GRID, thr_mod.PDL), "persistent",
+                               pdl=False)()
+    assert seen == ("threshold", "persistent", False)
+    assert (encode_mod.SELECT, thr_mod.GRID, thr_mod.PDL) == ("sort", "tiles", True)
 
     def boom():
         raise RuntimeError("x")

@@ -208,6 +208,17 @@ def test_persistent_grid_option(monkeypatch):
         kernels.encode(x, sae)
 
 
+def test_programmatic_dependent_launch_only_on_nvidia_gpus(monkeypatch):
+    """The filter's early start (PDL: `gdc_wait` in the kernel, `launch_pdl` at launch) applies to CUDA devices of
+    compute capability 9.0+ outside the interpreter, and SNCE_FAST_THRESHOLD_PDL=0 (`PDL`) turns it off."""
+    assert not thr_mod.uses_pdl(torch.device("cpu"))
+    monkeypatch.setattr(thr_mod, "uses_ptx", lambda device: True)
+    for cap, pdl, want in (((9, 0), True, True), ((10, 0), True, True), ((8, 0), True, False), ((9, 0), False, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        monkeypatch.setattr(thr_mod, "PDL", pdl)
+        assert thr_mod.uses_pdl(torch.device("cuda")) is want, (cap, pdl)
+
+
 def test_gpu_persistent_configs():
     """The persistent grid keeps each GPU tile but runs 8 warps at BM 256 (16 warps' 128-register cap spills the
     flattened loop: docs/kernels.md)."""
@@ -230,17 +241,22 @@ def test_survivors_op_fake():
 
 # --- GPU (first GPU session): the ticket and the atomics on real hardware ---------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("prompts,k,dtype,grid", [(1, 64, torch.bfloat16, "tiles"), (16, 64, torch.bfloat16, "tiles"),
-                                                  (16, 17, torch.float16, "tiles"), (3, 256, torch.bfloat16, "tiles"),
-                                                  (1, 64, torch.bfloat16, "persistent"),
-                                                  (16, 64, torch.bfloat16, "persistent")])
-def test_gpu_threshold_real_shapes(monkeypatch, prompts, k, dtype, grid):
-    """SPEC shape (d 768, n 32768) on the GPU tiles (and the persistent filter grid): the tickets back at zero after
-    a call, a second input, and two captured CUDA graphs replayed out of order: every result a valid top-k of the
-    reference."""
+@pytest.mark.parametrize("prompts,k,dtype,grid,pdl", [(1, 64, torch.bfloat16, "tiles", True),
+                                                      (16, 64, torch.bfloat16, "tiles", True),
+                                                      (16, 17, torch.float16, "tiles", True),
+                                                      (3, 256, torch.bfloat16, "tiles", True),
+                                                      (16, 64, torch.bfloat16, "tiles", False),
+                                                      (1, 64, torch.bfloat16, "persistent", True),
+                                                      (16, 64, torch.bfloat16, "persistent", True)])
+def test_gpu_threshold_real_shapes(monkeypatch, prompts, k, dtype, grid, pdl):
+    """SPEC shape (d 768, n 32768) on the GPU tiles (and the persistent filter grid; with and without the filter's
+    programmatic dependent launch): the tickets back at zero after a call, a second input, and two captured CUDA
+    graphs replayed out of order: every result a valid top-k of the reference."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode")
     monkeypatch.setattr(thr_mod, "GRID", grid)
+    monkeypatch.setattr(thr_mod, "PDL", pdl)
+    assert thr_mod.uses_pdl(torch.device("cuda")) is (pdl and torch.cuda.get_device_capability()[0] >= 9)
     sae = make_sae(768, 32768, k, dtype=dtype, device="cuda")
     x = torch.randn(prompts * 77, 768, device="cuda", dtype=dtype)
     first = kernels.encode(x, sae)

@@ -127,7 +127,8 @@ def _append_ptx(pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP):
         st.global.v2.b32 [a], {$6, h};
         SKIP:
         }""",
-        constraints="=r,f,f,l,r,l,r,r,r", args=[pre, thr, cnt_ptrs, row_ok, out_ptrs, cols, N, CAP],
+        # the pointers as int64: triton 3.6 type-checks pointer operands of an inline asm against the others
+        constraints="=r,f,f,l,r,l,r,r,r", args=[pre, thr, cnt_ptrs.to(tl.int64), row_ok, out_ptrs.to(tl.int64), cols, N, CAP],
         dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -172,17 +173,18 @@ def _filter_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, APPEND_PTX: tl.constexpr, PERSISTENT: tl.constexpr, GDC: tl.constexpr,
 ):
-    """One program per tile, or (PERSISTENT) NP programs, one per SM, each looping over every NP-th tile in one
-    flattened pipeline: the next tile's loads are issued while this tile's epilogue runs."""
+    """One program per tile, or (PERSISTENT) NP programs, one per SM, each taking its first tile and then looping
+    over every NP-th tile after it in one flattened pipeline: the next tile's loads are issued while this tile's
+    epilogue runs. Only the first tile waits for the sampling launch (GDC): the wait inside the loop stops triton
+    3.9 from pipelining the loads (no LDGSTS at all), and later tiles start after the first one's wait anyway."""
+    _filter_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
+                 stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
+                 APPEND_PTX, GDC)
     if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), MB * tl.cdiv(N, BN), NP, flatten=True):
+        for tile in tl.range(tl.program_id(0) + NP, MB * tl.cdiv(N, BN), NP, flatten=True):
             _filter_tile(tile, x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
                          stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
-                         APPEND_PTX, GDC)
-    else:
-        _filter_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, thr_ptr, cnt_ptr, out_ptr, M, N, D, MB, CAP,
-                     stride_xm, stride_xd, stride_wd, stride_wn, stride_om, BM, BN, BK, UPCAST, PRECISION, WIDE,
-                     APPEND_PTX, GDC)
+                         APPEND_PTX, False)
 
 
 @triton.jit
@@ -452,7 +454,7 @@ def launch_survivors(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k
         programs = filter_programs(plan, _device_key(x.device)[1])
         wrap_triton(_filter_kernel)[(programs,)](
             x, W_enc, bias, thr, counts, keys,
-            M, n, d, plan.MB, plan.CAP, programs,
+            M, n, d, plan.MB, plan.CAP, programs if plan.cfg.PERSISTENT else 0,  # NP: 0 (unused) for one per tile
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0),
             **filter_meta(plan, x.dtype, W_enc.dtype, wide, uses_ptx(x.device), pdl),
             **({"launch_pdl": True} if pdl else {}))  # a launch option: only where it applies

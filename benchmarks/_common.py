@@ -7,6 +7,7 @@ those numbers are CPU numbers and say nothing about GPU speed.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -202,8 +203,32 @@ def time_impls(impls: dict[str, Optional[Callable[[], Any]]], base: dict, reps: 
             except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 row["skip"] = f"OOM: {e}"[:200]
                 torch.cuda.empty_cache()
+            except Exception as e:  # pragma: no cover - GPU only: a short session records it and goes on
+                _failed(row, "skip", e)
         rows.append(row)
     return rows
+
+
+def _failed(row: dict, key: str, e: Exception) -> None:
+    """On a GPU, record a failing implementation in its row (and say so on stderr) so that one broken path
+    does not cost a short session the other rows; on the CPU (tests, CI) the error propagates."""
+    if not ON_GPU:
+        raise e
+    row[key] = f"error: {type(e).__name__}: {e}"[:300]
+    row["error"] = True
+    print(f"ERROR {row.get('impl')} (prompts={row.get('prompts')}): {row[key]}", file=sys.stderr, flush=True)
+
+
+def record_agreement(rows: list[dict], impls: dict[str, Optional[Callable[[], Any]]], names: tuple[str, ...],
+                     measure: Callable[[Any], dict]) -> None:
+    """`vs_reference` = measure(output) for each timed row of `names` (its agreement with the fp32 reference,
+    recorded beside its time)."""
+    for r in rows:
+        if r["impl"] in names and r["ms"]:
+            try:
+                r["vs_reference"] = measure(impls[r["impl"]]())
+            except Exception as e:  # pragma: no cover - GPU only (see _failed)
+                _failed(r, "vs_reference", e)
 
 
 def report(op: str, rows: list[dict]) -> None:

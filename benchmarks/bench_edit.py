@@ -86,9 +86,8 @@ def main(argv=None) -> list[dict]:
                                      "flops": 2 * M * d * n, "bytes": d * n * item + 2 * M * d * item}, reps,
                              skip_reasons=why)
         want = reference.edit(x, sae, j, edit_mask=mask)  # the fp32 oracle: each fused path's error beside its time
-        for r in rows[-len(impls):]:
-            if r["impl"] in ("fused", "fused_threshold", "fused_threshold_persistent"):
-                r["vs_reference"] = {"max_abs_err": float((impls[r["impl"]]().float() - want.float()).abs().max())}
+        C.record_agreement(rows[-len(impls):], impls, ("fused", "fused_threshold", "fused_threshold_persistent"),
+                           lambda out: {"max_abs_err": float((out.float() - want.float()).abs().max())})
         C.checkpoint("edit", rows)
     C.report("edit", rows)
     return rows

@@ -93,9 +93,8 @@ def main(argv=None) -> list[dict]:
                     else "--no-compile")},
             )
             want = reference.encode(x, sae)  # the fp32 oracle: each fused path's agreement beside its time
-            for r in rows[-len(impls):]:
-                if r["impl"] in ("fused", "fused_threshold", "fused_threshold_persistent"):
-                    r["vs_reference"] = C.topk_agreement(impls[r["impl"]](), want)
+            C.record_agreement(rows[-len(impls):], impls, ("fused", "fused_threshold", "fused_threshold_persistent"),
+                               lambda out: C.topk_agreement(out, want))
             C.checkpoint("encode_topk", rows)
         del sae
     C.report("encode_topk", rows)

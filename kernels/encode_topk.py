@@ -188,6 +188,9 @@ def _encode_topk_kernel(
     top = tl.zeros((BM, KP), dtype=tl.int64) + (slots.to(tl.int64)[None, :] + (_KEY_MIN + 1))
     thr_key = tl.reduce(top, 1, min_combine)
     thr_v = tl.full((BM,), float("-inf"), tl.float32)
+    # rows still holding sentinels, carried beside thr_key rather than recomputed from it in the tile loop: the
+    # recomputation (with the insertion loop below) crashes triton 3.6's RemoveLayoutConversions pass
+    filling = tl.full((BM,), 1, tl.int32)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
     for n0 in range(n_start, n_end, BN):
@@ -197,7 +200,7 @@ def _encode_topk_kernel(
                            stride_wn, BM, BN, BK, UPCAST, PRECISION, WIDE)
         # NaN ranks first (as torch.topk): always a candidate; while a row still holds sentinels every entry is
         # one (-inf included), so a row with fewer than KP values above -inf never keeps a sentinel
-        cand = (pre > thr_v[:, None]) | (pre != pre) | _is_sentinel(thr_key)[:, None]
+        cand = (pre > thr_v[:, None]) | (pre != pre) | (filling != 0)[:, None]
         cand = cand & cmask[None, :] & rmask[:, None]
         n_cand = tl.reduce(tl.reduce(cand.to(tl.int32), 1, sum_combine), 0, max_combine)
         if n_cand > 0:
@@ -216,6 +219,7 @@ def _encode_topk_kernel(
                     best = tl.reduce(keys, 1, max_combine)
             thr_key = tl.reduce(top, 1, min_combine)
             thr_v = _key_value(thr_key)
+            filling = _is_sentinel(thr_key).to(tl.int32)
     out_cols = pid_s * KP + slots
     tl.store(out_ptr + rows_o[:, None] * stride_om + out_cols[None, :], top, mask=rmask[:, None])
 

@@ -238,6 +238,10 @@ def test_asm_layout_problems_flags_replicated_elements():
     assert "not checked" in asm_layout_problems(ttgir("linear<{register = [[0, 1]]}>", "64x64"))[0]
     inline = ttgir(mma, "256x128").replace("#l>", "#ttg.nvidia_mma<{warpsPerCTA = [16, 1]}>>")  # no alias to read
     assert "could not be read" in asm_layout_problems(inline)[0]
+    # triton 3.6 lowers gdc_wait / gdc_launch_dependents to a scalar asm: accepted; any other scalar asm is not
+    gdc = '%1 = tt.elementwise_inline_asm "griddepcontrol.wait; // dummy $0" {constraints = "=r", pure = false} -> i32\n'
+    assert asm_layout_problems(gdc) == [] and asm_layout_problems(gdc + ttgir(mma, "256x128")) == []
+    assert "could not be read" in asm_layout_problems(gdc.replace("griddepcontrol.wait", "membar.gl"))[0]
 
 
 def test_the_real_filter_asm_is_parsed_and_runs_once_per_element(tmp_path):

@@ -83,6 +83,7 @@ def test_gate_fails_on_spill_and_on_missing_tensor_cores():
     assert gate([fp32]) == []
     assert len(gate([dict(ok=False, kernel="k", label="l", arch="sm_90", error_type="E", error="boom")])) == 1
     assert len(gate([ok, spill, no_tc])) == 2
+    assert gate([ok, spill, no_tc], spills=False) == gate([no_tc])  # --allow-spills: only the spill is let through
 
 
 def test_occupancy_from_registers():
@@ -228,6 +229,32 @@ def test_benchmark_paths_and_agreement(monkeypatch):
     i2[0, 3], v2[1, 0] = 9, 4.25  # one index of 8 differs; one value off by 0.25
     got = _common.topk_agreement((v2, i2), (v, i))
     assert got == {"max_value_err": 0.25, "index_overlap": 7 / 8}
+
+
+def test_benchmarks_record_a_failing_path_on_a_gpu_and_raise_on_the_cpu(monkeypatch, capsys):
+    """A first GPU session must not lose every row to one broken implementation: on a GPU `time_impls` and
+    `record_agreement` record the error in its row (and print it); on the CPU the error propagates."""
+    import os
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    monkeypatch.delitem(sys.modules, "_common", raising=False)
+    import _common
+
+    def broken():
+        raise RuntimeError("no kernel image")
+    impls = {"good": lambda: 1.0, "broken": broken}
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        _common.time_impls(impls, {"prompts": 1}, reps=1)
+    monkeypatch.setattr(_common, "ON_GPU", True)
+    monkeypatch.setattr(_common, "bench", lambda fn, warmup, reps: (fn(), 0.002)[1])
+    rows = _common.time_impls(impls, {"prompts": 1}, reps=1)
+    assert rows[0]["ms"] == 2.0 and "error" not in rows[0]
+    assert rows[1]["ms"] is None and rows[1]["error"] and "RuntimeError: no kernel image" in rows[1]["skip"]
+    assert "ERROR broken" in capsys.readouterr().err
+    rows[1]["ms"] = 1.0  # timed, but the agreement check fails
+    _common.record_agreement(rows, impls, ("good", "broken"), lambda out: {"value": out})
+    assert rows[0]["vs_reference"] == {"value": 1.0} and "RuntimeError" in rows[1]["vs_reference"]
 
 
 def test_cost_report_tables_of_the_committed_reports(capsys, tmp_path):
